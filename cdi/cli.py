@@ -1,0 +1,147 @@
+"""The ``cdi`` command line: parse, call the API, print.
+
+Every command body runs inside ``_user_errors``: a ``CDIError`` prints its
+message (no traceback) and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import platform
+import sys
+from typing import Iterator
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from cdi import __version__
+from cdi.errors import CDIError
+
+app = typer.Typer(
+    name="cdi",
+    help="Find out, with a statistical guarantee, whether images were used to train a diffusion model.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console()
+err_console = Console(stderr=True)
+
+
+@contextlib.contextmanager
+def _user_errors() -> Iterator[None]:
+    """Turn a ``CDIError`` into one red line on stderr and exit status 2."""
+    try:
+        yield
+    except CDIError as exc:
+        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        raise typer.Exit(code=2) from None
+
+
+def _version_callback(value: bool) -> None:
+    if value:
+        console.print(f"cdi {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: bool = typer.Option(
+        False, "--version", callback=_version_callback, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:
+    """cdi: copyrighted data identification in diffusion models."""
+
+
+@app.command("models")
+def models_command() -> None:
+    """List the model aliases, their family and the checkpoint they load."""
+    from cdi.models.registry import ALIASES, FAMILIES
+
+    table = Table(title="Model aliases (any hub id or local pipeline folder also works)")
+    table.add_column("alias", style="bold")
+    table.add_column("family")
+    table.add_column("checkpoint")
+    table.add_column("description")
+    for alias in ALIASES.values():
+        table.add_row(alias.alias, alias.family, alias.checkpoint, alias.description)
+    console.print(table)
+    families = Table(title="Families")
+    families.add_column("family", style="bold")
+    families.add_column("architecture")
+    for name, text in FAMILIES.items():
+        families.add_row(name, text)
+    console.print(families)
+
+
+def environment_report() -> dict:
+    """Versions, devices and dtypes: what a bug report needs."""
+    import importlib.metadata as md
+
+    import torch
+
+    packages = {}
+    for name in ["torch", "diffusers", "transformers", "huggingface_hub", "safetensors", "numpy",
+                 "scipy", "scikit-learn", "xgboost", "pillow", "typer", "rich", "jinja2", "matplotlib"]:
+        try:
+            packages[name] = md.version(name)
+        except md.PackageNotFoundError:
+            packages[name] = None
+    devices = ["cpu"]
+    cuda = []
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            props = torch.cuda.get_device_properties(i)
+            cuda.append({"index": i, "name": props.name, "memory_bytes": props.total_memory,
+                         "capability": f"{props.major}.{props.minor}"})
+            devices.append(f"cuda:{i}")
+    mps = bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
+    if mps:
+        devices.append("mps")
+    dtypes = ["float32", "bfloat16"]
+    if cuda or mps:
+        dtypes.append("float16")
+    return {
+        "cdi": __version__,
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "packages": packages,
+        "devices": devices,
+        "cuda": cuda,
+        "cuda_version": torch.version.cuda,
+        "cpu_threads": torch.get_num_threads(),
+        "dtypes": dtypes,
+    }
+
+
+@app.command("env")
+def env_command(
+    json_output: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+) -> None:
+    """Print package versions, devices and usable dtypes (paste it into bug reports)."""
+    import json
+
+    report = environment_report()
+    if json_output:
+        print(json.dumps(report, indent=2))
+        return
+    table = Table(title=f"cdi {report['cdi']} environment", show_header=False)
+    table.add_column("key", style="bold")
+    table.add_column("value")
+    table.add_row("python", report["python"])
+    table.add_row("platform", report["platform"])
+    for name, version in report["packages"].items():
+        table.add_row(name, version or "[red]not installed[/]")
+    table.add_row("devices", ", ".join(report["devices"]))
+    for gpu in report["cuda"]:
+        table.add_row(f"cuda:{gpu['index']}",
+                      f"{gpu['name']}, {gpu['memory_bytes'] / 2**30:.1f} GiB, sm {gpu['capability']}")
+    table.add_row("cuda runtime", str(report["cuda_version"]))
+    table.add_row("cpu threads", str(report["cpu_threads"]))
+    table.add_row("dtypes", ", ".join(report["dtypes"]))
+    console.print(table)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    app()
