@@ -143,5 +143,63 @@ def env_command(
     console.print(table)
 
 
+@app.command("inspect")
+def inspect_command(
+    published: str = typer.Option(..., "--published", help="Folder of the published images (searched recursively)."),
+    unpublished: str = typer.Option(None, "--unpublished", help="Folder of the unpublished images, if any."),
+    out: str = typer.Option(None, "--out", help="Write the manifest (every image's path, SHA-256, size, mode, caption) here as JSON."),
+    skip_bad: bool = typer.Option(False, "--skip-bad", help="Leave unreadable or oversized files out (listed as skipped) instead of failing."),
+    max_pixels: int = typer.Option(None, "--max-pixels", help="Largest accepted image in pixels (default 64,000,000)."),
+) -> None:
+    """Validate image folders exactly as an audit will, and summarise them."""
+    from pathlib import Path
+
+    from rich.markup import escape
+
+    from cdi.data import DEFAULT_MAX_PIXELS, ImageCollection, load_audit_collections, write_manifest
+
+    with _user_errors():
+        if out is not None and Path(out).is_dir():
+            raise CDIError(f"--out {out} is a folder; give the path of the JSON file to write")
+        limit = DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels
+        if unpublished is None:
+            collections = [ImageCollection.from_folder(published, name="published", skip_bad=skip_bad,
+                                                       max_pixels=limit)]
+        else:
+            collections = list(load_audit_collections(published, unpublished, skip_bad=skip_bad,
+                                                      max_pixels=limit))
+        table = Table(title="Image collections")
+        table.add_column("", style="bold")
+        summaries = [c.summary() for c in collections]
+        for c in collections:
+            table.add_column(c.name)
+        rows = [
+            ("folder", [escape(str(c.root)) for c in collections]),
+            ("images", [str(s["images"]) for s in summaries]),
+            ("with caption", [str(s["captioned"]) for s in summaries]),
+            ("modes", [", ".join(f"{m} {n}" for m, n in s["modes"].items()) for s in summaries]),
+            ("width", [f"{s['width'][0]}-{s['width'][1]}" for s in summaries]),
+            ("height", [f"{s['height'][0]}-{s['height'][1]}" for s in summaries]),
+            ("common sizes", [", ".join(f"{w}x{h} ({n})" for w, h, n in s["common_sizes"]) for s in summaries]),
+            ("skipped (bad files)", [str(s["skipped"]) for s in summaries]),
+            ("duplicates left out", [str(s["duplicates"]) for s in summaries]),
+            ("other files ignored", [str(s["ignored"]) for s in summaries]),
+        ]
+        for label, values in rows:
+            table.add_row(label, *values)
+        console.print(table)
+        for c in collections:
+            for skipped in c.skipped:
+                console.print(f"{c.name}: skipped {escape(skipped.path)}: {escape(skipped.reason)}", highlight=False)
+            for dropped, kept in c.duplicates:
+                console.print(f"{c.name}: duplicate {escape(dropped)} left out (same file as {escape(kept)})",
+                              highlight=False)
+        if len(collections) == 2:
+            console.print("published and unpublished share no image.")
+        if out is not None:
+            write_manifest(out, collections)
+            console.print(f"manifest written to {escape(out)}", highlight=False)
+
+
 if __name__ == "__main__":  # pragma: no cover
     app()
