@@ -6,16 +6,26 @@ A feature family is a small class with
   invalidates stored values on purpose);
 * ``config``: a dataclass of the method's parameters with the reference
   defaults (REFERENCE.md sections 1 and 2);
-* ``columns()``: the names of its output columns, in order;
+* ``columns(adapter)``: the names of its output columns, in order (the
+  adapter is optional; only CLiD's layout depends on it: class-conditional
+  models have a single reduced condition);
+* ``directions(adapter)``: the member direction of each column, +1 when a
+  higher value means member, -1 when a lower value does;
 * ``cost(adapter)``: model calls per image, forward and backward;
 * ``extract(adapter, batch)``: a (B, len(columns)) float32 tensor for one
-  ``EncodedBatch``.
+  ``EncodedBatch``, on the adapter's device.
 
 ``extract`` talks only to the adapter protocol of ``cdi.models.base``. It may
 put timesteps, repetitions and conditions of its images in the batch
 dimension, and must keep every image's value independent of the other images
 in the batch: all randomness comes from ``EncodedBatch.noise``, which is a
 function of (seed, image hash, family, timestep, repetition) only.
+
+``max_chunk`` (samples per network call) bounds memory: a family that expands
+its B images into B * n samples sends them to the network in chunks of at
+most ``max_chunk`` (``predict_eps``, ``residual_norm_and_grad``). It is not
+part of the configuration or the store key because it never changes a value
+(beyond floating-point reassociation in the network's batched kernels).
 """
 
 from __future__ import annotations
@@ -111,11 +121,18 @@ class FeatureFamily:
     config_class: ClassVar[type] = type(None)
     requires_condition: ClassVar[bool] = False
 
-    def __init__(self, config: Any = None, **overrides: Any) -> None:
+    def __init__(self, config: Any = None, *, max_chunk: int | None = None, **overrides: Any) -> None:
         config = config if config is not None else self.config_class()
         self.config = dataclasses.replace(config, **overrides) if overrides else config
+        if max_chunk is not None and int(max_chunk) < 1:
+            raise ValueError(f"max_chunk must be a positive number of samples, got {max_chunk}")
+        self.max_chunk = None if max_chunk is None else int(max_chunk)
 
-    def columns(self) -> list[str]:
+    def columns(self, adapter: DiffusionAdapter | None = None) -> list[str]:
+        raise NotImplementedError
+
+    def directions(self, adapter: DiffusionAdapter | None = None) -> list[int]:
+        """Member direction per column: +1 higher = member, -1 lower = member."""
         raise NotImplementedError
 
     def cost(self, adapter: DiffusionAdapter) -> Cost:
@@ -131,6 +148,16 @@ class FeatureFamily:
                 f"feature family {self.name!r} needs a conditional model (captions or class labels), "
                 f"but {adapter.model_id!r} is unconditional; drop it from --features"
             )
+        bad = [t for t in self.timesteps() if not 0 <= t < adapter.num_train_timesteps]
+        if bad:
+            raise CDIError(
+                f"feature family {self.name!r} uses timesteps {bad}, but {adapter.model_id!r} has "
+                f"timesteps 0..{adapter.num_train_timesteps - 1}; change the family's configuration"
+            )
+
+    def timesteps(self) -> list[int]:
+        """Every timestep at which this family queries the model."""
+        return []
 
     def config_dict(self) -> dict:
         return dataclasses.asdict(self.config)
@@ -139,3 +166,80 @@ class FeatureFamily:
         """Stable identity of (family, config), used in store keys."""
         payload = json.dumps({"family": self.name, "config": self.config_dict()}, sort_keys=True)
         return f"{self.name}-{hashlib.sha256(payload.encode()).hexdigest()[:16]}"
+
+
+# --------------------------------------------------------------------------
+# Helpers shared by the families
+# --------------------------------------------------------------------------
+def require(condition: bool, message: str) -> None:
+    """Raise ``CDIError(message)`` unless ``condition`` (config validation)."""
+    if not condition:
+        raise CDIError(message)
+
+
+def per_sample_norm(x: torch.Tensor, p: float = 2.0) -> torch.Tensor:
+    """The p-norm over all elements of each sample: shape (N, ...) -> (N,)."""
+    return torch.linalg.vector_norm(x.flatten(1), ord=p, dim=1)
+
+
+def _chunks(n: int, max_chunk: int | None) -> list[slice]:
+    step = n if max_chunk is None else max(1, int(max_chunk))
+    return [slice(i, min(i + step, n)) for i in range(0, n, step)]
+
+
+def predict_eps(
+    adapter: DiffusionAdapter,
+    x_t: torch.Tensor,
+    t: torch.Tensor,
+    cond: Condition,
+    max_chunk: int | None = None,
+) -> torch.Tensor:
+    """``adapter.eps`` on N samples, at most ``max_chunk`` per network call.
+
+    ``t`` has shape (N,). Runs under whatever grad mode the caller set.
+    """
+    n = x_t.shape[0]
+    if max_chunk is None or n <= max_chunk:
+        return adapter.eps(x_t, t, cond)
+    return torch.cat(
+        [adapter.eps(x_t[sl], t[sl], cond.index(sl)) for sl in _chunks(n, max_chunk)], dim=0
+    )
+
+
+def _autograd_ready(cond: Condition) -> Condition:
+    """A copy of ``cond`` whose tensors may be saved for backward.
+
+    The engine may build the batch under ``torch.inference_mode``; inference
+    tensors (and views of them) cannot be saved for backward, so the gradient
+    helper clones them outside inference mode. Call under
+    ``torch.inference_mode(False)``.
+    """
+    return Condition(cond.batch_size, {k: v.clone() for k, v in cond.tensors.items()})
+
+
+def residual_norm_and_grad(
+    adapter: DiffusionAdapter,
+    x_t: torch.Tensor,
+    t: torch.Tensor,
+    cond: Condition,
+    target: torch.Tensor,
+    max_chunk: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``r_i = ||eps_theta(x_i, t_i, c_i) - target_i||_2`` and ``d r_i / d x_i``.
+
+    One forward and one backward per sample. The backward of ``sum_i r_i``
+    gives every sample its own gradient because samples never interact in the
+    network; each chunk of ``max_chunk`` samples is differentiated on its own,
+    so memory holds one chunk's graph at a time. Works when the caller is in
+    ``torch.no_grad`` or ``torch.inference_mode``. Returns detached tensors.
+    """
+    norms, grads = [], []
+    with torch.inference_mode(False), torch.enable_grad():
+        for sl in _chunks(x_t.shape[0], max_chunk):
+            x = x_t[sl].detach().clone().requires_grad_(True)
+            c = _autograd_ready(cond.index(sl))
+            r = per_sample_norm(adapter.eps(x, t[sl].clone(), c) - target[sl].clone())
+            (g,) = torch.autograd.grad(r.sum(), x)
+            norms.append(r.detach())
+            grads.append(g)
+    return torch.cat(norms), torch.cat(grads)

@@ -1,0 +1,89 @@
+"""The feature families by name, the named feature sets, and their totals.
+
+``cdi`` is the 26-feature set of the CDI paper (REFERENCE.md section 1):
+Denoising Loss (1), SecMI_stat (1), PIA and PIAN (2), Multiple Loss (10),
+Noise Optimisation (2) and Gradient Masking (10): 56 forward and 15 backward
+model calls per image. ``cdi+clid`` appends CLiD's ``[L(c), D_1..D_k]``
+(REFERENCE.md section 2), an addition of this toolkit, for conditional models.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from cdi.errors import CDIError
+from cdi.models.base import DiffusionAdapter
+from features.base import Cost, FeatureFamily
+from features.clid import CLiD
+from features.denoising_loss import DenoisingLoss
+from features.gradient_masking import GradientMasking
+from features.multiple_loss import MultipleLoss
+from features.noise_optimization import NoiseOptimization
+from features.pia import PIA
+from features.secmi import SecMI
+
+FAMILIES: dict[str, type[FeatureFamily]] = {
+    cls.name: cls
+    for cls in [DenoisingLoss, SecMI, PIA, MultipleLoss, NoiseOptimization, GradientMasking, CLiD]
+}
+
+FEATURE_SETS: dict[str, list[str]] = {
+    "cdi": ["denoising_loss", "secmi", "pia", "multiple_loss", "noise_optimization", "gradient_masking"],
+}
+FEATURE_SETS["cdi+clid"] = FEATURE_SETS["cdi"] + ["clid"]
+
+
+def resolve_features(spec: str) -> list[FeatureFamily]:
+    """The families named by ``spec``, with their default configurations.
+
+    ``spec`` is a feature-set name (``"cdi"``, ``"cdi+clid"``) or a comma
+    separated list of family and set names; repeated names count once and
+    the order of first mention is kept.
+    """
+    names: list[str] = []
+    for token in (part.strip().lower() for part in str(spec).split(",")):
+        if not token:
+            continue
+        if token in FEATURE_SETS:
+            expanded = FEATURE_SETS[token]
+        elif token in FAMILIES:
+            expanded = [token]
+        else:
+            raise CDIError(
+                f"unknown feature family or set {token!r}; valid sets: {', '.join(FEATURE_SETS)}; "
+                f"valid families: {', '.join(FAMILIES)}"
+            )
+        names.extend(n for n in expanded if n not in names)
+    if not names:
+        raise CDIError(
+            f"no features given; use a set ({', '.join(FEATURE_SETS)}) or a comma-separated list of "
+            f"families ({', '.join(FAMILIES)})"
+        )
+    return [FAMILIES[n]() for n in names]
+
+
+def default_feature_set(adapter: DiffusionAdapter) -> str:
+    """``"cdi+clid"`` for conditional models (text or class), ``"cdi"`` otherwise."""
+    return "cdi+clid" if adapter.is_conditional else "cdi"
+
+
+def columns_of(families: Sequence[FeatureFamily], adapter: DiffusionAdapter | None = None) -> list[str]:
+    """All output columns, family by family (CLiD's count depends on the adapter)."""
+    columns = [c for f in families for c in f.columns(adapter)]
+    duplicated = sorted({c for c in columns if columns.count(c) > 1})
+    if duplicated:
+        raise CDIError(f"feature columns {duplicated} appear twice; list each family once")
+    return columns
+
+
+def directions_of(families: Sequence[FeatureFamily], adapter: DiffusionAdapter | None = None) -> list[int]:
+    """Member direction per column (+1 higher = member, -1 lower = member), as ``columns_of``."""
+    return [d for f in families for d in f.directions(adapter)]
+
+
+def total_cost(families: Sequence[FeatureFamily], adapter: DiffusionAdapter) -> Cost:
+    """Model calls per image for all families together."""
+    total = Cost(0, 0)
+    for family in families:
+        total = total + family.cost(adapter)
+    return total
