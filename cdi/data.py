@@ -441,10 +441,10 @@ def preprocess_image(image: Image.Image, pre: Preprocess) -> torch.Tensor:
         left = int(round((width - res) / 2.0))  # torchvision CenterCrop offsets
         top = int(round((height - res) / 2.0))
         image = image.crop((left, top, left + res, top + res))
-    array = np.asarray(image, dtype=np.uint8)
+    array = np.array(image, dtype=np.uint8)  # a writable copy, (H, W) or (H, W, 3)
     if array.ndim == 2:
         array = array[:, :, None]
-    tensor = torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1))).to(torch.float32)
+    tensor = torch.from_numpy(array).permute(2, 0, 1).to(torch.float32, memory_format=torch.contiguous_format)
     return tensor / 127.5 - 1.0
 
 
@@ -748,7 +748,7 @@ def _read_metadata(root: Path, files: list[str], present: set[str], name: str) -
         for number, line in enumerate(lines, start=1):
             if not line.strip():
                 continue
-            where = f"{meta} line {number} in the {name} folder {root}"
+            where = f"line {number} of {meta} in the {name} folder {root}"
             try:
                 entry = json.loads(line)
             except json.JSONDecodeError as exc:
@@ -761,9 +761,9 @@ def _read_metadata(root: Path, files: list[str], present: set[str], name: str) -
             if target in named_by:
                 raise CDIError(f"{where} names {target}, which {named_by[target]} already names; "
                                "give each image one caption")
-            named_by[target] = f"{meta} line {number}"
+            named_by[target] = f"line {number} of {meta}"
             if target.startswith("../") or target == ".." or posixpath.isabs(target) or target not in present:
-                missing.append(f"{target}  ({meta} line {number})")
+                missing.append(f"{target}  (line {number} of {meta})")
                 continue
             caption = entry.get("text", entry.get("caption"))
             if caption is not None and not isinstance(caption, str):
