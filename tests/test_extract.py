@@ -1,0 +1,381 @@
+"""The extraction engine (features.extract) and `cdi extract`.
+
+Shows that a feature table does not depend on the batch size, on sharding
+or on a kill -9 and resume, that a resumed run recomputes nothing that is
+stored, that CUDA out-of-memory halves the batch without changing a value,
+and that the command line validates its inputs before doing any work.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cdi.data import ImageCollection
+from cdi.errors import CDIError
+from cdi.models.base import Condition, DiffusionAdapter
+from cdi.store import FeatureStore
+from features.base import Cost, EncodedBatch, FeatureFamily
+from features.extract import condition_key, extract_features, model_key, parse_shard, shard_of
+from features.registry import resolve_features
+
+REPO = Path(__file__).resolve().parents[1]
+TESTS = Path(__file__).resolve().parent
+N_IMAGES = 10
+CHEAP = "denoising_loss,multiple_loss,pia"
+
+
+# --------------------------------------------------------------------------
+# A tiny text-conditioned convolutional "model" (seeded weights, no files)
+# --------------------------------------------------------------------------
+class TinyConvAdapter(DiffusionAdapter):
+    """A seeded two-layer conv net behind the adapter protocol.
+
+    ``encode`` average-pools 16 px images to 3x8x8; the network mixes x_t, a
+    timestep embedding and a caption embedding. Small and fast, but its
+    batched convolutions behave like a real network's.
+    """
+
+    family = "tinyconv"
+
+    def __init__(self, conditioning: str = "text") -> None:
+        betas = torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64)
+        gen = torch.Generator().manual_seed(7)
+        self.conv1 = torch.nn.Conv2d(3, 16, 3, padding=1)
+        self.conv2 = torch.nn.Conv2d(16, 3, 3, padding=1)
+        for p in [*self.conv1.parameters(), *self.conv2.parameters()]:
+            p.data = 0.3 * torch.randn(p.shape, generator=gen)
+            p.requires_grad_(False)
+        weights = torch.cat([p.flatten() for p in [*self.conv1.parameters(), *self.conv2.parameters()]])
+        super().__init__(
+            model_id="tinyconv",
+            revision=None,
+            fingerprint=hashlib.sha256(weights.numpy().tobytes()).hexdigest(),
+            resolution=16,
+            image_channels=3,
+            alphas_cumprod=torch.cumprod(1 - betas, 0).float(),
+            device=torch.device("cpu"),
+            dtype=torch.float32,
+        )
+        self.conditioning = conditioning
+
+    def _encode(self, pixels):
+        return torch.nn.functional.avg_pool2d(pixels.float(), 2)
+
+    def _text_conditions(self, prompts):
+        emb = torch.zeros(len(prompts), 16)
+        for i, p in enumerate(prompts):
+            seed = int.from_bytes(hashlib.sha256(p.encode()).digest()[:4], "little")
+            emb[i] = torch.randn(16, generator=torch.Generator().manual_seed(seed)) if p else 0.0
+        return Condition(len(prompts), {"encoder_hidden_states": emb})
+
+    def _predict(self, x_t, t, cond):
+        h = self.conv1(x_t) + torch.sin(t.float() / 100.0).view(-1, 1, 1, 1)
+        if cond.tensors:
+            h = h + cond.tensors["encoder_hidden_states"].view(-1, 16, 1, 1)
+        return self.conv2(torch.tanh(h))
+
+
+class Recorder(FeatureFamily):
+    """Wraps a family: same name, key and values; records every image it computes.
+
+    ``oom_above``: raise ``torch.cuda.OutOfMemoryError`` for batches larger
+    than this, as a GPU would.
+    """
+
+    def __init__(self, inner: FeatureFamily, oom_above: int | None = None) -> None:
+        self.inner, self.name, self.config, self.max_chunk = inner, inner.name, inner.config, None
+        self.oom_above = oom_above
+        self.computed: list[str] = []
+        self.batch_sizes: list[int] = []
+
+    def columns(self, adapter=None):
+        return self.inner.columns(adapter)
+
+    def cost(self, adapter):
+        return self.inner.cost(adapter)
+
+    def key(self):
+        return self.inner.key()
+
+    def check_applicable(self, adapter):
+        self.inner.check_applicable(adapter)
+
+    def extract(self, adapter, batch: EncodedBatch):
+        if self.oom_above is not None and len(batch) > self.oom_above:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        self.computed.extend(batch.hashes)
+        self.batch_sizes.append(len(batch))
+        return self.inner.extract(adapter, batch)
+
+
+def recorders(spec: str = CHEAP, **kw) -> list[Recorder]:
+    return [Recorder(f, **kw) for f in resolve_features(spec)]
+
+
+def write_images(folder: Path, n: int = N_IMAGES, seed: int = 0) -> Path:
+    """n small random RGB images (not square: preprocessing crops) with captions."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    lines = []
+    for i in range(n):
+        pixels = rng.integers(0, 256, size=(18, 20, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / f"img_{i:02d}.png")
+        lines.append(json.dumps({"file_name": f"img_{i:02d}.png", "text": f"a picture number {i}"}))
+    (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> Path:
+    return write_images(tmp_path_factory.mktemp("extract") / "images")
+
+
+@pytest.fixture(scope="module")
+def collection(images) -> ImageCollection:
+    return ImageCollection.from_folder(images)
+
+
+@pytest.fixture(scope="module")
+def adapter() -> TinyConvAdapter:
+    return TinyConvAdapter()
+
+
+@pytest.fixture(scope="module")
+def reference(adapter, collection):
+    """The full table, batch size 8, no store: what every other run must reproduce."""
+    return extract_features(adapter, collection, resolve_features(CHEAP), seed=3, batch_size=8,
+                            num_workers=0, progress=False)
+
+
+def assert_same_values(table, ref):
+    """Equal to float32 resolution: |a - b| <= 1e-6 * max(1, |b|).
+
+    Features are float32 network outputs; batched kernels may sum in another
+    order for another batch size, which moves a value of about 30 by an ulp
+    (1.9e-6). An absolute 1e-6 bound is what values of order 1 get.
+    """
+    assert table.columns == ref.columns
+    order = {h: k for k, h in enumerate(ref.hashes)}
+    rows = [order[h] for h in table.hashes]
+    np.testing.assert_allclose(table.values, ref.values[rows], rtol=1e-6, atol=1e-6)
+
+
+# --------------------------------------------------------------------------
+# Keys and shards
+# --------------------------------------------------------------------------
+def test_parse_shard():
+    assert parse_shard("0/4") == (0, 4) and parse_shard(" 3/4 ") == (3, 4) and parse_shard((1, 2)) == (1, 2)
+    assert parse_shard(None) is None
+    for bad in ["4/4", "-1/4", "1/0", "1", "a/b", "1/2/3", "1.5/3", ""]:
+        with pytest.raises(CDIError, match="shard"):
+            parse_shard(bad)
+
+
+def test_keys_follow_what_decides_a_value(adapter):
+    from cdi.data import Preprocess
+
+    pre = Preprocess(16, 3)
+    key = model_key(adapter, pre)
+    assert key.startswith("tinyconv-float32-") and key == model_key(adapter, Preprocess(16, 3))
+    assert model_key(adapter, Preprocess(16, 3, crop="resize")) != key
+    other = TinyConvAdapter()
+    other.fingerprint = "f" * 64
+    assert model_key(other, pre) != key
+    other = TinyConvAdapter()
+    other.dtype = torch.bfloat16
+    assert model_key(other, pre) != key
+    assert condition_key(adapter, "a cat") != condition_key(adapter, "a dog")
+    assert condition_key(adapter, None) == "text:none"
+    assert condition_key(TinyConvAdapter("none"), "a cat") == condition_key(TinyConvAdapter("none"), None) == ""
+
+
+# --------------------------------------------------------------------------
+# Invariance
+# --------------------------------------------------------------------------
+def test_batch_size_does_not_change_values(adapter, collection, reference):
+    assert reference.values.shape == (N_IMAGES, 13) and np.isfinite(reference.values).all()
+    assert reference.paths == [r.path for r in collection.records]
+    assert reference.captions == [r.caption for r in collection.records]
+    one = extract_features(adapter, collection, resolve_features(CHEAP), seed=3, batch_size=1,
+                           num_workers=0, progress=False)
+    assert_same_values(one, reference)
+    other_seed = extract_features(adapter, collection, resolve_features("denoising_loss"), seed=4,
+                                  batch_size=8, num_workers=0, progress=False)
+    assert np.abs(other_seed.values[:, 0] - reference.values[:, 0]).min() > 0
+
+
+def test_shards_partition_the_images(adapter, collection, reference):
+    tables = [extract_features(adapter, collection, resolve_features(CHEAP), seed=3, batch_size=3,
+                               shard=f"{i}/2", num_workers=0, progress=False) for i in range(2)]
+    for i, table in enumerate(tables):
+        assert table.meta["shard"] == [i, 2]
+        assert all(shard_of(h, 2) == i for h in table.hashes)
+    assert 0 < len(tables[0]) < N_IMAGES and len(tables[0]) + len(tables[1]) == N_IMAGES
+    joined = type(reference).concat(tables)
+    assert joined.hashes == reference.hashes
+    assert_same_values(joined, reference)
+
+
+def test_store_resumes_and_adds_only_missing_families(adapter, collection, reference, tmp_path, monkeypatch):
+    store_path = tmp_path / "store"
+    # A sharded first run fills half of the store with two of the three families.
+    first = recorders("denoising_loss,pia")
+    extract_features(adapter, collection, first, seed=3, store=store_path, shard="0/2",
+                     batch_size=4, num_workers=0, progress=False)
+    done = set(first[0].computed)
+    assert done == {h for h in collection.hashes if shard_of(h, 2) == 0}
+    # The full run computes the other half for those two and everything for the third.
+    fams = recorders()
+    table = extract_features(adapter, collection, fams, seed=3, store=store_path, batch_size=4,
+                             num_workers=0, progress=False)
+    assert_same_values(table, reference)
+    by_name = {f.name: f for f in fams}
+    assert sorted(by_name["denoising_loss"].computed) == sorted(set(collection.hashes) - done)
+    assert sorted(by_name["pia"].computed) == sorted(set(collection.hashes) - done)
+    assert sorted(by_name["multiple_loss"].computed) == sorted(collection.hashes)
+    # Images missing the same families were batched together: the shard's images in batches of 4.
+    assert by_name["multiple_loss"].batch_sizes[0] == 4
+    assert table.meta["extraction"]["from_store"]["pia"] == len(done)
+    # A third run computes nothing at all and never encodes an image.
+    again = recorders()
+    encoded = []
+    monkeypatch.setattr(adapter, "encode", lambda pixels: encoded.append(len(pixels)))
+    with FeatureStore(store_path) as store:
+        table2 = extract_features(adapter, collection, again, seed=3, store=store, num_workers=0,
+                                  progress=False)
+        assert len(store.provenance()) == 2 + 3  # runs that computed something
+    assert encoded == [] and all(f.computed == [] for f in again)
+    assert table2.values.tobytes() == table.values.tobytes()
+    monkeypatch.undo()
+    # A changed caption is a different key: recomputed, not served stale.
+    changed = dataclasses.replace(
+        collection, records=[dataclasses.replace(collection.records[0], caption="another")]
+    )
+    fresh = recorders("pia")
+    extract_features(adapter, changed, fresh, seed=3, store=store_path, num_workers=0, progress=False)
+    assert fresh[0].computed == [changed.records[0].sha256]
+
+
+KILLED_RUN = """
+    import sys, time
+    sys.path.insert(0, {tests!r})
+    from cdi.data import ImageCollection
+    from features.extract import extract_features
+    from features.registry import resolve_features
+    from test_extract import CHEAP, Recorder, TinyConvAdapter
+
+    class HangsOnThirdBatch(Recorder):
+        def extract(self, adapter, batch):
+            if len(self.batch_sizes) == 2:          # batches 1 and 2 are stored by now
+                print("hanging", flush=True)
+                time.sleep(600)
+            return super().extract(adapter, batch)
+
+    fams = [HangsOnThirdBatch(f) if f.name == "pia" else Recorder(f) for f in resolve_features(CHEAP)]
+    extract_features(TinyConvAdapter(), ImageCollection.from_folder(sys.argv[1]), fams, seed=3,
+                     batch_size=2, store=sys.argv[2], num_workers=0, progress=False)
+"""
+
+
+def test_killed_run_resumes_without_recomputing(adapter, collection, reference, images, tmp_path):
+    store_path = tmp_path / "killed.sqlite"
+    script = tmp_path / "killed_run.py"
+    script.write_text(textwrap.dedent(KILLED_RUN.format(tests=str(TESTS))))
+    proc = subprocess.Popen([sys.executable, str(script), str(images), str(store_path)], cwd=REPO,
+                            env=dict(os.environ, PYTHONPATH=str(REPO)), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()  # the third batch is in flight: pia is computing it
+        assert line.strip() == "hanging", proc.stderr.read()
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+    with FeatureStore(store_path) as store:
+        assert store.count() == 3 * 4  # two batches of two images, three families; batch 3 lost
+    stored = set()
+    with FeatureStore(store_path) as store:
+        for f in resolve_features(CHEAP):
+            got = store.get_many(model_key(adapter, _pre(adapter)), f.key(), 3, collection.hashes,
+                                 [condition_key(adapter, c) for c in collection.captions])
+            stored |= set(got)
+    assert len(stored) == 4
+    fams = recorders()
+    resumed = extract_features(adapter, collection, fams, seed=3, batch_size=2, store=store_path,
+                               num_workers=0, progress=False)
+    for f in fams:
+        assert sorted(f.computed) == sorted(set(collection.hashes) - stored)
+    assert_same_values(resumed, reference)
+
+
+def _pre(adapter):
+    from cdi.data import Preprocess
+
+    return Preprocess(adapter.resolution, adapter.image_channels)
+
+
+# --------------------------------------------------------------------------
+# Out of memory, validation
+# --------------------------------------------------------------------------
+def test_out_of_memory_halves_the_batch(adapter, collection, reference, caplog):
+    fams = recorders(oom_above=2)
+    with caplog.at_level(logging.WARNING, logger="cdi"):
+        table = extract_features(adapter, collection, fams, seed=3, batch_size=8, num_workers=0,
+                                 progress=False)
+    assert_same_values(table, reference)
+    assert "out of GPU memory with 8 images per batch; going on with 4" in caplog.text
+    assert "going on with 2" in caplog.text
+    assert set(fams[0].batch_sizes) == {2} and table.meta["extraction"]["final_batch_size"] == 2
+    with pytest.raises(CDIError, match="batch of one image.*bfloat16"):
+        extract_features(adapter, collection, recorders("pia", oom_above=0), batch_size=4, num_workers=0,
+                         progress=False)
+
+
+@dataclasses.dataclass(frozen=True)
+class _NoConfig:
+    pass
+
+
+class _NaNFamily(FeatureFamily):
+    name = "nan_family"
+    config_class = _NoConfig
+
+    def columns(self, adapter=None):
+        return ["nan_value"]
+
+    def cost(self, adapter):
+        return Cost(0)
+
+    def extract(self, adapter, batch):
+        return torch.full((len(batch), 1), float("nan"))
+
+
+def test_engine_validates_its_inputs(adapter, collection):
+    kw = dict(num_workers=0, progress=False)
+    with pytest.raises(CDIError, match="no feature families"):
+        extract_features(adapter, collection, [], **kw)
+    with pytest.raises(CDIError, match="requested twice"):
+        extract_features(adapter, collection, resolve_features("pia") * 2, **kw)
+    with pytest.raises(CDIError, match="batch size"):
+        extract_features(adapter, collection, resolve_features("pia"), batch_size=0, **kw)
+    with pytest.raises(CDIError, match="shard"):
+        extract_features(adapter, collection, resolve_features("pia"), shard="2/2", **kw)
+    with pytest.raises(CDIError, match="unconditional"):
+        extract_features(TinyConvAdapter("none"), collection, resolve_features("clid"), **kw)
+    with pytest.raises(CDIError, match="non-finite.*float32"):
+        extract_features(adapter, collection, [_NaNFamily()], **kw)
