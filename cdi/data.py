@@ -185,7 +185,7 @@ class ImageCollection:
                 "put the images in it (subfolders are searched too)"
             )
         present = set(files)
-        metadata_captions, metadata_files = _read_metadata(root, files, present, name)
+        metadata_captions, named_by, metadata_files = _read_metadata(root, files, present, name)
 
         images: dict[str, tuple[str, int, int, str]] = {}  # path -> (sha256, width, height, mode)
         bad: list[tuple[str, str, str]] = []  # (path, kind, reason), kind in {"unreadable", "too_large"}
@@ -213,7 +213,9 @@ class ImageCollection:
         if not images:
             raise CDIError(_no_image_message(root, name, len(files) + len(hidden), skipped))
 
-        not_images = sorted(p for p in metadata_captions if p not in images and p not in {s.path for s in skipped})
+        skipped_paths = {s.path for s in skipped}
+        not_images = [f"{p}  ({where})" for p, where in sorted(named_by.items())
+                      if p not in images and p not in skipped_paths]
         if not_images:
             raise CDIError(
                 f"{METADATA_NAME} in the {name} folder {root} names {len(not_images)} file(s) that are not "
@@ -423,7 +425,9 @@ def preprocess_image(image: Image.Image, pre: Preprocess) -> torch.Tensor:
     as ``pre.crop`` says; scale 0..255 to [-1, 1] (``x / 127.5 - 1``, the
     same values as torchvision ``ToTensor`` + ``Normalize(0.5, 0.5)``).
     """
-    image = ImageOps.exif_transpose(image)
+    image.load()  # the EXIF block of some formats (PNG) follows the pixel data
+    if image.getexif().get(_EXIF_ORIENTATION, 1) != 1:
+        image = ImageOps.exif_transpose(image)
     image = _convert_mode(image, "RGB" if pre.channels == 3 else "L")
     res = pre.resolution
     resample = _RESAMPLE[pre.resample]
@@ -441,11 +445,12 @@ def preprocess_image(image: Image.Image, pre: Preprocess) -> torch.Tensor:
         left = int(round((width - res) / 2.0))  # torchvision CenterCrop offsets
         top = int(round((height - res) / 2.0))
         image = image.crop((left, top, left + res, top + res))
-    array = np.array(image, dtype=np.uint8)  # a writable copy, (H, W) or (H, W, 3)
+    array = np.asarray(image, dtype=np.uint8)  # (H, W) or (H, W, 3)
     if array.ndim == 2:
         array = array[:, :, None]
-    tensor = torch.from_numpy(array).permute(2, 0, 1).to(torch.float32, memory_format=torch.contiguous_format)
-    return tensor / 127.5 - 1.0
+    # numpy, not torch: tiny multi-threaded torch ops are slow in a busy process
+    scaled = np.ascontiguousarray(array.transpose(2, 0, 1), dtype=np.float32) / np.float32(127.5) - np.float32(1.0)
+    return torch.from_numpy(scaled)
 
 
 def _convert_mode(image: Image.Image, target: str) -> Image.Image:
@@ -587,7 +592,9 @@ def _collate(items: list) -> tuple[torch.Tensor | None, list[int], str | None]:
     for item in items:
         if isinstance(item, str):
             return None, [], item
-    return torch.stack([t for t, _ in items]), [p for _, p in items], None
+    # numpy's single-threaded copy: torch.stack is slow when many threads compete for the CPU
+    pixels = torch.from_numpy(np.stack([t.numpy() for t, _ in items]))
+    return pixels, [p for _, p in items], None
 
 
 # --------------------------------------------------------------------------- scanning
@@ -728,8 +735,14 @@ def _walk(root: Path) -> tuple[list[str], list[str]]:
     return sorted(files), sorted(hidden)
 
 
-def _read_metadata(root: Path, files: list[str], present: set[str], name: str) -> tuple[dict[str, str], set[str]]:
-    """Captions from every ``metadata.jsonl`` under ``root``: {image path: caption}, and the files read."""
+def _read_metadata(
+    root: Path, files: list[str], present: set[str], name: str
+) -> tuple[dict[str, str], dict[str, str], set[str]]:
+    """Read every ``metadata.jsonl`` under ``root``.
+
+    Returns {image path: caption}, {every named path: "line N of FILE"} and
+    the set of metadata files read. A name that does not exist is an error.
+    """
     metadata_files = [p for p in files if posixpath.basename(p) == METADATA_NAME]
     for p in files:
         if posixpath.basename(p) == "metadata.csv":
@@ -777,7 +790,7 @@ def _read_metadata(root: Path, files: list[str], present: set[str], name: str) -
             f"{_listing(missing)}\n"
             f"Fix their file_name (relative to the folder that holds the {METADATA_NAME}) or remove those lines."
         )
-    return captions, set(metadata_files)
+    return captions, named_by, set(metadata_files)
 
 
 def _read_sidecar(root: Path, rel: str, name: str) -> str:

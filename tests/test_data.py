@@ -232,6 +232,7 @@ def test_metadata_caption_wins_over_sidecar_and_sidecar_needs_same_stem(tmp_path
         (['{"file_name": "a.png"}', '{"file_name": "./a.png"}'], "already names"),
         (['{"file_name": "gone.png", "text": "x"}', '{"file_name": "../a.png"}'], "2 file(s) that do not exist"),
         (['{"file_name": "notes.md", "text": "x"}'], "1 file(s) that are not images"),
+        (['{"file_name": "a.png"}', '{"file_name": "notes.md"}'], "notes.md  (line 2 of metadata.jsonl)"),
     ],
 )
 def test_bad_metadata_is_an_error(tmp_path, lines, expected):
