@@ -422,7 +422,7 @@ def preprocess_image(image: Image.Image, pre: Preprocess) -> torch.Tensor:
     (palette images go through RGBA so their transparency is handled
     without a warning; 16-bit greyscale, modes ``I;16*`` and ``I``, is taken
     as 0..65535 and ``F`` as 0..1, then rounded to 8 bits); resize and crop
-    as ``pre.crop`` says; scale 0..255 to [-1, 1] (``x / 127.5 - 1``, the
+    as ``pre.crop`` says; scale 0..255 to [-1, 1] (``x / 127.5 - 1``, up to float rounding the
     same values as torchvision ``ToTensor`` + ``Normalize(0.5, 0.5)``).
     """
     image.load()  # the EXIF block of some formats (PNG) follows the pixel data
@@ -460,7 +460,7 @@ def _convert_mode(image: Image.Image, target: str) -> Image.Image:
     if image.mode in _SIXTEEN_BIT_MODES or image.mode == "F":
         values = np.asarray(image, dtype=np.float64)
         scale = 255.0 if image.mode == "F" else 255.0 / 65535.0
-        grey = Image.fromarray(np.clip(np.rint(values * scale), 0, 255).astype(np.uint8), mode="L")
+        grey = Image.fromarray(np.clip(np.rint(values * scale), 0, 255).astype(np.uint8))  # 2-D uint8: L
         return grey if target == "L" else grey.convert(target)
     if image.mode in ("P", "PA"):
         image = image.convert("RGBA")
