@@ -1,0 +1,587 @@
+"""Load a diffusion model (alias, hub id or local folder) into its family adapter.
+
+The loader does the same thing whatever the user names:
+
+1. ``name`` becomes a local diffusers pipeline folder. An existing folder is
+   used as it is (``revision`` is then None). An alias of
+   ``cdi.models.registry.ALIASES`` becomes its hub id. A hub id is looked up
+   in the local Hugging Face cache first; unless offline (``HF_HUB_OFFLINE``
+   or ``local_files_only=True``) the files the adapter needs are then
+   downloaded, and nothing else: ``model_index.json``, ``labels.json``, the
+   configs, the tokenizers and the safetensors weights of the components the
+   family uses (those of ``variant`` when one is asked for). The resolved
+   commit hash (the snapshot folder's name) becomes ``revision``.
+2. ``model_index.json``'s ``_class_name`` names the family
+   (``SUPPORTED_PIPELINES``).
+3. Every component the adapter declares is loaded from that folder with
+   ``local_files_only=True``, from safetensors unless ``allow_pickle``: the
+   denoiser and the text encoders in the requested dtype, the autoencoder in
+   float32 (see ``DiffusionAdapter`` subclasses' ``full_precision_components``),
+   every module on the device, in eval mode, with frozen parameters.
+4. The files that define the model are hashed into the adapter's
+   ``fingerprint`` (``fingerprint_weights``).
+
+Every failure a user can fix (no such model, not cached while offline,
+pickle-only weights, an unsupported pipeline, a bad device or dtype) is one
+``CDIError`` that says what to do; huggingface_hub's exceptions never escape.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import importlib
+import inspect
+import json
+import os
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator
+
+import torch
+from huggingface_hub.errors import (
+    EntryNotFoundError,
+    GatedRepoError,
+    HFValidationError,
+    LocalEntryNotFoundError,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
+
+from cdi.errors import CDIError
+from cdi.models.registry import ALIASES
+
+if TYPE_CHECKING:  # pragma: no cover
+    from cdi.models.base import DiffusionAdapter
+
+#: model_index.json ``_class_name`` -> family.
+SUPPORTED_PIPELINES: dict[str, str] = {
+    "StableDiffusionPipeline": "sd",
+    "StableDiffusionImg2ImgPipeline": "sd",
+    "StableDiffusionXLPipeline": "sdxl",
+    "LDMPipeline": "ldm",
+    "DiTPipeline": "dit",
+    "DDPMPipeline": "ddpm",
+    "DDIMPipeline": "ddpm",
+}
+
+#: family -> "module:class" of its adapter (imported on first use).
+ADAPTERS: dict[str, str] = {
+    "sd": "cdi.models.stable_diffusion:StableDiffusionAdapter",
+    "sdxl": "cdi.models.sdxl:StableDiffusionXLAdapter",
+    "ldm": "cdi.models.ldm:LDMAdapter",
+    "dit": "cdi.models.dit:DiTAdapter",
+    "ddpm": "cdi.models.ddpm:DDPMAdapter",
+}
+
+#: Weight file stems written by diffusers (models) and transformers (text encoders).
+_WEIGHT_STEMS = {"safetensors": ("diffusion_pytorch_model", "model"), "bin": ("diffusion_pytorch_model", "pytorch_model")}
+#: Files at the pipeline root the adapters read.
+_ROOT_FILES = ("model_index.json", "labels.json")
+#: Configuration files read by from_pretrained of models, schedulers and CLIP tokenizers.
+_CONFIG_NAMES = ("config.json", "scheduler_config.json", "tokenizer_config.json", "special_tokens_map.json",
+                 "added_tokens.json", "vocab.json", "merges.txt", "tokenizer.json")
+_TRUE = {"1", "on", "yes", "true"}
+_DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+}
+
+
+# ----------------------------------------------------------------- devices
+def resolve_device(name: str = "auto") -> torch.device:
+    """The torch device for ``name``: ``"auto"`` (cuda, then mps, then cpu), ``"cpu"``, ``"cuda[:i]"``, ``"mps"``.
+
+    Raises ``CDIError`` for a malformed name or a device this machine lacks.
+    """
+    text = str(name).strip().lower()
+    if text == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if _mps_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise CDIError(
+            f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps"
+        ) from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise CDIError(f"device {name!r} asked for, but CUDA is not available here; use --device cpu or auto")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise CDIError(
+                f"device {name!r} asked for, but this machine has {torch.cuda.device_count()} CUDA device(s) "
+                f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})"
+            )
+    elif device.type == "mps":
+        if not _mps_available():
+            raise CDIError(f"device {name!r} asked for, but MPS is not available here; use --device cpu or auto")
+    elif device.type != "cpu":
+        raise CDIError(f"unsupported device {name!r}; use auto, cpu, cuda, cuda:N or mps")
+    return device
+
+
+def _mps_available() -> bool:
+    return bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
+
+
+def resolve_dtype(name: str | torch.dtype, device: torch.device | str) -> torch.dtype:
+    """The compute dtype for ``name`` on ``device``.
+
+    Accepts ``"float32"``/``"fp32"``, ``"bfloat16"``/``"bf16"``,
+    ``"float16"``/``"fp16"`` or a ``torch.dtype``. float16 on the CPU is
+    refused: many CPU kernels lack it and the rest are slow and inexact.
+    """
+    if isinstance(name, torch.dtype):
+        dtype = name
+    else:
+        dtype = _DTYPES.get(str(name).strip().lower())
+        if dtype is None:
+            raise CDIError(f"unknown dtype {name!r}; use float32, bfloat16 or float16 (fp32, bf16, fp16)")
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise CDIError(f"unsupported dtype {dtype}; use float32, bfloat16 or float16")
+    if dtype == torch.float16 and torch.device(device).type == "cpu":
+        raise CDIError("float16 is not supported on the CPU; use --dtype float32 or bfloat16")
+    return dtype
+
+
+# ------------------------------------------------------------- fingerprint
+def file_digests(folder: Path, files: list[Path]) -> dict[str, str]:
+    """SHA-256 of each file's bytes, keyed by its POSIX path relative to ``folder``, sorted by path.
+
+    The digest of a weight file is the one the Hugging Face Hub shows for it
+    (and ``sha256sum`` prints), so a report's file list can be checked by hand.
+    """
+    folder = Path(folder)
+    digests = {}
+    for path in files:
+        path = Path(path)
+        rel = (path if not path.is_absolute() else path.relative_to(folder)).as_posix()
+        digests[rel] = _sha256_file(folder / rel)
+    return dict(sorted(digests.items()))
+
+
+def fingerprint_weights(folder: Path, files: list[Path]) -> str:
+    """One SHA-256 that identifies the model: over (relative path, bytes) of ``files``.
+
+    Computed as the SHA-256 of the lines ``"<relative path>\\0<sha256 of the
+    file>\\n"`` in path order, so it changes when any byte, name, or the set
+    of files changes, and it does not depend on where the folder lies or on
+    the order of ``files``.
+    """
+    return _combine(file_digests(folder, files))
+
+
+def _combine(digests: dict[str, str]) -> str:
+    lines = "".join(f"{rel}\0{digest}\n" for rel, digest in sorted(digests.items()))
+    return hashlib.sha256(lines.encode()).hexdigest()
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 23), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+# ----------------------------------------------------------------- loading
+def load_model(
+    name: str,
+    *,
+    revision: str | None = None,
+    variant: str | None = None,
+    dtype: str | torch.dtype = "float32",
+    device: str = "auto",
+    allow_pickle: bool = False,
+    local_files_only: bool | None = None,
+) -> "DiffusionAdapter":
+    """Load a diffusion model into the adapter of its family.
+
+    Parameters
+    ----------
+    name : str
+        An alias (``cdi models`` lists them), a Hugging Face hub id
+        (``org/name``) or a local diffusers pipeline folder (one with a
+        ``model_index.json``, as ``save_pretrained`` writes it).
+    revision : str, optional
+        Branch, tag or commit of a hub model (default: ``main``). The adapter
+        records the resolved commit hash.
+    variant : str, optional
+        Weight variant, e.g. ``"fp16"`` (loads ``*.fp16.safetensors``).
+    dtype : str or torch.dtype
+        Compute dtype of the denoiser and text encoders (see ``resolve_dtype``).
+    device : str
+        ``"auto"``, ``"cpu"``, ``"cuda[:i]"`` or ``"mps"``.
+    allow_pickle : bool
+        Also accept pickle (``.bin``) weights when a component has no
+        safetensors. Off by default: unpickling can run arbitrary code.
+    local_files_only : bool, optional
+        Never touch the network. None (default) follows ``HF_HUB_OFFLINE``.
+
+    Returns
+    -------
+    DiffusionAdapter
+    """
+    torch_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, torch_device)
+    offline = _offline(local_files_only)
+    folder, model_id, resolved_revision, hub_id = _resolve_folder(
+        name, revision=revision, variant=variant, allow_pickle=allow_pickle, offline=offline
+    )
+    index = read_model_index(folder)
+    adapter_cls = adapter_class(detect_family(index, folder))
+    _check_components(adapter_cls, index, folder)
+    files: list[Path] = [folder / f for f in _ROOT_FILES if (folder / f).is_file()]
+    components: dict[str, Any] = {}
+    for component, kind in adapter_cls.components.items():
+        module, used = _load_component(
+            folder, component, kind,
+            dtype=torch.float32 if component in adapter_cls.full_precision_components else torch_dtype,
+            device=torch_device, variant=variant, allow_pickle=allow_pickle, hub_id=hub_id,
+            channels_last=component == adapter_cls.denoiser_name and torch_device.type == "cuda",
+        )
+        components[component] = module
+        files.extend(used)
+    digests = file_digests(folder, files)
+    adapter = adapter_cls(
+        **components,
+        **adapter_cls.extra_inputs(folder, index),
+        model_id=model_id,
+        revision=resolved_revision,
+        fingerprint=_combine(digests),
+        device=torch_device,
+        dtype=torch_dtype,
+    )
+    adapter.files = digests
+    return adapter
+
+
+def adapter_class(family: str) -> type["DiffusionAdapter"]:
+    """The adapter class of a family name (``"sd"``, ``"sdxl"``, ``"ldm"``, ``"dit"``, ``"ddpm"``)."""
+    try:
+        module_name, class_name = ADAPTERS[family].split(":")
+    except KeyError:
+        raise CDIError(f"unknown model family {family!r}; known: {', '.join(ADAPTERS)}") from None
+    return getattr(importlib.import_module(module_name), class_name)
+
+
+def read_model_index(folder: Path) -> dict:
+    """The parsed ``model_index.json`` of a pipeline folder."""
+    path = Path(folder) / "model_index.json"
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CDIError(
+            f"{folder} is not a diffusers pipeline folder (no model_index.json); save the pipeline with "
+            "DiffusionPipeline.save_pretrained, or convert a single-file checkpoint with "
+            "DiffusionPipeline.from_single_file(...).save_pretrained(folder)"
+        ) from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CDIError(f"{path} is not valid JSON ({exc}); restore the file from the model's source") from None
+
+
+def detect_family(index: dict, folder: Path | str = "the model") -> str:
+    """The family of a pipeline from its ``model_index.json`` ``_class_name``."""
+    class_name = index.get("_class_name")
+    family = SUPPORTED_PIPELINES.get(class_name)
+    if family is None:
+        raise CDIError(
+            f"{folder} is a {class_name or 'pipeline without _class_name'}, which cdi does not support; "
+            f"supported pipelines: {', '.join(SUPPORTED_PIPELINES)}"
+        )
+    return family
+
+
+def _offline(local_files_only: bool | None) -> bool:
+    """Read at call time: huggingface_hub reads HF_HUB_OFFLINE only when it is imported."""
+    if local_files_only is not None:
+        return bool(local_files_only)
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in _TRUE
+
+
+def _resolve_folder(
+    name: str, *, revision: str | None, variant: str | None, allow_pickle: bool, offline: bool
+) -> tuple[Path, str, str | None, str | None]:
+    """(pipeline folder, model id, resolved revision, hub id or None) for what the user named."""
+    path = Path(name).expanduser()
+    if path.exists():
+        if revision is not None:
+            raise CDIError(f"--revision applies to hub models, but {name!r} is a local folder; drop --revision")
+        if not path.is_dir():
+            raise CDIError(
+                f"{name!r} is a file; cdi loads diffusers pipeline folders. Convert a single-file checkpoint "
+                "with DiffusionPipeline.from_single_file(...).save_pretrained(folder) and pass the folder"
+            )
+        folder = path.resolve()
+        return folder, str(folder), None, None
+    alias = ALIASES.get(name)
+    hub_id = alias.checkpoint if alias is not None else name
+    if not re.fullmatch(r"[\w.-]+/[\w.-]+", hub_id):
+        raise CDIError(
+            f"{name!r} is neither a local folder, a model alias nor a Hugging Face hub id (org/name); "
+            "`cdi models` lists the aliases"
+        )
+    folder = _hub_snapshot(hub_id, revision=revision, variant=variant, allow_pickle=allow_pickle, offline=offline)
+    return folder, hub_id, folder.name, hub_id
+
+
+# ---------------------------------------------------------------- the hub
+def _hub_snapshot(hub_id: str, *, revision: str | None, variant: str | None, allow_pickle: bool, offline: bool) -> Path:
+    """A local snapshot folder of ``hub_id`` holding every file the adapter needs."""
+    from huggingface_hub import snapshot_download
+
+    def fetch(patterns: list[str], local: bool) -> Path:
+        return Path(snapshot_download(hub_id, revision=revision, allow_patterns=patterns, local_files_only=local))
+
+    with _hub_errors(hub_id, revision, offline):
+        try:
+            folder = fetch(["model_index.json"], local=True)
+        except LocalEntryNotFoundError:
+            if offline:
+                raise
+            folder = fetch(["model_index.json"], local=False)
+        adapter_cls = adapter_class(detect_family(read_model_index(folder), hub_id))
+        if offline or _is_complete(folder, adapter_cls, variant, allow_pickle):
+            return folder
+        folder = fetch(_download_patterns(adapter_cls, variant, "safetensors"), local=False)
+        if allow_pickle and not _is_complete(folder, adapter_cls, variant, allow_pickle=False):
+            folder = fetch(_download_patterns(adapter_cls, variant, "bin"), local=False)
+        return folder
+
+
+def _download_patterns(adapter_cls: type, variant: str | None, extension: str) -> list[str]:
+    """allow_patterns for the files the adapter loads: root files, configs, tokenizers, weights."""
+    patterns = list(_ROOT_FILES)
+    for component, kind in adapter_cls.components.items():
+        if _is_module(kind):
+            patterns.append(f"{component}/*.json")
+            patterns.extend(f"{component}/{p}" for p in _weight_globs(extension, variant))
+        else:
+            patterns.append(f"{component}/*")
+    return patterns
+
+
+def _is_complete(folder: Path, adapter_cls: type, variant: str | None, allow_pickle: bool) -> bool:
+    for component, kind in adapter_cls.components.items():
+        if not (folder / component).is_dir():
+            return False
+        if _is_module(kind) and not _find_weights(folder / component, variant, allow_pickle):
+            return False
+    return True
+
+
+@contextlib.contextmanager
+def _hub_errors(hub_id: str, revision: str | None, offline: bool) -> Iterator[None]:
+    """Turn huggingface_hub's exceptions into one ``CDIError`` that says what to do."""
+    try:
+        yield
+    except CDIError:
+        raise
+    except (HFValidationError, OSError) as exc:
+        raise CDIError(_hub_error_message(exc, hub_id, revision, offline)) from None
+
+
+def _hub_error_message(exc: Exception, hub_id: str, revision: str | None, offline: bool) -> str:
+    fetch = (
+        f"fetch it on a connected machine with `hf download {hub_id}` (or `huggingface-cli download "
+        f"{hub_id}`) and copy the Hugging Face cache (HF_HOME) here, or pass a local pipeline folder"
+    )
+    at = f" at revision {revision!r}" if revision else ""
+    if isinstance(exc, GatedRepoError):
+        return (
+            f"model {hub_id!r} is gated: accept its licence on https://huggingface.co/{hub_id} and log in "
+            "with `hf auth login`, or pass a local pipeline folder"
+        )
+    if isinstance(exc, RepositoryNotFoundError):
+        return (
+            f"model {hub_id!r} does not exist on the Hugging Face Hub (or it is private: log in with "
+            "`hf auth login`); check the id, or pass a local pipeline folder"
+        )
+    if isinstance(exc, RevisionNotFoundError):
+        return f"model {hub_id!r} has no revision {revision!r}; check the branch, tag or commit"
+    if isinstance(exc, LocalEntryNotFoundError):
+        reason = (
+            "downloads are off (HF_HUB_OFFLINE=1 or local_files_only)" if offline
+            else "could not be downloaded (no network, or the Hub is unreachable)"
+        )
+        return f"model {hub_id!r}{at} is not in the local Hugging Face cache and {reason}; {fetch}"
+    if isinstance(exc, EntryNotFoundError):
+        return f"model {hub_id!r}{at} lacks a file cdi needs ({exc}); check that it is a diffusers pipeline"
+    if isinstance(exc, HFValidationError):
+        return f"{hub_id!r} is not a valid Hugging Face hub id ({exc})"
+    return f"model {hub_id!r}{at} could not be downloaded ({type(exc).__name__}: {exc}); {fetch}"
+
+
+# ------------------------------------------------------------- components
+def _is_module(kind: type) -> bool:
+    return isinstance(kind, type) and issubclass(kind, torch.nn.Module)
+
+
+def _check_components(adapter_cls: type, index: dict, folder: Path) -> None:
+    missing = [c for c in adapter_cls.components if not (isinstance(index.get(c), list) and index[c][0] is not None)]
+    if missing:
+        raise CDIError(
+            f"the pipeline in {folder} has no {', '.join(missing)} component(s), which a "
+            f"{index.get('_class_name')} needs; check model_index.json"
+        )
+
+
+def _weight_globs(extension: str, variant: str | None) -> list[str]:
+    """File name globs of one component's weights as diffusers and transformers name them."""
+    v = f".{variant}" if variant else ""
+    globs = []
+    for stem in _WEIGHT_STEMS[extension]:
+        globs += [f"{stem}{v}.{extension}", f"{stem}{v}-*-of-*.{extension}", f"{stem}.{extension}.index{v}.json"]
+    return globs
+
+
+def _find_weights(component_dir: Path, variant: str | None, allow_pickle: bool) -> list[Path]:
+    """The weight files ``from_pretrained`` will read: safetensors first, then (if allowed) pickle."""
+    for extension in ("safetensors", "bin") if allow_pickle else ("safetensors",):
+        v = f".{variant}" if variant else ""
+        for stem in _WEIGHT_STEMS[extension]:
+            index = component_dir / f"{stem}.{extension}.index{v}.json"
+            if index.is_file():
+                shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+                return [index] + [component_dir / s for s in shards]
+            single = component_dir / f"{stem}{v}.{extension}"
+            if single.is_file():
+                return [single]
+    return []
+
+
+def _missing_weights_error(component_dir: Path, component: str, variant: str | None, hub_id: str | None) -> CDIError:
+    names = sorted(p.name for p in component_dir.glob("*")) if component_dir.is_dir() else []
+    where = f"model {hub_id!r}" if hub_id else str(component_dir.parent)
+    if any(n.endswith(".bin") for n in names) and not any(n.endswith(".safetensors") for n in names):
+        return CDIError(
+            f"{where}: component {component!r} has only pickle weights (.bin), which can run arbitrary code "
+            "when loaded; pass --allow-pickle (allow_pickle=True) if you trust the source, or convert them to "
+            "safetensors"
+        )
+    variant_file = r"\w+\.(\w+?)(?:-\d+-of-\d+)?\.(?:safetensors|bin)"
+    found = sorted({m.group(1) for n in names if (m := re.fullmatch(variant_file, n))})
+    if variant is None and found:
+        return CDIError(
+            f"{where}: component {component!r} has weights only for the variant(s) {', '.join(found)}; "
+            f"pass --variant {found[0]}"
+        )
+    if variant is not None:
+        return CDIError(
+            f"{where}: component {component!r} has no weights for variant {variant!r}"
+            + (f" (available: {', '.join(found)})" if found else "; drop --variant")
+        )
+    fetch = f"; fetch it with `hf download {hub_id}` on a connected machine" if hub_id else ""
+    return CDIError(f"{where}: component {component!r} has no weight files{fetch}")
+
+
+def _load_component(
+    folder: Path,
+    component: str,
+    kind: type,
+    *,
+    dtype: torch.dtype,
+    device: torch.device,
+    variant: str | None,
+    allow_pickle: bool,
+    hub_id: str | None,
+    channels_last: bool,
+) -> tuple[Any, list[Path]]:
+    """Load one component; returns it and the files it was loaded from."""
+    path = folder / component
+    if not path.is_dir():
+        fetch = f"; fetch it with `hf download {hub_id}` on a connected machine" if hub_id else ""
+        raise CDIError(f"{hub_id or folder}: the {component!r} folder is missing{fetch}")
+    config_files = [path / n for n in _CONFIG_NAMES if (path / n).is_file()]
+    from diffusers import ModelMixin, SchedulerMixin
+
+    if kind is SchedulerMixin:
+        return _load_scheduler(path), config_files
+    if not _is_module(kind):  # a tokenizer
+        try:
+            return kind.from_pretrained(path, local_files_only=True), config_files
+        except (OSError, ValueError) as exc:
+            raise CDIError(f"cannot load the {component!r} of {hub_id or folder}: {exc}") from None
+    weights = _find_weights(path, variant, allow_pickle)
+    if not weights:
+        raise _missing_weights_error(path, component, variant, hub_id)
+    kwargs = {_dtype_keyword(kind): dtype, "variant": variant, "local_files_only": True,
+              "use_safetensors": weights[-1].suffix == ".safetensors"}
+    if issubclass(kind, ModelMixin) and not _accelerate_available():
+        kwargs["low_cpu_mem_usage"] = False  # what diffusers falls back to anyway, minus its warning
+    try:
+        module = kind.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise CDIError(f"cannot load the {component!r} of {hub_id or folder}: {exc}") from None
+    module = module.to(device).eval().requires_grad_(False)
+    if channels_last:
+        module = module.to(memory_format=torch.channels_last)
+    return module, config_files + weights
+
+
+def _load_scheduler(path: Path):
+    """The scheduler class named in scheduler_config.json, built from it."""
+    import diffusers
+
+    config_path = path / "scheduler_config.json"
+    try:
+        config = json.loads(config_path.read_text())
+    except FileNotFoundError:
+        raise CDIError(f"{config_path} is missing; the pipeline folder is incomplete") from None
+    cls = getattr(diffusers, str(config.get("_class_name")), None)
+    if not (isinstance(cls, type) and issubclass(cls, diffusers.SchedulerMixin) and hasattr(cls, "from_config")):
+        raise CDIError(f"{config_path} names an unknown scheduler {config.get('_class_name')!r}")
+    scheduler = cls.from_config(config)
+    if not hasattr(scheduler, "alphas_cumprod"):
+        raise CDIError(
+            f"scheduler {config['_class_name']} of {path.parent} has no alphas_cumprod; cdi needs a "
+            "discrete-time (DDPM-style) noise schedule"
+        )
+    return scheduler
+
+
+def _accelerate_available() -> bool:
+    from diffusers.utils import is_accelerate_available
+
+    return is_accelerate_available()
+
+
+@functools.cache
+def _dtype_keyword(cls: type) -> str:
+    """``"dtype"`` if ``cls.from_pretrained`` reads it (current diffusers and transformers), else ``"torch_dtype"``."""
+    try:
+        source = inspect.getsource(cls.from_pretrained)
+    except (OSError, TypeError):
+        return "torch_dtype"
+    return "dtype" if re.search(r"""kwargs\.pop\(\s*["']dtype["']""", source) else "torch_dtype"
+
+
+# ------------------------------------------ what the adapters read from configs
+def autoencoder_downsampling(autoencoder: torch.nn.Module) -> int:
+    """Pixels per latent along each side: 2 ** (number of encoder blocks - 1), as the pipelines compute it."""
+    return 2 ** (len(autoencoder.config.block_out_channels) - 1)
+
+
+def square_resolution(sample_size: int | list[int] | tuple[int, ...], downsampling: int = 1) -> int:
+    """Pixel size of the square input: the denoiser's ``sample_size`` times the autoencoder's downsampling."""
+    if isinstance(sample_size, (list, tuple)):
+        if len(set(sample_size)) != 1:
+            raise CDIError(f"non-square models are not supported (sample_size {list(sample_size)})")
+        sample_size = sample_size[0]
+    return int(sample_size) * downsampling
+
+
+def prediction_type_of(scheduler) -> str:
+    """The scheduler's ``prediction_type`` (what the network outputs), default ``"epsilon"``."""
+    prediction_type = getattr(scheduler.config, "prediction_type", None) or "epsilon"
+    if prediction_type not in ("epsilon", "v_prediction", "sample"):
+        raise CDIError(
+            f"unsupported prediction_type {prediction_type!r} in the scheduler config; "
+            "cdi supports epsilon, v_prediction and sample"
+        )
+    return prediction_type

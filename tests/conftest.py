@@ -1,0 +1,49 @@
+"""Session fixtures shared by the whole suite: tiny saved pipelines and their adapters.
+
+``tiny_model_dirs``: family -> folder of a tiny randomly initialised pipeline
+(16 px images), built once per session with ``cdi.models.tiny``:
+"sd", "sd_v" (v-prediction), "sdxl", "ldm", "dit", "ddpm" (class-conditional,
+with labels.json), "ddpm_uncond".
+
+``tiny_adapters``: family -> ``load_model(folder, device="cpu",
+dtype="float32")``. Shared by every test: do not modify an adapter (use
+``copy.copy(adapter)`` to change an attribute, or load your own).
+
+Heavy imports happen inside the fixtures, so test modules that do not use
+them do not pay for diffusers.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+torch.set_num_threads(2)
+
+TINY_FAMILIES = ("sd", "sd_v", "sdxl", "ldm", "dit", "ddpm", "ddpm_uncond")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dirs(tmp_path_factory) -> dict[str, Path]:
+    from cdi.models import tiny
+
+    builders = {
+        "sd": tiny.save_tiny_sd,
+        "sd_v": lambda folder: tiny.save_tiny_sd(folder, prediction_type="v_prediction"),
+        "sdxl": tiny.save_tiny_sdxl,
+        "ldm": tiny.save_tiny_ldm,
+        "dit": tiny.save_tiny_dit,
+        "ddpm": tiny.save_tiny_ddpm,
+        "ddpm_uncond": lambda folder: tiny.save_tiny_ddpm(folder, num_classes=None),
+    }
+    root = tmp_path_factory.mktemp("tiny_models")
+    return {family: builders[family](root / family) for family in TINY_FAMILIES}
+
+
+@pytest.fixture(scope="session")
+def tiny_adapters(tiny_model_dirs):
+    from cdi.models import load_model
+
+    return {family: load_model(str(folder), device="cpu", dtype="float32") for family, folder in tiny_model_dirs.items()}
