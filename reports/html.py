@@ -1,0 +1,368 @@
+"""The evidence report: one self-contained HTML file rendered from an ``AuditResult``.
+
+The file explains itself to a reader who is not a statistician (the verdict
+in plain words, the exact claim beside it, what the assumptions are) and lets
+anyone check and reproduce it (every number, parameter, version, image hash
+and the command). It needs nothing but itself: CSS is inline, plots are inline
+SVG, optional thumbnails are data URIs, and a Content-Security-Policy forbids
+every network load. The one inline script (table sorting, opening the manifest
+for printing) is allowed by its SHA-256 in that policy, so no other script
+could run even if one slipped into the page; the report is complete with
+scripts disabled.
+
+Rendering is a pure function of the result: the same ``result.json`` gives a
+byte-identical file with the same cdi version. User-supplied strings (paths,
+captions, model ids, parameters, the command) only ever reach the page
+through Jinja's autoescaping, never through plots.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import math
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from jinja2 import Environment, FileSystemLoader, StrictUndefined
+from markupsafe import Markup, escape
+
+from cdi import __version__
+from cdi.errors import CDIError
+from cdi.io import atomic_write_text
+from cdi.result import REPORT_FILE, RESULT_FILE, AuditResult
+from reports import plots
+
+TEMPLATES = Path(__file__).parent / "templates"
+TEMPLATE = "report.html.j2"
+SCRIPT = "report.js"
+COLLECTIONS = ("published", "unpublished")
+THUMBNAIL_SIZE = 64  # pixels, longer side
+_IMAGE_TYPES = {b"\x89PNG\r\n\x1a\n": "image/png", b"\xff\xd8\xff": "image/jpeg"}
+
+VERDICT_LABEL = {
+    "used": "Evidence of use found",
+    "not_detected": "No evidence of use found",
+    "inconclusive": "Inconclusive",
+}
+
+
+class ReportWarning(UserWarning):
+    """Something the report had to leave out (for example a thumbnail whose file changed)."""
+
+
+def render_report(
+    result: AuditResult, *, thumbnails: dict[str, list[tuple[str, bytes]]] | None = None
+) -> str:
+    """Render the evidence report of an audit as one self-contained HTML document.
+
+    Parameters
+    ----------
+    result : AuditResult
+        The audit's result, as written to ``result.json``.
+    thumbnails : dict, optional
+        ``{"published": [(path, image_bytes), ...], "unpublished": [...]}``:
+        small PNG or JPEG images embedded as data URIs, labelled by their
+        path. Build them with :func:`load_thumbnails`.
+
+    Returns
+    -------
+    str
+        The HTML. The same arguments always give the same string.
+    """
+    published = _scores(result, "published")
+    unpublished = _scores(result, "unpublished")
+    figures = {}
+    if published.size and unpublished.size:
+        figures["scores"] = Markup(plots.score_distribution_svg(published, unpublished))
+        figures["roc"] = Markup(plots.roc_svg(published, unpublished))
+    curve = result.sample_size_curve
+    if curve is not None and curve.sizes:
+        figures["pcurve"] = Markup(plots.pvalue_curve_svg(
+            curve.sizes, curve.median_p, curve.share_significant, alpha=curve.alpha,
+            target_share=curve.target_share, n_needed=curve.n_needed,
+        ))
+    script = (TEMPLATES / SCRIPT).read_text(encoding="utf-8")
+    script_hash = base64.b64encode(hashlib.sha256(script.encode("utf-8")).digest()).decode("ascii")
+    template = _environment().get_template(TEMPLATE)
+    return template.render(
+        r=result,
+        verdict_label=VERDICT_LABEL[result.verdict],
+        verdict_test=_verdict_test(result),
+        permutation_floor=_permutation_floor(result),
+        in_test={c: sum(s.collection == c and s.in_test for s in result.scores) for c in COLLECTIONS},
+        figures=figures,
+        families=_family_weights(result),
+        protocol_details={k: v for k, v in result.protocol.items() if k not in ("name", "description")},
+        thumbnails=_thumbnail_uris(thumbnails or {}),
+        script=Markup(script),
+        script_hash=script_hash,
+        renderer_version=__version__,
+        result_file=RESULT_FILE,
+    )
+
+
+def write_report(
+    folder: str | Path,
+    result: AuditResult | None = None,
+    *,
+    thumbnails_n: int = 0,
+    published_dir: str | Path | None = None,
+    unpublished_dir: str | Path | None = None,
+) -> Path:
+    """Write ``report.html`` into an audit folder, atomically.
+
+    Parameters
+    ----------
+    folder : path
+        The audit folder (or its ``result.json``).
+    result : AuditResult, optional
+        The result to render; read from ``folder/result.json`` when omitted.
+    thumbnails_n : int
+        Embed up to this many thumbnails per collection; needs the image
+        folders. Images whose file no longer matches the SHA-256 recorded in
+        the result are left out with a :class:`ReportWarning`.
+    published_dir, unpublished_dir : path, optional
+        The collection folders the audit read (image paths in the result are
+        relative to them).
+
+    Returns
+    -------
+    Path
+        The report's path.
+    """
+    folder = Path(folder)
+    if folder.is_file():
+        folder = folder.parent
+    if result is None:
+        result = AuditResult.load(folder)
+    if thumbnails_n < 0:
+        raise CDIError(f"the number of thumbnails must be 0 or more, got {thumbnails_n}")
+    thumbnails = None
+    if thumbnails_n > 0:
+        thumbnails = load_thumbnails(
+            result, thumbnails_n, {"published": published_dir, "unpublished": unpublished_dir}
+        )
+    html = render_report(result, thumbnails=thumbnails)
+    path = folder / REPORT_FILE
+    atomic_write_text(path, html)
+    return path
+
+
+def load_thumbnails(
+    result: AuditResult,
+    n: int,
+    folders: Mapping[str, str | Path | None],
+    *,
+    size: int = THUMBNAIL_SIZE,
+) -> dict[str, list[tuple[str, bytes]]]:
+    """Small JPEG thumbnails of the first ``n`` images of each collection, in manifest order.
+
+    Each file is read once and its SHA-256 compared with the one recorded in
+    the result; files that are missing, changed or unreadable are skipped
+    (one :class:`ReportWarning` per collection names them) and the next image
+    takes their place.
+
+    Parameters
+    ----------
+    result : AuditResult
+    n : int
+        Thumbnails per collection.
+    folders : mapping
+        ``{"published": folder, "unpublished": folder}``; a collection whose
+        folder is None gets no thumbnails. At least one folder is needed.
+    size : int
+        Longer side of a thumbnail in pixels.
+    """
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    if not any(folders.get(c) is not None for c in COLLECTIONS):
+        raise CDIError(
+            "thumbnails need the image folders: pass --published and/or --unpublished "
+            "(the folders the audit read)"
+        )
+    thumbnails: dict[str, list[tuple[str, bytes]]] = {}
+    for collection in COLLECTIONS:
+        if folders.get(collection) is None:
+            continue
+        root = Path(folders[collection])
+        if not root.is_dir():
+            raise CDIError(f"the {collection} image folder {root} does not exist or is not a folder")
+        chosen: list[tuple[str, bytes]] = []
+        skipped: list[str] = []
+        for image in result.scores:
+            if len(chosen) >= n:
+                break
+            if image.collection != collection:
+                continue
+            try:
+                data = (root / image.path).read_bytes()
+            except OSError:
+                skipped.append(f"{image.path} (missing)")
+                continue
+            if hashlib.sha256(data).hexdigest() != image.sha256:
+                skipped.append(f"{image.path} (SHA-256 differs from the audited file)")
+                continue
+            try:
+                with Image.open(io.BytesIO(data)) as img:
+                    img.draft("RGB", (2 * size, 2 * size))
+                    img = ImageOps.exif_transpose(img)
+                    if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:
+                        img = img.convert("RGBA")
+                        background = Image.new("RGBA", img.size, "white")
+                        img = Image.alpha_composite(background, img)
+                    img = img.convert("RGB")
+                    img.thumbnail((size, size), Image.Resampling.LANCZOS)
+                    out = io.BytesIO()
+                    img.save(out, format="JPEG", quality=85)
+            except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as exc:
+                skipped.append(f"{image.path} (cannot be decoded: {exc})")
+                continue
+            chosen.append((image.path, out.getvalue()))
+        if skipped:
+            shown = "; ".join(skipped[:5]) + (f"; and {len(skipped) - 5} more" if len(skipped) > 5 else "")
+            warnings.warn(
+                f"{len(skipped)} {collection} image(s) left out of the thumbnails: {shown}",
+                ReportWarning,
+                stacklevel=2,
+            )
+        thumbnails[collection] = chosen
+    return thumbnails
+
+
+# ------------------------------------------------------------------ helpers
+def _environment() -> Environment:
+    env = Environment(
+        loader=FileSystemLoader(TEMPLATES),
+        autoescape=True,
+        undefined=StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+    )
+    env.filters["p"] = format_p
+    env.filters["fixed"] = format_fixed
+    env.filters["scalar"] = format_scalar
+    env.filters["percent"] = lambda x: "n/a" if not _is_number(x) else f"{100 * x:.0f}%"
+    env.tests["number"] = _is_number
+    env.tests["flat"] = lambda items: all(not isinstance(x, (Mapping, list, tuple)) for x in items)
+    return env
+
+
+def format_p(p: float | None, log10: float | None = None) -> Markup:
+    """A p-value for people: 0.0123, 3.2 × 10⁻⁵ (as HTML), or n/a.
+
+    A p-value that underflowed to 0 is written from its base-10 logarithm
+    when the result carries one, else as an upper bound.
+    """
+    if not _is_number(p):
+        return Markup("n/a")
+    if p == 0:
+        if not _is_number(log10):
+            return Markup("&lt; 10<sup>&minus;300</sup>")
+        exponent = math.floor(log10)
+        mantissa = 10 ** (log10 - exponent)
+        if round(mantissa, 2) >= 10:
+            mantissa, exponent = 1.0, exponent + 1
+        return Markup(f"{mantissa:.2f} &times; 10<sup>&minus;{-exponent}</sup>")
+    if p >= 0.001:
+        return Markup(escape(f"{p:.3g}"))
+    mantissa, exponent = f"{p:.2e}".split("e")
+    return Markup(f"{escape(mantissa)} &times; 10<sup>&minus;{int(exponent[1:])}</sup>")
+
+
+def format_fixed(x: float | None, digits: int = 3) -> str:
+    """A number with ``digits`` decimals, or n/a for a missing or non-finite value."""
+    return f"{x:.{digits}f}" if _is_number(x) else "n/a"
+
+
+def format_scalar(value: Any) -> str:
+    """A parameter value written exactly: floats round-trip, booleans and None as JSON spells them."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return repr(value)
+    return str(value)
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _scores(result: AuditResult, collection: str) -> np.ndarray:
+    """The scores of one collection that entered the verdict's test."""
+    values = [s.score for s in result.scores if s.collection == collection and s.in_test]
+    return np.array([v for v in values if _is_number(v)], dtype=float)
+
+
+def _verdict_test(result: AuditResult) -> str:
+    """Name of the test whose p-value is the verdict's (``protocol["verdict_test"]`` when given)."""
+    named = result.protocol.get("verdict_test")
+    if isinstance(named, str) and named:
+        return {"t-test": "t-test", "permutation": "permutation test"}.get(named, named)
+    if result.p_value_permutation is not None and result.p_value == result.p_value_permutation:
+        return "permutation test"
+    if result.p_value == result.p_value_ttest:
+        return "t-test"
+    return "the protocol's test (see section 6)"
+
+
+def _permutation_floor(result: AuditResult) -> int | None:
+    """The number of permutations B when the permutation p-value is at its floor 1/(B+1)."""
+    permutations = result.protocol.get("permutations")
+    p = result.p_value_permutation
+    if not isinstance(permutations, int) or permutations <= 0 or not _is_number(p):
+        return None
+    return permutations if p <= (1 + 1e-9) / (permutations + 1) else None
+
+
+def _family_weights(result: AuditResult) -> list[dict[str, Any]]:
+    """Feature weights grouped by family, families by decreasing sum of |weight|."""
+    families: dict[str, list] = {}
+    for w in result.feature_weights:
+        families.setdefault(w.family, []).append(w)
+    largest = max((abs(w.weight) for w in result.feature_weights if _is_number(w.weight)), default=0.0)
+    grand_total = sum(abs(w.weight) for w in result.feature_weights if _is_number(w.weight))
+    rows = []
+    for family, weights in families.items():
+        total = sum(abs(w.weight) for w in weights if _is_number(w.weight))
+        rows.append({
+            "family": family,
+            "total": total,
+            "share": total / grand_total if grand_total > 0 else None,
+            "columns": [
+                {
+                    "column": w.column,
+                    "weight": w.weight,
+                    "width": 100 * abs(w.weight) / largest if largest > 0 and _is_number(w.weight) else 0,
+                }
+                for w in weights
+            ],
+        })
+    largest_total = max((row["total"] for row in rows), default=0.0)
+    for row in rows:
+        row["width"] = 100 * row["total"] / largest_total if largest_total > 0 else 0
+    rows.sort(key=lambda row: -row["total"])
+    return rows
+
+
+def _thumbnail_uris(thumbnails: Mapping[str, list[tuple[str, bytes]]]) -> dict[str, list[tuple[str, str]]]:
+    """Turn thumbnail bytes into data URIs, checking that each is a PNG or JPEG."""
+    unknown = set(thumbnails) - set(COLLECTIONS)
+    if unknown:
+        raise CDIError(f"thumbnails are keyed by collection {COLLECTIONS}, got {sorted(unknown)}")
+    uris: dict[str, list[tuple[str, str]]] = {}
+    for collection in COLLECTIONS:
+        for path, data in thumbnails.get(collection, []):
+            mime = next((m for magic, m in _IMAGE_TYPES.items() if data.startswith(magic)), None)
+            if mime is None:
+                raise CDIError(f"the thumbnail of {path!r} is not a PNG or JPEG image")
+            uri = f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
+            uris.setdefault(collection, []).append((path, uri))
+    return uris
