@@ -201,5 +201,30 @@ def inspect_command(
             console.print(f"manifest written to {escape(out)}", highlight=False)
 
 
+@app.command("report")
+def report_command(
+    folder: str = typer.Argument(..., help="Audit folder holding result.json (the --out of an audit)."),
+    thumbnails: int = typer.Option(0, "--thumbnails", min=0, help="Embed this many small thumbnails per collection (needs the image folders)."),
+    published: str = typer.Option(None, "--published", help="Folder of the published images, for thumbnails."),
+    unpublished: str = typer.Option(None, "--unpublished", help="Folder of the unpublished images, for thumbnails."),
+) -> None:
+    """Re-render FOLDER/report.html from FOLDER/result.json alone (no model, no GPU)."""
+    import warnings
+
+    from rich.markup import escape
+
+    from reports import write_report
+
+    with _user_errors():
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            path = write_report(folder, thumbnails_n=thumbnails, published_dir=published,
+                                unpublished_dir=unpublished)
+        for warning in caught:
+            err_console.print(f"[yellow]warning:[/] {escape(str(warning.message))}", highlight=False,
+                              soft_wrap=True)
+        console.print(f"report written to {escape(str(path))}", highlight=False)
+
+
 if __name__ == "__main__":  # pragma: no cover
     app()
