@@ -20,15 +20,17 @@ whose FPR does not exceed the bound, with no interpolation between ROC
 points. ``rates_at_threshold`` is its Algorithm 2: a fixed threshold applied
 to another set, returning the TPR and the FPR actually reached.
 
-``bootstrap`` resamples members and non-members separately (stratified, so
-every replicate keeps both classes and their counts) with a seeded generator;
-``percentile_interval`` turns the replicates into percentile intervals.
+``bootstrap_roc`` resamples members and non-members separately (stratified,
+so every replicate keeps both classes and their counts) with a seeded
+generator, and computes every replicate's figures at once from the draw
+counts (``weighted_roc_figures``); ``percentile_interval`` turns the
+replicates into percentile intervals.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Sequence
 
 import numpy as np
 
@@ -164,31 +166,113 @@ def rates_at_threshold(scores: np.ndarray, labels: np.ndarray, threshold: float)
     return float(predicted[members].mean()), float(predicted[~members].mean())
 
 
-def bootstrap(
-    statistic: Callable[[np.ndarray, np.ndarray], np.ndarray],
+@dataclass(frozen=True)
+class RocFigures:
+    """ROC figures of several (re)weighted copies of one scored set, one row per copy.
+
+    ``tpr_at_fpr[:, j]`` is the TPR at FPR <= ``max_fprs[j]``;
+    ``tpr_at_threshold[:, j]`` and ``fpr_at_threshold[:, j]`` are the rates
+    when ``score >= thresholds[j]`` predicts member.
+    """
+
+    auc: np.ndarray
+    tpr_at_fpr: np.ndarray
+    tpr_at_threshold: np.ndarray
+    fpr_at_threshold: np.ndarray
+
+
+def weighted_roc_figures(
+    scores: np.ndarray,
+    labels: np.ndarray,
+    counts: np.ndarray,
+    *,
+    max_fprs: Sequence[float] = (),
+    thresholds: Sequence[float] = (),
+) -> RocFigures:
+    """ROC figures of the sets in which image i appears ``counts[r, i]`` times, for every row r.
+
+    The same numbers as ``roc_auc``, ``tpr_at_fpr`` and ``rates_at_threshold``
+    on ``np.repeat(scores, counts[r])``, computed for all rows at once: the
+    images are sorted by score once, and each row's exact ROC is a cumulative
+    sum of its counts read at the ends of the groups of tied scores (ties
+    enter together; a group drawn zero times only repeats a point).
+    """
+    scores, labels = check_scores(scores, labels)
+    counts = np.atleast_2d(np.asarray(counts, dtype=np.int64))
+    if counts.shape[1] != scores.size or (counts < 0).any():
+        raise ValueError(f"counts must be non-negative with one column per image, got shape {counts.shape}")
+    order = np.argsort(-scores, kind="mergesort")
+    s, y, c = scores[order], labels[order].astype(bool), counts[:, order]
+    ends = np.r_[np.flatnonzero(np.diff(s) != 0), s.size - 1]
+    tp_all = np.cumsum(np.where(y, c, 0), axis=1)
+    fp_all = np.cumsum(np.where(y, 0, c), axis=1)
+    n_pos, n_neg = tp_all[:, -1].astype(np.float64), fp_all[:, -1].astype(np.float64)
+    if (n_pos == 0).any() or (n_neg == 0).any():
+        raise ValueError("every row of counts must draw at least one member and one non-member")
+    zero = np.zeros((c.shape[0], 1), dtype=np.int64)
+    tp = np.concatenate([zero, tp_all[:, ends]], axis=1)
+    fp = np.concatenate([zero, fp_all[:, ends]], axis=1)
+    auc = (np.diff(fp, axis=1) * (tp[:, 1:] + tp[:, :-1])).sum(axis=1) / (2.0 * n_pos * n_neg)
+    rows = np.arange(c.shape[0])
+    tpr_at_fpr = np.empty((c.shape[0], len(max_fprs)))
+    for j, bound in enumerate(max_fprs):
+        last = (fp / n_neg[:, None] <= bound).sum(axis=1) - 1  # allowed points form a prefix
+        tpr_at_fpr[:, j] = tp[rows, last] / n_pos
+    tpr_thr = np.empty((c.shape[0], len(thresholds)))
+    fpr_thr = np.empty((c.shape[0], len(thresholds)))
+    for j, threshold in enumerate(thresholds):
+        k = int(np.count_nonzero(s >= threshold))  # s is sorted descending
+        tpr_thr[:, j] = tp_all[:, k - 1] / n_pos if k else 0.0
+        fpr_thr[:, j] = fp_all[:, k - 1] / n_neg if k else 0.0
+    return RocFigures(auc=auc, tpr_at_fpr=tpr_at_fpr, tpr_at_threshold=tpr_thr, fpr_at_threshold=fpr_thr)
+
+
+def bootstrap_counts(labels: np.ndarray, n_resamples: int, rng: np.random.Generator) -> np.ndarray:
+    """Stratified bootstrap draws as counts: row r says how often each image is drawn.
+
+    Members and non-members are resampled with replacement separately, each
+    to its own count, so every replicate keeps both classes. Shape
+    (n_resamples, n).
+    """
+    labels = np.asarray(labels)
+    n = labels.size
+    offsets = n * np.arange(n_resamples)[:, None]
+    out = np.zeros(n_resamples * n, dtype=np.int64)
+    for cls in (1, 0):
+        members = np.flatnonzero(labels == cls)
+        draws = members[rng.integers(0, members.size, (n_resamples, members.size))]
+        out += np.bincount((draws + offsets).ravel(), minlength=n_resamples * n)
+    return out.reshape(n_resamples, n)
+
+
+def bootstrap_roc(
     scores: np.ndarray,
     labels: np.ndarray,
     *,
+    max_fprs: Sequence[float] = (),
+    thresholds: Sequence[float] = (),
     n_resamples: int = 1000,
     seed: int | np.random.SeedSequence = 0,
-) -> np.ndarray:
-    """Stratified bootstrap replicates of a vector-valued ``statistic(scores, labels)``.
+) -> RocFigures:
+    """Stratified bootstrap replicates of the ROC figures.
 
-    Members and non-members are resampled with replacement separately, each
-    to its own count. The draws depend only on ``seed``, the counts and
-    ``n_resamples``. Returns an array of shape (n_resamples, k).
+    Thresholds are held fixed; the TPR at each FPR bound is re-optimised in
+    every replicate, as Algorithm 1 would on that resample. Replicates are
+    drawn in blocks (``bootstrap_counts``) and evaluated together
+    (``weighted_roc_figures``); the draws depend only on ``seed``, the labels
+    and ``n_resamples``.
     """
     scores, labels = check_scores(scores, labels)
     if n_resamples < 1:
         raise ValueError(f"n_resamples must be positive, got {n_resamples}")
     rng = np.random.default_rng(seed)
-    pos = np.flatnonzero(labels == 1)
-    neg = np.flatnonzero(labels == 0)
-    out = []
-    for _ in range(n_resamples):
-        idx = np.concatenate([rng.choice(pos, pos.size), rng.choice(neg, neg.size)])
-        out.append(np.atleast_1d(np.asarray(statistic(scores[idx], labels[idx]), dtype=np.float64)))
-    return np.stack(out)
+    step = max(1, 1_000_000 // scores.size)  # bounds the memory of one block
+    parts = []
+    for start in range(0, n_resamples, step):
+        counts = bootstrap_counts(labels, min(step, n_resamples - start), rng)
+        parts.append(weighted_roc_figures(scores, labels, counts, max_fprs=max_fprs, thresholds=thresholds))
+    return RocFigures(*(np.concatenate([getattr(p, f) for p in parts]) for f in
+                        ("auc", "tpr_at_fpr", "tpr_at_threshold", "fpr_at_threshold")))
 
 
 def percentile_interval(replicates: np.ndarray, level: float = 0.95) -> np.ndarray:

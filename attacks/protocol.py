@@ -44,7 +44,7 @@ from sklearn.model_selection import StratifiedKFold
 from attacks.metrics import (
     _auc,
     _operating_point,
-    bootstrap,
+    bootstrap_roc,
     check_scores,
     percentile_interval,
     rates_at_threshold,
@@ -269,21 +269,19 @@ def evaluate_scores(
     for key, bound in FPR_BOUNDS.items():
         test[f"fpr_{key}_exceeds_bound"] = bool(test[f"fpr_{key}"] > bound)
 
-    cal_keys = ["auc"] + [f"tpr_at_{k}fpr" for k in FPR_BOUNDS]
-    test_keys = [f"{r}_{k}" for k in FPR_BOUNDS for r in ("tpr", "fpr")] + ["auc"]
+    bounds = list(FPR_BOUNDS.values())
     cal_seed, test_seed = np.random.SeedSequence(seed).spawn(2)
-    cal_reps = bootstrap(
-        lambda s, y: [_calibration_figures(s, y)[k] for k in cal_keys],
-        cal_s, cal_y, n_resamples=n_bootstrap, seed=cal_seed,
-    )
-    test_reps = bootstrap(
-        lambda s, y: [_test_figures(s, y, thresholds)[k] for k in test_keys],
-        test_s, test_y, n_resamples=n_bootstrap, seed=test_seed,
-    )
-    intervals = {}
-    for prefix, keys, reps in (("calibration", cal_keys, cal_reps), ("test", test_keys, test_reps)):
-        for key, (low, high) in zip(keys, percentile_interval(reps, level)):
-            intervals[f"{prefix}.{key}"] = [float(low), float(high)]
+    cal_reps = bootstrap_roc(cal_s, cal_y, max_fprs=bounds, n_resamples=n_bootstrap, seed=cal_seed)
+    test_reps = bootstrap_roc(test_s, test_y, thresholds=list(thresholds.values()), n_resamples=n_bootstrap,
+                              seed=test_seed)
+    replicates = {"calibration.auc": cal_reps.auc, "test.auc": test_reps.auc}
+    for j, key in enumerate(FPR_BOUNDS):
+        replicates[f"calibration.tpr_at_{key}fpr"] = cal_reps.tpr_at_fpr[:, j]
+        replicates[f"test.tpr_{key}"] = test_reps.tpr_at_threshold[:, j]
+        replicates[f"test.fpr_{key}"] = test_reps.fpr_at_threshold[:, j]
+    names = list(replicates)
+    limits = percentile_interval(np.column_stack([replicates[k] for k in names]), level)
+    intervals = {k: [float(low), float(high)] for k, (low, high) in zip(names, limits)}
 
     return MethodResult(
         method=method,

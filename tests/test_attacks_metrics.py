@@ -9,13 +9,15 @@ from hypothesis import strategies as st
 from sklearn.metrics import roc_auc_score
 
 from attacks.metrics import (
-    bootstrap,
+    bootstrap_counts,
+    bootstrap_roc,
     orient,
     percentile_interval,
     rates_at_threshold,
     roc_auc,
     roc_curve,
     tpr_at_fpr,
+    weighted_roc_figures,
 )
 from cdi.errors import CDIError
 
@@ -128,22 +130,49 @@ def test_bad_input_is_a_user_error():
         roc_curve([0.1, 0.2], [1, 2])
 
 
-def test_bootstrap_is_seeded_stratified_and_covers_the_estimate():
+@settings(max_examples=25, deadline=None)
+@given(st.integers(0, 2**32 - 1))
+def test_weighted_figures_equal_the_figures_of_the_repeated_set(seed):
+    rng = np.random.default_rng(seed)
+    n_pos, n_neg = rng.integers(1, 15, 2)
+    scores = rng.integers(0, 8, n_pos + n_neg).astype(float)  # many ties
+    labels = np.r_[np.ones(n_pos, int), np.zeros(n_neg, int)]
+    counts = rng.integers(0, 4, (6, scores.size))
+    counts[:, 0] += 1  # at least one member and
+    counts[:, -1] += 1  # one non-member per row
+    bounds, thresholds = [0.0, 0.1, 0.5], [3.0, 7.5, -1.0, np.inf]
+    figures = weighted_roc_figures(scores, labels, counts, max_fprs=bounds, thresholds=thresholds)
+    for r in range(counts.shape[0]):
+        s, y = np.repeat(scores, counts[r]), np.repeat(labels, counts[r])
+        assert figures.auc[r] == pytest.approx(roc_auc(s, y))
+        for j, bound in enumerate(bounds):
+            assert figures.tpr_at_fpr[r, j] == pytest.approx(tpr_at_fpr(s, y, bound).tpr)
+        for j, threshold in enumerate(thresholds):
+            rates = (figures.tpr_at_threshold[r, j], figures.fpr_at_threshold[r, j])
+            assert rates == pytest.approx(rates_at_threshold(s, y, threshold))
+
+
+def test_bootstrap_counts_are_stratified():
+    labels = np.r_[np.ones(7, int), np.zeros(11, int)]
+    counts = bootstrap_counts(labels, 50, np.random.default_rng(0))
+    assert counts.shape == (50, 18)
+    np.testing.assert_array_equal(counts[:, :7].sum(axis=1), 7)
+    np.testing.assert_array_equal(counts[:, 7:].sum(axis=1), 11)
+
+
+def test_bootstrap_is_seeded_and_covers_the_estimate():
     rng = np.random.default_rng(0)
     scores = np.r_[rng.normal(1.0, 1.0, 200), rng.normal(0.0, 1.0, 300)]
     labels = np.r_[np.ones(200), np.zeros(300)]
-
-    def statistic(s, y):
-        assert y.sum() == 200 and y.size == 500  # class counts kept in every replicate
-        return [roc_auc(s, y), *rates_at_threshold(s, y, 1.0)]
-
-    a = bootstrap(statistic, scores, labels, n_resamples=200, seed=7)
-    b = bootstrap(statistic, scores, labels, n_resamples=200, seed=7)
-    c = bootstrap(statistic, scores, labels, n_resamples=200, seed=8)
-    np.testing.assert_array_equal(a, b)
-    assert not np.array_equal(a, c)
-    assert a.shape == (200, 3)
-    intervals = percentile_interval(a, 0.95)
-    for value, (low, high) in zip(statistic(scores, labels), intervals):
+    kwargs = dict(max_fprs=[0.1], thresholds=[1.0], n_resamples=300)
+    a = bootstrap_roc(scores, labels, seed=7, **kwargs)
+    b = bootstrap_roc(scores, labels, seed=7, **kwargs)
+    c = bootstrap_roc(scores, labels, seed=8, **kwargs)
+    table = np.column_stack([a.auc, a.tpr_at_fpr, a.tpr_at_threshold, a.fpr_at_threshold])
+    np.testing.assert_array_equal(table, np.column_stack([b.auc, b.tpr_at_fpr, b.tpr_at_threshold, b.fpr_at_threshold]))
+    assert not np.array_equal(a.auc, c.auc)
+    assert table.shape == (300, 4)
+    estimates = [roc_auc(scores, labels), tpr_at_fpr(scores, labels, 0.1).tpr, *rates_at_threshold(scores, labels, 1.0)]
+    for value, (low, high) in zip(estimates, percentile_interval(table, 0.95)):
         assert low <= value <= high
         assert high - low > 0
