@@ -243,3 +243,29 @@ def test_gsa1_and_gsa2_differ_and_need_a_white_box(adapter, batch):
         denoiser_parameters(BlackBox())
     with pytest.raises(ValueError, match="adapter"):
         GSA1().columns()
+
+
+# ------------------------------------------------------------- real tiny pipelines
+@pytest.mark.parametrize("family", ["sd", "dit"])
+def test_pfami_and_gsa_on_tiny_pipelines(tiny_adapters, family):
+    adapter = tiny_adapters[family]
+    gen = torch.Generator().manual_seed(0)
+    size = adapter.resolution
+    pixels = torch.rand((2, adapter.image_channels, size, size), generator=gen) * 2 - 1
+    captions = ["a red square", "a blue circle"] if adapter.conditioning == "text" else [None, None]
+    batch = EncodedBatch(x0=adapter.encode(pixels), hashes=["a" * 64, "b" * 64], captions=captions,
+                         cond=adapter.conditions(captions), seed=0)
+    batch.pixels = pixels
+    flags = [p.requires_grad for p in adapter.denoiser.parameters()]
+    gsa = GSA1(timesteps=(0, 500))
+    values = gsa.extract(adapter, batch)
+    assert values.shape == (2, len(gsa.columns(adapter))) == (2, len(flags))
+    assert torch.isfinite(values).all() and (values.sum(dim=1) > 0).all()
+    assert [p.requires_grad for p in adapter.denoiser.parameters()] == flags
+    alone = gsa.extract(adapter, sub_batch(adapter, batch, [1]))
+    torch.testing.assert_close(alone[0], values[1])
+    pfami = PFAMI(neighbours=2, timesteps=(50, 300))
+    change = pfami.extract(adapter, batch)
+    assert change.shape == (2, 1) and torch.isfinite(change).all()
+    torch.testing.assert_close(pfami.extract(adapter, sub_batch(adapter, batch, [1]))[0], change[1],
+                               rtol=1e-4, atol=1e-5)
