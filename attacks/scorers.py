@@ -40,6 +40,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
+from attacks.metrics import roc_auc
 from cdi.errors import CDIError
 
 
@@ -185,8 +186,6 @@ class CLiDThreshold(Scorer):
         return (1.0 - weight) * z[:, 0] + weight * z[:, 1]
 
     def fit(self, x: np.ndarray, y: np.ndarray) -> "CLiDThreshold":
-        from attacks.metrics import roc_auc
-
         pair = self._pair(x)
         q25, q50, q75 = np.percentile(pair, [25, 50, 75], axis=0)
         iqr = q75 - q25
