@@ -244,6 +244,7 @@ def test_condition_repeat_index_cat_round_trip(tiny_adapters):
     assert _equal(interleaved.index([0, 2, 4]), cond) and _equal(interleaved.index([1, 3, 5]), cond)
     assert _equal(Condition.cat([cond.index([0]), cond.index(torch.tensor([1, 2]))]), cond)
     assert _equal(Condition.cat([cond, cond]), tiled)
+    assert _equal(cond.index(torch.tensor([False, True, True])), cond.index([1, 2]))  # a mask, not ids 0/1
     empty = Condition(3)
     assert len(empty.repeat(2)) == 6 and len(Condition.cat([empty, empty.index([0])])) == 4
 
@@ -441,3 +442,11 @@ def test_ldm_latent_scale_from_the_config_file(tiny_model_dirs, tiny_adapters, t
     torch.testing.assert_close(adapter.encode(pixels), unscaled.encode(pixels) * 0.18215)
     with torch.no_grad():
         assert torch.equal(unscaled.encode(pixels), unscaled.vqvae.encode(pixels).latents)
+
+
+def test_corrupt_weights_are_one_clear_error(tiny_model_dirs, tmp_path):
+    folder = _copy(tiny_model_dirs["ddpm_uncond"], tmp_path)
+    weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(CDIError, match="cannot load the 'unet'.*fetch them again"):
+        load_model(str(folder), device="cpu")

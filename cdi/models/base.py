@@ -73,11 +73,16 @@ class Condition:
         )
 
     def index(self, idx: torch.Tensor | Sequence[int] | slice) -> "Condition":
-        """Select samples along the batch dimension."""
+        """Select samples along the batch dimension (indices, a slice, or a boolean mask)."""
         if isinstance(idx, slice):
             size = len(range(*idx.indices(self.batch_size)))
             return Condition(size, {k: v[idx] for k, v in self.tensors.items()})
-        idx = torch.as_tensor(idx, dtype=torch.long)
+        idx = torch.as_tensor(idx)
+        if idx.dtype == torch.bool:  # a mask; casting it to long would select samples 0 and 1
+            if idx.shape != (self.batch_size,):
+                raise ValueError(f"boolean mask of shape {tuple(idx.shape)} for a batch of {self.batch_size}")
+            idx = idx.nonzero().flatten()
+        idx = idx.to(torch.long).flatten()
         return Condition(
             int(idx.numel()), {k: v[idx.to(v.device)] for k, v in self.tensors.items()}
         )

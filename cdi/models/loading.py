@@ -13,11 +13,17 @@ The loader does the same thing whatever the user names:
    commit hash (the snapshot folder's name) becomes ``revision``.
 2. ``model_index.json``'s ``_class_name`` names the family
    (``SUPPORTED_PIPELINES``).
-3. Every component the adapter declares is loaded from that folder with
-   ``local_files_only=True``, from safetensors unless ``allow_pickle``: the
-   denoiser and the text encoders in the requested dtype, the autoencoder in
-   float32 (see ``DiffusionAdapter`` subclasses' ``full_precision_components``),
-   every module on the device, in eval mode, with frozen parameters.
+3. Every component the adapter class declares in ``components`` (folder
+   name -> class) is loaded from that folder with ``local_files_only=True``,
+   from safetensors unless ``allow_pickle``: the denoiser and the text
+   encoders in the requested dtype, those in ``full_precision_components``
+   (the autoencoder) in float32; every module on the device, in eval mode,
+   with frozen parameters (an attack that needs parameter gradients calls
+   ``adapter.denoiser.requires_grad_(True)``); the denoiser
+   (``denoiser_name``) in channels_last memory format on CUDA, keeping
+   diffusers' default PyTorch SDPA attention. The adapter is then built from
+   the components plus ``extra_inputs(folder, index)``, what the family reads
+   from the folder besides them (DiT's class names, DDPM's labels.json).
 4. The files that define the model are hashed into the adapter's
    ``fingerprint`` (``fingerprint_weights``).
 
@@ -48,6 +54,7 @@ from huggingface_hub.errors import (
     RepositoryNotFoundError,
     RevisionNotFoundError,
 )
+from safetensors import SafetensorError
 
 from cdi.errors import CDIError
 from cdi.models.registry import ALIASES
@@ -191,7 +198,7 @@ def _sha256_file(path: Path) -> str:
 
 # ----------------------------------------------------------------- loading
 def load_model(
-    name: str,
+    name: str | os.PathLike,
     *,
     revision: str | None = None,
     variant: str | None = None,
@@ -226,7 +233,13 @@ def load_model(
     Returns
     -------
     DiffusionAdapter
+        With ``fingerprint`` set and ``files``: {relative path: SHA-256} of
+        every file that defines the model (weights actually loaded, component
+        configs, scheduler and tokenizer files, model_index.json, labels.json).
+        Configs are included because they change the model's outputs too
+        (prediction type, noise schedule, latent scaling).
     """
+    name = os.fspath(name)
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
     offline = _offline(local_files_only)
@@ -505,8 +518,11 @@ def _load_component(
     if not _is_module(kind):  # a tokenizer
         try:
             return kind.from_pretrained(path, local_files_only=True), config_files
-        except (OSError, ValueError) as exc:
-            raise CDIError(f"cannot load the {component!r} of {hub_id or folder}: {exc}") from None
+        except (OSError, ValueError, TypeError) as exc:
+            raise CDIError(
+                f"cannot load the {component!r} of {hub_id or folder} ({type(exc).__name__}: {exc}); "
+                "fetch the tokenizer files again"
+            ) from None
     weights = _find_weights(path, variant, allow_pickle)
     if not weights:
         raise _missing_weights_error(path, component, variant, hub_id)
@@ -516,8 +532,11 @@ def _load_component(
         kwargs["low_cpu_mem_usage"] = False  # what diffusers falls back to anyway, minus its warning
     try:
         module = kind.from_pretrained(path, **kwargs)
-    except (OSError, ValueError) as exc:
-        raise CDIError(f"cannot load the {component!r} of {hub_id or folder}: {exc}") from None
+    except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
+        raise CDIError(
+            f"cannot load the {component!r} of {hub_id or folder} ({type(exc).__name__}: {exc}); the files may be "
+            "corrupt, incomplete or from an incompatible version: fetch them again"
+        ) from None
     module = module.to(device).eval().requires_grad_(False)
     if channels_last:
         module = module.to(memory_format=torch.channels_last)
@@ -534,7 +553,7 @@ def _load_scheduler(path: Path):
     except FileNotFoundError:
         raise CDIError(f"{config_path} is missing; the pipeline folder is incomplete") from None
     cls = getattr(diffusers, str(config.get("_class_name")), None)
-    if not (isinstance(cls, type) and issubclass(cls, diffusers.SchedulerMixin) and hasattr(cls, "from_config")):
+    if not (isinstance(cls, type) and issubclass(cls, diffusers.SchedulerMixin)):
         raise CDIError(f"{config_path} names an unknown scheduler {config.get('_class_name')!r}")
     scheduler = cls.from_config(config)
     if not hasattr(scheduler, "alphas_cumprod"):
