@@ -450,3 +450,18 @@ def test_corrupt_weights_are_one_clear_error(tiny_model_dirs, tmp_path):
     weights.write_bytes(weights.read_bytes()[:100])
     with pytest.raises(CDIError, match="cannot load the 'unet'.*fetch them again"):
         load_model(str(folder), device="cpu")
+
+
+def test_single_model_pipeline_with_files_at_the_root(tiny_model_dirs, tiny_adapters, tmp_path):
+    """google/ddpm-cifar10-32 keeps config, weights and scheduler config at the root; diffusers loads that."""
+    folder = _copy(tiny_model_dirs["ddpm_uncond"], tmp_path)
+    for component in ("unet", "scheduler"):
+        for path in (folder / component).iterdir():
+            path.rename(folder / path.name)
+        (folder / component).rmdir()
+    adapter = load_model(str(folder), device="cpu")
+    assert "diffusion_pytorch_model.safetensors" in adapter.files and "scheduler_config.json" in adapter.files
+    reference = tiny_adapters["ddpm_uncond"]
+    _, _, x_t = _inputs(reference)
+    torch.testing.assert_close(adapter.eps(x_t, T, adapter.null_condition(3)),
+                               reference.eps(x_t, T, reference.null_condition(3)))

@@ -11,12 +11,14 @@ of a VQ model returns the pre-quantisation latents), times its
 x0 = ``vqvae.encode(pixels).latents * scale``, where ``scale`` is the
 ``scaling_factor`` written in ``vqvae/config.json`` and 1.0 when the file
 does not set one. The distinction matters: CompVis/ldm-celebahq-256 was
-trained with LDM's default scale 1.0 and its config has no
-``scaling_factor``, but diffusers fills in VQModel's class default 0.18215,
-and since diffusers PR #5213 ``LDMPipeline`` divides by it before decoding,
-which breaks that model (diffusers issue #6725). Reading the file keeps the
-scale the model was trained with, and still honours a factor a newer
-checkpoint declares.
+trained with LDM's default scale 1.0 and the vqvae/config.json on its main
+branch has no ``scaling_factor`` (a hub pull request, refs/pr/5, adds 1.0),
+but diffusers fills in VQModel's class default 0.18215, and since diffusers
+PR #5213 ``LDMPipeline`` divides by it before decoding, which breaks that
+model (diffusers issue #6725). Reading the file keeps the scale the model
+was trained with, and still honours a factor a checkpoint declares. (A
+folder re-saved with ``save_pretrained`` writes the class default
+explicitly; such a copy of that model needs its factor set back to 1.0.)
 """
 
 from __future__ import annotations

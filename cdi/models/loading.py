@@ -369,7 +369,8 @@ def _hub_snapshot(hub_id: str, *, revision: str | None, variant: str | None, all
 
 def _download_patterns(adapter_cls: type, variant: str | None, extension: str) -> list[str]:
     """allow_patterns for the files the adapter loads: root files, configs, tokenizers, weights."""
-    patterns = list(_ROOT_FILES)
+    # A single-model pipeline may keep its files at the root (google/ddpm-cifar10-32).
+    patterns = [*_ROOT_FILES, "config.json", "scheduler_config.json", *_weight_globs(extension, variant)]
     for component, kind in adapter_cls.components.items():
         if _is_module(kind):
             patterns.append(f"{component}/*.json")
@@ -381,9 +382,10 @@ def _download_patterns(adapter_cls: type, variant: str | None, extension: str) -
 
 def _is_complete(folder: Path, adapter_cls: type, variant: str | None, allow_pickle: bool) -> bool:
     for component, kind in adapter_cls.components.items():
-        if not (folder / component).is_dir():
+        path = _component_dir(folder, component)
+        if not (path / _config_name(kind)).is_file():
             return False
-        if _is_module(kind) and not _find_weights(folder / component, variant, allow_pickle):
+        if _is_module(kind) and not _find_weights(path, variant, allow_pickle):
             return False
     return True
 
@@ -431,8 +433,23 @@ def _hub_error_message(exc: Exception, hub_id: str, revision: str | None, offlin
 
 
 # ------------------------------------------------------------- components
+def _component_dir(folder: Path, component: str) -> Path:
+    """The component's subfolder, or the pipeline root when it has none (as diffusers loads it)."""
+    path = folder / component
+    return path if path.is_dir() else folder
+
+
 def _is_module(kind: type) -> bool:
     return isinstance(kind, type) and issubclass(kind, torch.nn.Module)
+
+
+def _config_name(kind: type) -> str:
+    """The configuration file every component of this kind has."""
+    from diffusers import SchedulerMixin
+
+    if kind is SchedulerMixin:
+        return "scheduler_config.json"
+    return "config.json" if _is_module(kind) else "tokenizer_config.json"
 
 
 def _check_components(adapter_cls: type, index: dict, folder: Path) -> None:
@@ -468,9 +485,11 @@ def _find_weights(component_dir: Path, variant: str | None, allow_pickle: bool) 
     return []
 
 
-def _missing_weights_error(component_dir: Path, component: str, variant: str | None, hub_id: str | None) -> CDIError:
-    names = sorted(p.name for p in component_dir.glob("*")) if component_dir.is_dir() else []
-    where = f"model {hub_id!r}" if hub_id else str(component_dir.parent)
+def _missing_weights_error(
+    component_dir: Path, component: str, variant: str | None, hub_id: str | None, folder: Path
+) -> CDIError:
+    names = sorted(p.name for p in component_dir.glob("*"))
+    where = f"model {hub_id!r}" if hub_id else str(folder)
     if any(n.endswith(".bin") for n in names) and not any(n.endswith(".safetensors") for n in names):
         return CDIError(
             f"{where}: component {component!r} has only pickle weights (.bin), which can run arbitrary code "
@@ -506,10 +525,7 @@ def _load_component(
     channels_last: bool,
 ) -> tuple[Any, list[Path]]:
     """Load one component; returns it and the files it was loaded from."""
-    path = folder / component
-    if not path.is_dir():
-        fetch = f"; fetch it with `hf download {hub_id}` on a connected machine" if hub_id else ""
-        raise CDIError(f"{hub_id or folder}: the {component!r} folder is missing{fetch}")
+    path = _component_dir(folder, component)
     config_files = [path / n for n in _CONFIG_NAMES if (path / n).is_file()]
     from diffusers import ModelMixin, SchedulerMixin
 
@@ -525,7 +541,7 @@ def _load_component(
             ) from None
     weights = _find_weights(path, variant, allow_pickle)
     if not weights:
-        raise _missing_weights_error(path, component, variant, hub_id)
+        raise _missing_weights_error(path, component, variant, hub_id, folder)
     kwargs = {_dtype_keyword(kind): dtype, "variant": variant, "local_files_only": True,
               "use_safetensors": weights[-1].suffix == ".safetensors"}
     if issubclass(kind, ModelMixin) and not _accelerate_available():
