@@ -138,3 +138,48 @@ def test_bad_embeddings_are_user_errors():
         measure_shift(np.ones((1, 3)), np.ones((5, 3)))
     with pytest.raises(CDIError, match="NaN"):
         frechet_distance(np.full((3, 2), np.nan), np.zeros((3, 2)))
+
+
+# ------------------------------------------------------------------------- CLI
+def _write_images(folder, n, brightness, seed):
+    from PIL import Image
+
+    folder.mkdir()
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        pixels = np.clip(rng.normal(brightness, 40.0, (16, 16, 3)), 0, 255).astype(np.uint8)
+        Image.fromarray(pixels).save(folder / f"img_{i:03d}.png")
+    return folder
+
+
+def test_cli_shift_rejects_bad_options(tmp_path):
+    from typer.testing import CliRunner
+
+    from cdi.cli import app
+
+    result = CliRunner().invoke(app, ["shift", "--a", str(tmp_path), "--b", str(tmp_path), "--encoder", "vgg"])
+    assert result.exit_code == 2 and "--encoder" in result.output
+    result = CliRunner().invoke(app, ["shift", "--a", str(tmp_path), "--b", str(tmp_path), "--format", "xml"])
+    assert result.exit_code == 2 and "--format" in result.output
+
+
+def test_cli_shift_end_to_end(tmp_path):
+    pytest.importorskip("cdi.descriptors")
+    from typer.testing import CliRunner
+
+    from cdi.cli import app
+
+    a = _write_images(tmp_path / "a", 24, 100.0, seed=0)
+    same = _write_images(tmp_path / "same", 24, 100.0, seed=1)
+    bright = _write_images(tmp_path / "bright", 24, 180.0, seed=2)
+    runner = CliRunner()
+    out = {}
+    for name, b in [("same", same), ("bright", bright)]:
+        result = runner.invoke(app, ["shift", "--a", str(a), "--b", str(b), "--encoder", "builtin", "--format", "json"])
+        assert result.exit_code == 0, result.output
+        out[name] = json.loads(result.stdout)
+    assert out["same"]["n_a"] == out["same"]["n_b"] == 24
+    assert out["bright"]["frechet"] > out["same"]["frechet"]
+    assert out["bright"]["probe"]["auc"] > 0.9
+    text = runner.invoke(app, ["shift", "--a", str(a), "--b", str(bright), "--encoder", "builtin"])
+    assert text.exit_code == 0 and "Frechet distance" in text.output
