@@ -277,10 +277,11 @@ def shift_between_folders(
     ``"builtin"`` or ``"clip"`` (see ``cdi.descriptors.image_embeddings``).
     """
     from cdi.data import ImageCollection
-    from cdi.descriptors import image_embeddings
 
     a = ImageCollection.from_folder(folder_a, name="a")
     b = ImageCollection.from_folder(folder_b, name="b")
+    from cdi.descriptors import image_embeddings
+
     emb_a, used = image_embeddings(a, encoder=encoder)
     emb_b, used_b = image_embeddings(b, encoder=encoder)
     if used != used_b:
