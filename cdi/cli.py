@@ -187,6 +187,80 @@ def report_command(
         console.print(f"report written to {escape(str(path))}", highlight=False)
 
 
+@app.command("extract")
+def extract_command(
+    images: str = typer.Option(..., "--images", help="Folder of images (searched recursively; captions from metadata.jsonl or NAME.txt)."),
+    model: str = typer.Option(..., "--model", help="Model alias (`cdi models`), Hugging Face hub id, or local pipeline folder."),
+    out: str = typer.Option(..., "--out", help="CSV file to write (provenance goes to OUT.json beside it)."),
+    features: str = typer.Option(None, "--features", help="cdi, cdi+clid, or a comma-separated list of families (default: cdi+clid for conditional models, cdi otherwise)."),
+    batch_size: int = typer.Option(8, "--batch-size", help="Images per model batch (halved automatically when the GPU runs out of memory; values do not depend on it)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of every noise draw."),
+    store: str = typer.Option(None, "--store", help="Feature cache (a .sqlite file, or a folder for features.sqlite): makes the run resumable and reuses values across runs. Default: no cache."),
+    shard: str = typer.Option(None, "--shard", help="I/N: handle only the images with int(sha256, 16) % N == I (0 <= I < N)."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
+    dtype: str = typer.Option("float32", "--dtype", help="Compute dtype of the model: float32, bfloat16 or float16 (GPU only)."),
+    revision: str = typer.Option(None, "--revision", help="Branch, tag or commit of a hub model."),
+    variant: str = typer.Option(None, "--variant", help="Weight variant, e.g. fp16."),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Also accept pickle (.bin) weights (unpickling can run arbitrary code)."),
+    skip_bad: bool = typer.Option(False, "--skip-bad", help="Leave unreadable or oversized image files out instead of failing."),
+    workers: int = typer.Option(None, "--workers", help="Image-decoding worker processes (default: min(4, CPUs - 1))."),
+) -> None:
+    """Compute feature values for a folder of images and write them to a CSV file.
+
+    Every input is checked before the model is loaded; the CSV and its
+    provenance sidecar are written atomically at the end.
+    """
+    from pathlib import Path
+
+    from rich.markup import escape
+
+    from cdi.data import ImageCollection
+    from cdi.models import load_model
+    from cdi.models.loading import resolve_device, resolve_dtype
+    from cdi.store import FeatureStore
+    from features.extract import extract_features, parse_shard
+    from features.registry import default_feature_set, resolve_features
+
+    with _user_errors():
+        out_path = Path(out)
+        if out_path.is_dir():
+            raise CDIError(f"--out {out} is a folder; give the CSV file to write, e.g. {out_path / 'features.csv'}")
+        if batch_size < 1:
+            raise CDIError(f"--batch-size must be at least 1, got {batch_size}")
+        if workers is not None and workers < 0:
+            raise CDIError(f"--workers must be 0 or more, got {workers}")
+        if not 0 <= seed < 2**63:
+            raise CDIError(f"--seed must be between 0 and 2**63 - 1, got {seed}")
+        shard_spec = parse_shard(shard)
+        families = resolve_features(features) if features is not None else None
+        resolve_dtype(dtype, resolve_device(device))
+        collection = ImageCollection.from_folder(images, skip_bad=skip_bad)
+        for skipped in collection.skipped:
+            err_console.print(f"[yellow]skipped[/] {escape(skipped.path)}: {escape(skipped.reason)}",
+                              highlight=False, soft_wrap=True)
+        with contextlib.ExitStack() as stack:
+            cache = stack.enter_context(FeatureStore(store)) if store is not None else None
+            adapter = load_model(model, revision=revision, variant=variant, dtype=dtype, device=device,
+                                 allow_pickle=allow_pickle)
+            if families is None:
+                families = resolve_features(default_feature_set(adapter))
+            table = extract_features(adapter, collection, families, seed=seed, batch_size=batch_size,
+                                     store=cache, shard=shard_spec, num_workers=workers, progress=True)
+        path = table.to_csv(out_path)
+        info = table.meta["extraction"]
+        computed = sum(info["computed"].values())
+        reused = sum(info["from_store"].values())
+        console.print(
+            f"{len(table)} images x {len(table.columns)} features written to {escape(str(path))} "
+            f"(provenance: {escape(path.name)}.json); {computed} family values computed, "
+            f"{reused} read from the store, {info['seconds']:.1f} s",
+            highlight=False, soft_wrap=True,
+        )
+        if store is None:
+            console.print("tip: pass --store DIR to make long extractions resumable and reuse values across runs.",
+                          highlight=False, soft_wrap=True)
+
+
 @app.command("shift")
 def shift_command(
     a: str = typer.Option(..., "--a", help="First image folder (e.g. the members)."),

@@ -8,8 +8,8 @@ and that the command line validates its inputs before doing any work.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
-import hashlib
 import json
 import logging
 import os
@@ -24,14 +24,18 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from typer.testing import CliRunner
 
-from cdi.data import ImageCollection
+from cdi.data import ImageCollection, Preprocess
+from cdi.cli import app
 from cdi.errors import CDIError
-from cdi.models.base import Condition, DiffusionAdapter
+from cdi.models import load_model
+from cdi.models.base import DiffusionAdapter
 from cdi.store import FeatureStore
+from cdi.table import FeatureTable, sidecar_path
 from features.base import Cost, EncodedBatch, FeatureFamily
 from features.extract import condition_key, extract_features, model_key, parse_shard, shard_of
-from features.registry import resolve_features
+from features.registry import columns_of, resolve_features
 
 REPO = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
@@ -40,54 +44,20 @@ CHEAP = "denoising_loss,multiple_loss,pia"
 
 
 # --------------------------------------------------------------------------
-# A tiny text-conditioned convolutional "model" (seeded weights, no files)
+# Model, families and images
 # --------------------------------------------------------------------------
-class TinyConvAdapter(DiffusionAdapter):
-    """A seeded two-layer conv net behind the adapter protocol.
+def load_float64(folder) -> DiffusionAdapter:
+    """The tiny SD of ``folder`` computing in float64 (its outputs are still float32).
 
-    ``encode`` average-pools 16 px images to 3x8x8; the network mixes x_t, a
-    timestep embedding and a caption embedding. Small and fast, but its
-    batched convolutions behave like a real network's.
+    float32 kernels may round differently for another batch size (see
+    ``test_float32_agrees_to_its_precision``); in float64 that rounding is
+    far below float32's, so any difference left would be the engine's.
     """
-
-    family = "tinyconv"
-
-    def __init__(self, conditioning: str = "text") -> None:
-        betas = torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64)
-        gen = torch.Generator().manual_seed(7)
-        self.conv1 = torch.nn.Conv2d(3, 16, 3, padding=1)
-        self.conv2 = torch.nn.Conv2d(16, 3, 3, padding=1)
-        for p in [*self.conv1.parameters(), *self.conv2.parameters()]:
-            p.data = 0.3 * torch.randn(p.shape, generator=gen)
-            p.requires_grad_(False)
-        weights = torch.cat([p.flatten() for p in [*self.conv1.parameters(), *self.conv2.parameters()]])
-        super().__init__(
-            model_id="tinyconv",
-            revision=None,
-            fingerprint=hashlib.sha256(weights.numpy().tobytes()).hexdigest(),
-            resolution=16,
-            image_channels=3,
-            alphas_cumprod=torch.cumprod(1 - betas, 0).float(),
-            device=torch.device("cpu"),
-            dtype=torch.float32,
-        )
-        self.conditioning = conditioning
-
-    def _encode(self, pixels):
-        return torch.nn.functional.avg_pool2d(pixels.float(), 2)
-
-    def _text_conditions(self, prompts):
-        emb = torch.zeros(len(prompts), 16)
-        for i, p in enumerate(prompts):
-            seed = int.from_bytes(hashlib.sha256(p.encode()).digest()[:4], "little")
-            emb[i] = torch.randn(16, generator=torch.Generator().manual_seed(seed)) if p else 0.0
-        return Condition(len(prompts), {"encoder_hidden_states": emb})
-
-    def _predict(self, x_t, t, cond):
-        h = self.conv1(x_t) + torch.sin(t.float() / 100.0).view(-1, 1, 1, 1)
-        if cond.tensors:
-            h = h + cond.tensors["encoder_hidden_states"].view(-1, 16, 1, 1)
-        return self.conv2(torch.tanh(h))
+    adapter = load_model(str(folder), device="cpu", dtype="float32")
+    for module in (adapter.unet, adapter.vae, adapter.text_encoder):
+        module.double()
+    adapter.dtype = torch.float64
+    return adapter
 
 
 class Recorder(FeatureFamily):
@@ -140,6 +110,15 @@ def write_images(folder: Path, n: int = N_IMAGES, seed: int = 0) -> Path:
     return folder
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from threads, and on a shared machine they lose a lot."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def images(tmp_path_factory) -> Path:
     return write_images(tmp_path_factory.mktemp("extract") / "images")
@@ -151,8 +130,8 @@ def collection(images) -> ImageCollection:
 
 
 @pytest.fixture(scope="module")
-def adapter() -> TinyConvAdapter:
-    return TinyConvAdapter()
+def adapter(tiny_model_dirs) -> DiffusionAdapter:
+    return load_float64(tiny_model_dirs["sd"])
 
 
 @pytest.fixture(scope="module")
@@ -162,17 +141,12 @@ def reference(adapter, collection):
                             num_workers=0, progress=False)
 
 
-def assert_same_values(table, ref):
-    """Equal to float32 resolution: |a - b| <= 1e-6 * max(1, |b|).
-
-    Features are float32 network outputs; batched kernels may sum in another
-    order for another batch size, which moves a value of about 30 by an ulp
-    (1.9e-6). An absolute 1e-6 bound is what values of order 1 get.
-    """
+def assert_same_values(table, ref, rtol=0.0, atol=1e-6):
+    """The rows of ``table`` equal those of ``ref`` with the same image hash."""
     assert table.columns == ref.columns
     order = {h: k for k, h in enumerate(ref.hashes)}
     rows = [order[h] for h in table.hashes]
-    np.testing.assert_allclose(table.values, ref.values[rows], rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(table.values, ref.values[rows], rtol=rtol, atol=atol)
 
 
 # --------------------------------------------------------------------------
@@ -186,28 +160,28 @@ def test_parse_shard():
             parse_shard(bad)
 
 
-def test_keys_follow_what_decides_a_value(adapter):
-    from cdi.data import Preprocess
-
+def test_keys_follow_what_decides_a_value(adapter, tiny_adapters):
     pre = Preprocess(16, 3)
     key = model_key(adapter, pre)
-    assert key.startswith("tinyconv-float32-") and key == model_key(adapter, Preprocess(16, 3))
+    assert key.startswith("sd-float64-") and key == model_key(adapter, Preprocess(16, 3))
     assert model_key(adapter, Preprocess(16, 3, crop="resize")) != key
-    other = TinyConvAdapter()
+    assert model_key(tiny_adapters["sd"], pre).startswith("sd-float32-")
+    other = copy.copy(adapter)
     other.fingerprint = "f" * 64
-    assert model_key(other, pre) != key
-    other = TinyConvAdapter()
-    other.dtype = torch.bfloat16
     assert model_key(other, pre) != key
     assert condition_key(adapter, "a cat") != condition_key(adapter, "a dog")
     assert condition_key(adapter, None) == "text:none"
-    assert condition_key(TinyConvAdapter("none"), "a cat") == condition_key(TinyConvAdapter("none"), None) == ""
+    ldm = tiny_adapters["ldm"]
+    assert condition_key(ldm, "a cat") == condition_key(ldm, None) == ""
+    ddpm = tiny_adapters["ddpm"]  # class-conditional: the class id, however the caption names it
+    assert condition_key(ddpm, "3") == condition_key(ddpm, ddpm.id2label[3]) == "class:3"
 
 
 # --------------------------------------------------------------------------
 # Invariance
 # --------------------------------------------------------------------------
 def test_batch_size_does_not_change_values(adapter, collection, reference):
+    """In float64 the table is bit-identical for batch sizes 1 and 8."""
     assert reference.values.shape == (N_IMAGES, 13) and np.isfinite(reference.values).all()
     assert reference.paths == [r.path for r in collection.records]
     assert reference.captions == [r.caption for r in collection.records]
@@ -217,6 +191,19 @@ def test_batch_size_does_not_change_values(adapter, collection, reference):
     other_seed = extract_features(adapter, collection, resolve_features("denoising_loss"), seed=4,
                                   batch_size=8, num_workers=0, progress=False)
     assert np.abs(other_seed.values[:, 0] - reference.values[:, 0]).min() > 0
+
+
+def test_float32_agrees_to_its_precision(tiny_adapters, collection):
+    """In float32, batched kernels round differently for another batch size.
+
+    Measured on the tiny SD: up to 4.3e-6 relative (PIA, batch 1 vs 8);
+    that is float32 rounding carried through two network calls, not a
+    dependence of one image's value on its batch mates (float64: identical).
+    """
+    sd = tiny_adapters["sd"]
+    eight, one = (extract_features(sd, collection, resolve_features(CHEAP), seed=3, batch_size=bs,
+                                   num_workers=0, progress=False) for bs in (8, 1))
+    assert_same_values(one, eight, rtol=2e-5, atol=1e-6)
 
 
 def test_shards_partition_the_images(adapter, collection, reference):
@@ -273,11 +260,13 @@ def test_store_resumes_and_adds_only_missing_families(adapter, collection, refer
 
 KILLED_RUN = """
     import sys, time
+    import torch
+    torch.set_num_threads(1)
     sys.path.insert(0, {tests!r})
-    from cdi.data import ImageCollection
+    from cdi.data import ImageCollection, Preprocess
     from features.extract import extract_features
     from features.registry import resolve_features
-    from test_extract import CHEAP, Recorder, TinyConvAdapter
+    from test_extract import CHEAP, Recorder, load_float64
 
     class HangsOnThirdBatch(Recorder):
         def extract(self, adapter, batch):
@@ -287,16 +276,18 @@ KILLED_RUN = """
             return super().extract(adapter, batch)
 
     fams = [HangsOnThirdBatch(f) if f.name == "pia" else Recorder(f) for f in resolve_features(CHEAP)]
-    extract_features(TinyConvAdapter(), ImageCollection.from_folder(sys.argv[1]), fams, seed=3,
+    extract_features(load_float64(sys.argv[3]), ImageCollection.from_folder(sys.argv[1]), fams, seed=3,
                      batch_size=2, store=sys.argv[2], num_workers=0, progress=False)
 """
 
 
-def test_killed_run_resumes_without_recomputing(adapter, collection, reference, images, tmp_path):
+def test_killed_run_resumes_without_recomputing(adapter, collection, reference, images, tmp_path,
+                                                tiny_model_dirs):
     store_path = tmp_path / "killed.sqlite"
     script = tmp_path / "killed_run.py"
     script.write_text(textwrap.dedent(KILLED_RUN.format(tests=str(TESTS))))
-    proc = subprocess.Popen([sys.executable, str(script), str(images), str(store_path)], cwd=REPO,
+    proc = subprocess.Popen([sys.executable, str(script), str(images), str(store_path),
+                             str(tiny_model_dirs["sd"])], cwd=REPO,
                             env=dict(os.environ, PYTHONPATH=str(REPO)), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     try:
@@ -311,7 +302,7 @@ def test_killed_run_resumes_without_recomputing(adapter, collection, reference, 
     stored = set()
     with FeatureStore(store_path) as store:
         for f in resolve_features(CHEAP):
-            got = store.get_many(model_key(adapter, _pre(adapter)), f.key(), 3, collection.hashes,
+            got = store.get_many(model_key(adapter, Preprocess(adapter.resolution, adapter.image_channels)), f.key(), 3, collection.hashes,
                                  [condition_key(adapter, c) for c in collection.captions])
             stored |= set(got)
     assert len(stored) == 4
@@ -321,12 +312,6 @@ def test_killed_run_resumes_without_recomputing(adapter, collection, reference, 
     for f in fams:
         assert sorted(f.computed) == sorted(set(collection.hashes) - stored)
     assert_same_values(resumed, reference)
-
-
-def _pre(adapter):
-    from cdi.data import Preprocess
-
-    return Preprocess(adapter.resolution, adapter.image_channels)
 
 
 # --------------------------------------------------------------------------
@@ -365,7 +350,7 @@ class _NaNFamily(FeatureFamily):
         return torch.full((len(batch), 1), float("nan"))
 
 
-def test_engine_validates_its_inputs(adapter, collection):
+def test_engine_validates_its_inputs(adapter, collection, tiny_adapters):
     kw = dict(num_workers=0, progress=False)
     with pytest.raises(CDIError, match="no feature families"):
         extract_features(adapter, collection, [], **kw)
@@ -376,6 +361,90 @@ def test_engine_validates_its_inputs(adapter, collection):
     with pytest.raises(CDIError, match="shard"):
         extract_features(adapter, collection, resolve_features("pia"), shard="2/2", **kw)
     with pytest.raises(CDIError, match="unconditional"):
-        extract_features(TinyConvAdapter("none"), collection, resolve_features("clid"), **kw)
+        extract_features(tiny_adapters["ldm"], collection, resolve_features("clid"), **kw)
     with pytest.raises(CDIError, match="non-finite.*float32"):
         extract_features(adapter, collection, [_NaNFamily()], **kw)
+
+
+# --------------------------------------------------------------------------
+# cdi extract
+# --------------------------------------------------------------------------
+runner = CliRunner()
+
+
+def cli_extract(*args) -> object:
+    return runner.invoke(app, ["extract", *map(str, args)])
+
+
+def test_cli_extract_writes_the_table_and_resumes(images, tiny_model_dirs, tiny_adapters, collection, tmp_path):
+    out, store = tmp_path / "out" / "features.csv", tmp_path / "cache"
+    args = ["--images", images, "--model", tiny_model_dirs["sd"], "--features", CHEAP, "--out", out,
+            "--batch-size", 4, "--seed", 3, "--store", store, "--device", "cpu", "--workers", 0]
+    result = cli_extract(*args)
+    assert result.exit_code == 0, result.output
+    assert f"{N_IMAGES} images x 13 features written" in result.stdout
+    table = FeatureTable.from_csv(out)
+    assert table.paths == [r.path for r in collection.records] and table.hashes == collection.hashes
+    assert table.meta["model"]["model_id"] == str(tiny_model_dirs["sd"]) and table.meta["seed"] == 3
+    assert [f["name"] for f in table.meta["families"]] == CHEAP.split(",")
+    assert table.meta["store"] == str(store / "features.sqlite")
+    direct = extract_features(tiny_adapters["sd"], collection, resolve_features(CHEAP), seed=3,
+                              batch_size=4, num_workers=0, progress=False)
+    assert table.values.tobytes() == direct.values.tobytes()  # same inputs, same batch size: identical
+    # Again with the store: nothing computed, same numbers; --shard writes only its rows.
+    result = cli_extract(*args)
+    assert result.exit_code == 0 and "0 family values computed, 30 read from the store" in result.stdout
+    assert FeatureTable.from_csv(out).values.tobytes() == table.values.tobytes()
+    result = cli_extract(*args[:-10], "--shard", "1/3", "--out", tmp_path / "shard.csv", "--store", store)
+    assert result.exit_code == 0, result.output
+    shard = FeatureTable.from_csv(tmp_path / "shard.csv")
+    assert shard.hashes == [h for h in collection.hashes if shard_of(h, 3) == 1]
+
+
+def test_cli_default_features_follow_the_model(tmp_path, tiny_model_dirs):
+    write_images(tmp_path / "two", n=2)
+    out = tmp_path / "f.csv"
+    result = cli_extract("--images", tmp_path / "two", "--model", tiny_model_dirs["ldm"], "--out", out,
+                         "--device", "cpu", "--workers", 0)
+    assert result.exit_code == 0, result.output
+    table = FeatureTable.from_csv(out)
+    assert table.columns == columns_of(resolve_features("cdi")) and len(table.columns) == 26
+    assert "tip: pass --store" in result.stdout
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("bad_shard", "bad shard 3/3"),
+        ("shard_syntax", "write it as I/N"),
+        ("missing_folder", "does not exist"),
+        ("clid_unconditional", "needs a conditional model"),
+        ("unknown_family", "unknown feature family or set 'nope'"),
+        ("out_is_folder", "is a folder"),
+    ],
+)
+def test_cli_refuses_bad_input_before_any_work(case, message, images, tiny_model_dirs, tmp_path):
+    out = tmp_path / "f.csv"
+    # The model name is bogus except where the check needs the model: every other
+    # check must fire before any attempt to load it.
+    args = {"--images": images, "--model": "no-such/model", "--out": out, "--features": "pia",
+            "--device": "cpu"}
+    if case == "bad_shard":
+        args["--shard"] = "3/3"
+    elif case == "shard_syntax":
+        args["--shard"] = "1-3"
+    elif case == "missing_folder":
+        args["--images"] = tmp_path / "nowhere"
+    elif case == "clid_unconditional":
+        args.update({"--model": tiny_model_dirs["ldm"], "--features": "pia,clid"})
+    elif case == "unknown_family":
+        args["--features"] = "pia,nope"
+    elif case == "out_is_folder":
+        args["--out"] = out = tmp_path
+    result = cli_extract(*[x for kv in args.items() for x in kv])
+    assert result.exit_code == 2, result.output
+    assert "error:" in result.stderr and "Traceback" not in result.output
+    assert message in result.stderr, result.stderr
+    assert "no-such/model" not in result.stderr
+    if case != "out_is_folder":
+        assert not out.exists() and not sidecar_path(out).exists()
