@@ -17,7 +17,9 @@ models); this store makes it resumable and shareable. A value is addressed by
   models), so that changing a caption never returns a stale value.
 
 Values are float64 arrays stored as little-endian bytes with their column
-count; the column names of each family key are kept once in a side table.
+count; the column names of each (model key, family key) are kept once in a
+side table (a family's layout may depend on the model: CLiD has one reduced
+condition on class-conditional models, four on text models).
 
 Storage is one SQLite file in WAL mode:
 
@@ -69,9 +71,11 @@ CREATE TABLE IF NOT EXISTS meta (
     value TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS families (
-    family_key TEXT PRIMARY KEY,
+    model_key TEXT NOT NULL,
+    family_key TEXT NOT NULL,
     columns TEXT NOT NULL,
-    created TEXT NOT NULL
+    created TEXT NOT NULL,
+    PRIMARY KEY (model_key, family_key)
 );
 CREATE TABLE IF NOT EXISTS provenance (
     run_id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -311,11 +315,11 @@ class FeatureStore:
         found = self.get_many(model_key, family_key, seed, hashes, conditions)
         return [h for h in hashes if h not in found]
 
-    def columns(self, family_key: str) -> list[str] | None:
-        """The column names stored for ``family_key``, or None if it has no values yet."""
+    def columns(self, model_key: str, family_key: str) -> list[str] | None:
+        """The column names stored for (``model_key``, ``family_key``), or None if it has no values yet."""
         row = self._retry(
             lambda: self._conn.execute(
-                "SELECT columns FROM families WHERE family_key=?", (family_key,)
+                "SELECT columns FROM families WHERE model_key=? AND family_key=?", (model_key, family_key)
             ).fetchone()
         )
         return None if row is None else json.loads(row[0])
@@ -382,7 +386,7 @@ class FeatureStore:
         """Store ``{sha256: values}`` for one family, in one transaction; returns the number written.
 
         Every array must have ``len(columns)`` entries; the columns must be the
-        ones already stored for ``family_key``, if any. A value already in the
+        ones already stored for (``model_key``, ``family_key``), if any. A value already in the
         store is kept (values are deterministic, so another process that got
         there first wrote the same numbers). ``conditions`` maps a hash to its
         condition key (default ``""``). Nothing is written if anything fails.
@@ -401,12 +405,14 @@ class FeatureStore:
                        _to_blob(value, len(columns), sha), run_id, created)
 
         def insert(conn: sqlite3.Connection) -> int:
-            known = conn.execute("SELECT columns FROM families WHERE family_key=?", (family_key,)).fetchone()
+            known = conn.execute(
+                "SELECT columns FROM families WHERE model_key=? AND family_key=?", (model_key, family_key)
+            ).fetchone()
             if known is None:
-                conn.execute("INSERT INTO families VALUES (?, ?, ?)", (family_key, columns_json, created))
+                conn.execute("INSERT INTO families VALUES (?, ?, ?, ?)", (model_key, family_key, columns_json, created))
             elif json.loads(known[0]) != columns:
                 raise CDIError(
-                    f"feature store {self.path}: family key {family_key!r} is stored with columns "
+                    f"feature store {self.path}: family key {family_key!r} is stored for this model with columns "
                     f"{json.loads(known[0])}, not {columns}; a family's columns must not change without "
                     f"its key changing"
                 )

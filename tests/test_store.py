@@ -63,7 +63,7 @@ def test_round_trip_is_bit_exact(tmp_path):
     with FeatureStore(tmp_path / "s.sqlite") as store:
         assert store.put_many(MK, FK, 0, values, cols) == 21
         got = store.get_many(MK, FK, 0, list(values) + [sha(1000)])
-        assert store.columns(FK) == cols
+        assert store.columns(MK, FK) == cols and store.columns("other-model", FK) is None
     assert set(got) == set(values)
     for h, v in values.items():
         assert got[h].dtype == np.float64
@@ -94,6 +94,9 @@ def test_existing_values_are_kept_and_columns_checked(tmp_path):
         np.testing.assert_array_equal(store.get_many(MK, FK, 0, [sha(1)])[sha(1)], value_of(1))
         with pytest.raises(CDIError, match="columns"):
             store.put_many(MK, FK, 0, {sha(3): value_of(3)}, ["x", "y", "z"])
+        # The same family may have another layout on another model (CLiD: k depends on the model).
+        assert store.put_many("dit-float32-abc", FK, 0, {sha(3): [1.0, 2.0]}, ["x", "y"]) == 1
+        assert store.columns("dit-float32-abc", FK) == ["x", "y"] and store.columns(MK, FK) == COLS
         with pytest.raises(ValueError, match="2 values for 3 columns"):
             store.put_many(MK, FK, 0, {sha(4): value_of(4), sha(5): [1.0, 2.0]}, COLS)
         assert store.missing(MK, FK, 0, [sha(3), sha(4), sha(5)]) == [sha(3), sha(4), sha(5)]
@@ -123,7 +126,7 @@ def test_interrupted_transaction_leaves_nothing(tmp_path, monkeypatch):
             with store.transaction():
                 store.put_many(MK, "fam-x", 0, {sha(7): value_of(7), sha(8): value_of(8)}, COLS)
                 store.put_many(MK, "fam-y", 0, {sha(7): value_of(7)}, COLS)
-        assert store.count() == 1 and store.columns("fam-x") is None
+        assert store.count() == 1 and store.columns(MK, "fam-x") is None
         monkeypatch.setattr(cdi.store, "_to_blob", real)
         store.put_many(MK, FK, 0, {sha(9): value_of(9)}, COLS)  # still usable
         assert store.count() == 2
