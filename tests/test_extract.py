@@ -179,13 +179,17 @@ def test_keys_follow_what_decides_a_value(adapter, tiny_adapters):
 # --------------------------------------------------------------------------
 # Invariance
 # --------------------------------------------------------------------------
-def test_batch_size_does_not_change_values(adapter, collection, reference):
-    """In float64 the table is bit-identical for batch sizes 1 and 8."""
+def test_batch_size_does_not_change_values(adapter, collection, reference, monkeypatch):
+    """In float64 the table is bit-identical for batch sizes 1 and 8; each image is encoded once."""
     assert reference.values.shape == (N_IMAGES, 13) and np.isfinite(reference.values).all()
     assert reference.paths == [r.path for r in collection.records]
     assert reference.captions == [r.caption for r in collection.records]
+    encoded, encode = [], adapter.encode
+    monkeypatch.setattr(adapter, "encode", lambda pixels: encoded.append(len(pixels)) or encode(pixels))
     one = extract_features(adapter, collection, resolve_features(CHEAP), seed=3, batch_size=1,
                            num_workers=0, progress=False)
+    monkeypatch.undo()
+    assert encoded == [1] * N_IMAGES  # one encode per image, shared by the three families
     assert_same_values(one, reference)
     other_seed = extract_features(adapter, collection, resolve_features("denoising_loss"), seed=4,
                                   batch_size=8, num_workers=0, progress=False)
