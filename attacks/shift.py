@@ -204,7 +204,9 @@ class ShiftResult:
         lines = [
             f"dataset shift between a ({self.n_a} images) and b ({self.n_b} images)"
             f", {self.dim}-d embeddings from {self.encoder or 'the given embeddings'}",
-            f"  Frechet distance          {self.frechet:.4f}   (CopyMark: <= ~0.05 on CLIP reads as unshifted)",
+            f"  Frechet distance          {self.frechet:.4f}"
+            + ("   (CopyMark: about 0.05 or less on CLIP embeddings reads as unshifted)"
+               if "clip" in (self.encoder or "").lower() else "   (scale depends on the encoder)"),
             f"  Mahalanobis (pooled cov)  {self.mahalanobis:.4f}",
             f"  normalised Wasserstein    {self.wasserstein:.4f}   ({self.wasserstein_points} points per set"
             f"{', subsampled' if self.wasserstein_subsampled else ''})",
