@@ -292,5 +292,45 @@ def shift_command(
             console.print(result.format_text(), highlight=False, soft_wrap=True)
 
 
+toy_app = typer.Typer(
+    name="toy",
+    help="The embedded toy world: digit images and a small suspect model trained by cdi itself.",
+    no_args_is_help=True,
+)
+app.add_typer(toy_app, name="toy")
+
+
+@toy_app.command("build")
+def toy_build_command(
+    kind: str = typer.Option("sd", "--kind", help="sd (tiny text-to-image latent model) or ddpm (tiny class-conditional pixel DDPM)."),
+    strength: str = typer.Option("overtrained", "--strength", help="light (weak per-image membership) or overtrained (clear per-image membership)."),
+    out: str = typer.Option(None, "--out", help="World folder (default: $CDI_CACHE/toy/KIND-STRENGTH-seedSEED or ~/.cache/cdi/toy/...)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the member split and of training (shipped weights: seed 0 only)."),
+    retrain: bool = typer.Option(False, "--retrain", help="Train the model from scratch on this machine instead of using the shipped weights (minutes)."),
+    force: bool = typer.Option(False, "--force", help="Rebuild even if OUT already holds a matching world."),
+    quiet: bool = typer.Option(False, "--quiet", help="Print only the result, no progress."),
+) -> None:
+    """Write the toy world: members/, nonmembers/, nonmembers_shifted/, model/ and world.json."""
+    from rich.markup import escape
+
+    from cdi.toy import build_world
+
+    with _user_errors():
+        world = build_world(kind, strength, out, seed=seed, retrain=retrain, force=force, progress=not quiet)
+        info = world.info
+        console.print(
+            f"toy world {info['kind']}-{info['strength']} (seed {info['seed']}, {info['source']} weights): "
+            f"{escape(str(world.root))}\n"
+            f"  model       {escape(str(world.model_dir))}\n"
+            f"  members     {escape(str(world.members_dir))} ({info['split']['members']} images)\n"
+            f"  nonmembers  {escape(str(world.nonmembers_dir))} ({info['split']['nonmembers']} images)\n"
+            f"  shifted     {escape(str(world.shifted_dir))}",
+            highlight=False, soft_wrap=True,
+        )
+        if "matches_shipped_weights" in info:
+            console.print(f"  retrained weights identical to the shipped ones: {info['matches_shipped_weights']}",
+                          highlight=False)
+
+
 if __name__ == "__main__":  # pragma: no cover
     app()
