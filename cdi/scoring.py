@@ -107,6 +107,11 @@ MIN_PER_BLOCK = 5
 #: Crossfit: 1, scikit-learn's default as in the CDI reference code.
 DEFAULT_PENALTY = {"sequential": 3.0, "crossfit": 1.0}
 
+#: Ridge on the intercept and on the prior's coefficient: tiny, so both are
+#: practically free, but it keeps the optimum finite when a small training
+#: set is perfectly separated by the prior.
+FREE_PENALTY = {"intercept": 1e-8, "prior": 1e-3}
+
 #: XGBoost settings of the optional tree scorer (small, shallow, seeded).
 XGBOOST_PARAMS = dict(
     n_estimators=100,
@@ -320,15 +325,21 @@ def _newton_steps(D: np.ndarray, Y: np.ndarray, beta: np.ndarray, penalty: np.nd
         mu = special.expit(D @ b)
         grad = D.T @ (mu - Ya) + penalty[:, None] * b
         step = np.linalg.solve(_hessians(D, mu * (1.0 - mu), penalty), grad.T[:, :, None])[:, :, 0].T
-        decrease = np.sum(grad * step, axis=0)
+        decrease = np.sum(grad * step, axis=0)  # squared Newton decrement
         f0 = _objectives(D, Ya, b, penalty)
         t = np.ones(active.size)
+        # Near the optimum the decrease is below round-off: take the full step.
+        search = decrease > 1e-12 * (1.0 + np.abs(f0))
         for _ in range(60):
-            f = _objectives(D, Ya, b - t * step, penalty)
-            bad = f > f0 - 1e-4 * t * decrease
+            if not search.any():
+                break
+            f = _objectives(D, Ya[:, search], b[:, search] - t[search] * step[:, search], penalty)
+            bad = f > f0[search] - 1e-4 * t[search] * decrease[search]
             if not bad.any():
                 break
-            t = np.where(bad, 0.5 * t, t)
+            idx = np.flatnonzero(search)
+            t[idx[bad]] *= 0.5
+            search[idx[~bad]] = False
         b = b - t * step
         beta[:, active] = b
         moved = np.max(np.abs(t * step), axis=0)
@@ -415,7 +426,11 @@ def fit_logistic(
     slow_cols.append(active)  # not converged within max_iter
     slow = np.concatenate(slow_cols)
     if slow.size:
-        beta[:, slow] = _newton_steps(D, Y[:, slow], start[:, slow], penalty, tol, max_iter)
+        # Newton from where the cheap steps got to (from the start if they diverged).
+        origin = beta[:, slow]
+        diverged = ~np.all(np.isfinite(origin), axis=0)
+        origin[:, diverged] = start[:, slow[diverged]]
+        beta[:, slow] = _newton_steps(D, Y[:, slow], origin, penalty, tol, max_iter)
     if nonnegative is not None:
         # One bound on a convex problem: where the free optimum violates it, the
         # constrained optimum lies on the bound, i.e. is the fit without that column.
@@ -465,10 +480,39 @@ def z_from_t(t: np.ndarray, df: np.ndarray) -> np.ndarray:
     """
     t = np.asarray(t, dtype=np.float64)
     df = np.asarray(df, dtype=np.float64)
-    with np.errstate(divide="ignore"):
-        upper = -special.ndtri_exp(stats.t.logsf(t, df))
-        lower = special.ndtri_exp(stats.t.logcdf(t, df))
-    return np.where(t >= 0, upper, lower)
+    with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
+        a = np.abs(t)
+        log_tail = stats.t.logsf(a, df)
+        # Beyond what scipy resolves: the first term of the tail's asymptotic
+        # expansion, P(T > a) ~ f(a) (df + a^2) / (df a).
+        far = ~np.isfinite(log_tail) & np.isfinite(a)
+        if far.any():
+            log_tail = np.where(far, stats.t.logpdf(a, df) + np.log((df + a * a) / (df * a)), log_tail)
+        z = -special.ndtri_exp(log_tail)
+    return np.where(t >= 0, z, -z)
+
+
+def normal_scores(S: np.ndarray) -> np.ndarray:
+    """Rank-based normal scores per column: ``Phi^-1(rank / (m + 1))``, ties averaged.
+
+    A label-free, order-preserving transformation of a block's pooled scores
+    (van der Waerden's scores). The Welch t-test on normal scores is as
+    efficient as on the raw scores when they are normal, and keeps its level
+    when they are skewed or heavy-tailed, where a one-sided t-test on small
+    unequal groups does not.
+    """
+    ranks = stats.rankdata(S, axis=0)
+    return special.ndtri(ranks / (S.shape[0] + 1.0))
+
+
+def block_z(S: np.ndarray, Y: np.ndarray) -> np.ndarray:
+    """The sequential protocol's statistic of one block, per column, on the normal scale.
+
+    Welch's one-sided t-test (published higher) on the block's normal scores
+    (``normal_scores``), its p-value from the t-distribution with Welch's df,
+    mapped to ``Phi^-1(1 - p)``.
+    """
+    return z_from_t(*welch_t(normal_scores(S), Y))
 
 
 # --------------------------------------------------------------------------
@@ -485,10 +529,10 @@ class ScoringResult:
     scores : ndarray (n,)
         Score of every image in input order (higher = more member-like); NaN
         for images that only trained (``tested`` False). Under
-        ``"sequential"`` each block's scores are centred and scaled by the
-        block's pooled mean and SD (label-free, so the block's t-statistic is
-        unchanged) to put blocks on one scale; under ``"crossfit"`` they are
-        the raw out-of-fold logits.
+        ``"sequential"``: the block's normal scores (``normal_scores`` of
+        the scorer's output over the block's images), exactly what the
+        block's t-test sees; under ``"crossfit"``: the raw out-of-fold
+        logits.
     labels : ndarray (n,)
         1 published, 0 unpublished.
     folds : ndarray (n,)
@@ -609,8 +653,9 @@ class CrossFit:
             parts.append(self.prior[:, None])
         parts.append(Z)
         self.design = np.concatenate(parts, axis=1)
-        self.n_fixed = len(parts) - 1  # unpenalised leading columns (intercept, prior)
-        self.penalty_vector = np.r_[np.zeros(self.n_fixed), np.full(Z.shape[1], penalty)]
+        self.n_fixed = len(parts) - 1  # leading columns that carry no real penalty (intercept, prior)
+        free = [FREE_PENALTY["intercept"]] + ([FREE_PENALTY["prior"]] if self.prior is not None else [])
+        self.penalty_vector = np.r_[free, np.full(Z.shape[1], penalty)]
         self.fits = self._plan()
         self._grams = [self.design[f.train].T @ self.design[f.train] for f in self.fits]
         self.tested = np.zeros(len(y), dtype=bool)
@@ -648,11 +693,6 @@ class CrossFit:
             Y[rows] = rng.permuted(np.repeat(self.labels[rows][:, None], count, axis=1), axis=0)
         return Y
 
-    def block_z(self, S: np.ndarray, Y: np.ndarray, block: int) -> np.ndarray:
-        """Normal score of the Welch t-test of block ``block``, per column."""
-        rows = self.blocks == block
-        return z_from_t(*welch_t(S[rows], Y[rows]))
-
     def scores(self, Y: np.ndarray, return_choices: bool = False):
         """Scores (n, B) for label vectors ``Y`` (n, B); NaN where untested.
 
@@ -665,22 +705,26 @@ class CrossFit:
         slower in our measurements.
         """
         with threadpool_limits(limits=1, user_api="blas"):
-            return self._scores(Y, return_choices)
+            S, choices, _ = self._scores(Y, collect=False)
+        return (S, choices) if return_choices else S
 
-    def _scores(self, Y: np.ndarray, return_choices: bool):
+    def _scores(self, Y: np.ndarray, collect: bool):
+        """Scores, choices and, with ``collect``, per-fit column weights of label column 0."""
         Y = np.asarray(Y)
         if Y.ndim == 1:
             Y = Y[:, None]
         B = Y.shape[1]
         S = np.full((len(Y), B), np.nan)
         choices = np.full((self.n_folds, B), -1, dtype=np.int8)
+        weights = []
         if self.prior is not None:
             first = self.blocks == 0
             S[first] = self.prior[first][:, None]
             choices[0] = 0
         evidence = np.zeros((2, B))  # cumulative weighted z: prior, learned
         for fit, gram in zip(self.fits, self._grams):
-            learned = self._learned_scores(fit, gram, Y)
+            learned, w = self._learned_scores(fit, gram, Y, collect)
+            weights.append(w)
             k = fit.block
             if self.protocol == "crossfit" or self.prior is None:
                 S[fit.test] = learned
@@ -690,24 +734,37 @@ class CrossFit:
             use_learned = evidence[1] > evidence[0] if k >= 2 else np.ones(B, dtype=bool)
             S[fit.test] = np.where(use_learned, learned, prior)
             choices[k] = use_learned
-            w = self.block_weights[k]
             Yk = Y[fit.test]
-            evidence[0] += w * z_from_t(*welch_t(prior, Yk))
-            evidence[1] += w * z_from_t(*welch_t(learned, Yk))
-        return (S, choices) if return_choices else S
+            evidence[0] += self.block_weights[k] * block_z(prior, Yk)
+            evidence[1] += self.block_weights[k] * block_z(learned, Yk)
+        return S, choices, weights
 
-    def _learned_scores(self, fit: _Fit, gram: np.ndarray, Y: np.ndarray) -> np.ndarray:
+    def _learned_scores(self, fit: _Fit, gram: np.ndarray, Y: np.ndarray, collect: bool):
+        """Held-out scores of the scorer trained on ``fit.train``, and (``collect``) its column weights."""
         if self.scorer == "logistic":
             beta = fit_logistic(self.design[fit.train], Y[fit.train], self.penalty_vector, gram=gram,
                                 nonnegative=1 if self.prior is not None else None)
-            return self.design[fit.test] @ beta
+            weights = None
+            if collect:
+                weights = beta[self.n_fixed:, 0].copy()
+                if self.prior is not None:
+                    use = (self.directions != 0) & ~self.standardization.constant
+                    weights[use] += beta[1, 0] * self.directions[use] / use.sum()
+            return self.design[fit.test] @ beta, weights
         X_train, X_test = self.design[fit.train][:, 1:], self.design[fit.test][:, 1:]
         out = np.empty((int(fit.test.sum()), Y.shape[1]))
+        weights = None
         for b in range(Y.shape[1]):
             model = self._xgboost_model(fit.block)
             model.fit(X_train, Y[fit.train, b])
             out[:, b] = model.predict(X_test, output_margin=True)
-        return out
+            if collect and b == 0:
+                gain = model.get_booster().get_score(importance_type="gain")
+                imp = np.zeros(X_train.shape[1])
+                for key, value in gain.items():
+                    imp[int(key[1:])] = value
+                weights = imp[self.n_fixed - 1:]
+        return out, weights
 
     def _xgboost_model(self, block: int):
         import xgboost
@@ -716,51 +773,30 @@ class CrossFit:
 
     # -- observed labels ---------------------------------------------------
 
-    def coefficients(self) -> dict[str, float]:
-        """Effective standardised weight (or gain) of every column for the observed labels."""
-        total = np.zeros(len(self.columns))
-        y = self.labels.astype(np.float64)
+    def observe(self) -> tuple[np.ndarray, ScoringResult]:
+        """Run the procedure on the observed labels.
+
+        Returns the raw scores (n,) (NaN where untested) and the
+        ``ScoringResult`` that describes them.
+        """
         with threadpool_limits(limits=1, user_api="blas"):
-            self._accumulate_coefficients(total, y)
-        return {c: float(v) for c, v in zip(self.columns, total / max(len(self.fits), 1))}
-
-    def _accumulate_coefficients(self, total: np.ndarray, y: np.ndarray) -> None:
-        for fit, gram in zip(self.fits, self._grams):
-            if self.scorer == "logistic":
-                beta = fit_logistic(self.design[fit.train], y[fit.train, None], self.penalty_vector, gram=gram,
-                                    nonnegative=1 if self.prior is not None else None)[:, 0]
-                w = beta[self.n_fixed:].copy()
-                if self.prior is not None:
-                    use = (self.directions != 0) & ~self.standardization.constant
-                    w[use] += beta[1] * self.directions[use] / use.sum()
-                total += w
-            else:
-                model = self._xgboost_model(fit.block)
-                model.fit(self.design[fit.train][:, 1:], self.labels[fit.train])
-                gain = model.get_booster().get_score(importance_type="gain")
-                imp = np.zeros(self.design.shape[1] - 1)
-                for key, value in gain.items():
-                    imp[int(key[1:])] = value
-                total += imp[self.n_fixed - 1:]
-
-    def result(self) -> ScoringResult:
-        """Score the observed labels and describe how."""
-        S, choices = self.scores(self.labels[:, None].astype(np.float64), return_choices=True)
-        scores = S[:, 0]
+            S, choices, weights = self._scores(self.labels[:, None].astype(np.float64), collect=True)
+        raw = S[:, 0]
+        scores = raw.copy()
         if self.protocol == "sequential":
             for k in self.tested_blocks:
                 rows = self.blocks == k
-                sd = scores[rows].std()
-                scores[rows] = (scores[rows] - scores[rows].mean()) / (sd if sd > 0 else 1.0)
+                scores[rows] = normal_scores(raw[rows, None])[:, 0]
+        mean_weights = np.mean(weights, axis=0) if weights else np.zeros(len(self.columns))
         names = {-1: "training only", 0: "prior", 1: self.scorer}
-        return ScoringResult(
+        result = ScoringResult(
             scores=scores,
             labels=self.labels.copy(),
             folds=self.blocks.copy(),
             tested=self.tested.copy(),
             block_scorers=[names[int(c)] for c in choices[:, 0]],
             columns=list(self.columns),
-            coefficients=self.coefficients(),
+            coefficients={c: float(v) for c, v in zip(self.columns, mean_weights)},
             coefficient_kind=(
                 "logistic weight per standardised column (mean over fitted scorers)"
                 if self.scorer == "logistic" else "xgboost gain importance (mean over fitted scorers)"
@@ -774,6 +810,11 @@ class CrossFit:
             prior_used=self.prior is not None,
             constant_columns=[c for c, k in zip(self.columns, self.standardization.constant) if k],
         )
+        return raw, result
+
+    def result(self) -> ScoringResult:
+        """The ``ScoringResult`` of the observed labels."""
+        return self.observe()[1]
 
 
 def cross_fit_scores(
