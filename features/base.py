@@ -118,6 +118,9 @@ class FeatureFamily:
     """Base class of the feature families (see the module docstring)."""
 
     name: ClassVar[str] = ""
+    #: Bumped whenever the family's computation changes, so stored values from
+    #: before the change are never served again (it is part of ``key()``).
+    version: ClassVar[int] = 1
     config_class: ClassVar[type] = type(None)
     requires_condition: ClassVar[bool] = False
 
@@ -164,7 +167,8 @@ class FeatureFamily:
 
     def key(self) -> str:
         """Stable identity of (family, config), used in store keys."""
-        payload = json.dumps({"family": self.name, "config": self.config_dict()}, sort_keys=True)
+        payload = json.dumps({"family": self.name, "version": self.version, "config": self.config_dict()},
+                             sort_keys=True)
         return f"{self.name}-{hashlib.sha256(payload.encode()).hexdigest()[:16]}"
 
 

@@ -311,7 +311,7 @@ def torch_lbfgs_features(adapter, batch, i, cfg):
 
 
 def test_noise_optimization_matches_torch_lbfgs_on_a_network(tiny_unet):
-    """Default (reference) settings, one image per batch: the same as torch's L-BFGS."""
+    """Default settings, one image per batch: the same as torch's L-BFGS."""
     batch = make_batch(tiny_unet, 3)
     family = NoiseOptimization()
     for i in range(3):
@@ -437,13 +437,13 @@ def test_values_do_not_depend_on_batch_mates_order_or_chunking_oracle(conditioni
 
 
 def test_values_do_not_depend_on_batch_mates_order_or_chunking_network(tiny_unet):
-    """On a network the batch size changes the rounding of its kernels (~1e-7).
+    """On a network the batch size changes the rounding of its kernels (~1e-7), nothing more.
 
-    Noise optimisation's d: the reference L-BFGS (no line search) divides by a
-    curvature y.s close to zero, which amplifies that rounding to ~1e-3 of
-    ||d||; a batch of one image reproduces torch.optim.LBFGS to 2e-5 (above).
+    (With the literal ``objective="norm"`` L-BFGS divides by a near-zero
+    curvature and amplifies that rounding to ~1e-3 of ||d||: one reason the
+    default is the squared objective.)
     """
-    _check_invariance(tiny_unet, 4, rtol=1e-4, atol=1e-5, loose_columns=("noise_opt_norm",), loose_rtol=1e-2)
+    _check_invariance(tiny_unet, 4, rtol=1e-4, atol=1e-5)
 
 
 def test_seed_changes_the_noise(oracles):
@@ -511,7 +511,12 @@ def test_declared_cost_equals_counted_calls(which, oracles, tiny_unet):
         declared = family.cost(adapter)
         counted = Cost(counts["forward"] // 3, counts["backward"] // 3)
         assert counts["forward"] % 3 == 0 and counts["backward"] % 3 == 0
-        assert counted == declared, family.name
+        if family.name == "noise_optimization" and which != "tiny_unet":
+            # on the exactly linear oracles the squared objective is a quadratic that
+            # L-BFGS may finish early: the declared cost is the ceiling
+            assert counted.forward <= declared.forward and counted.backward <= declared.backward
+        else:
+            assert counted == declared, family.name
         assert counts["encode"] == 0, f"{family.name} must not re-encode"
 
 
@@ -646,7 +651,10 @@ def test_every_applicable_family_runs_on_tiny_adapters(request, key):
         assert counts["encode"] == 0
     alone = torch.cat([f.extract(adapter, sub_batch(batch, [1])) for f in families], dim=1)[0]
     both = torch.cat([f.extract(adapter, batch) for f in families], dim=1)[1]
-    loose = columns_of(families, adapter).index("noise_opt_norm")  # see the network invariance test
+    # L-BFGS on a random float32 network amplifies the ~1e-7 batch rounding of its
+    # kernels in ||d|| (2e-4 relative on the random pixel DDPM); in float64 the whole
+    # table is bit-identical across batch sizes (tests/test_extract.py).
+    loose = columns_of(families, adapter).index("noise_opt_norm")
     tight = [j for j in range(len(both)) if j != loose]
     torch.testing.assert_close(alone[tight], both[tight], rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(alone[loose], both[loose], rtol=1e-2, atol=1e-5)
+    torch.testing.assert_close(alone[loose], both[loose], rtol=1e-3, atol=1e-5)
