@@ -96,6 +96,9 @@ class EncodedBatch:
         ``adapter.conditions(captions)``, computed once and shared by families.
     seed : int
         The global seed of the run.
+    pixels : torch.Tensor or None
+        (B, C, H, W) preprocessed images in [-1, 1], for families that work in
+        pixel space before encoding (PFAMI's cropped neighbours).
     """
 
     x0: torch.Tensor
@@ -103,6 +106,7 @@ class EncodedBatch:
     captions: list[str | None]
     cond: Condition
     seed: int
+    pixels: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.hashes)

@@ -353,7 +353,7 @@ class _Extraction:
         x0 = self.adapter.encode(pixels)
         batch = EncodedBatch(
             x0=x0, hashes=[r.sha256 for r in records], captions=captions,
-            cond=self.adapter.conditions(captions), seed=self.seed,
+            cond=self.adapter.conditions(captions), seed=self.seed, pixels=pixels,
         )
         results = {}
         for family in families:

@@ -106,7 +106,7 @@ class PFAMI(FeatureFamily):
     @torch.no_grad()
     def extract(self, adapter: DiffusionAdapter, batch: EncodedBatch) -> torch.Tensor:
         """One network call per timestep on the B * (N + 1) inputs (chunked by ``max_chunk``)."""
-        pixels = getattr(batch, "pixels", None)
+        pixels = batch.pixels
         if pixels is None:
             raise RuntimeError(
                 "PFAMI needs the batch's preprocessed pixels (EncodedBatch.pixels); "

@@ -17,14 +17,17 @@ from features.base import Cost, FeatureFamily
 from features.clid import CLiD
 from features.denoising_loss import DenoisingLoss
 from features.gradient_masking import GradientMasking
+from features.gsa import GSA1, GSA2
 from features.multiple_loss import MultipleLoss
 from features.noise_optimization import NoiseOptimization
+from features.pfami import PFAMI
 from features.pia import PIA
 from features.secmi import SecMI
 
 FAMILIES: dict[str, type[FeatureFamily]] = {
     cls.name: cls
-    for cls in [DenoisingLoss, SecMI, PIA, MultipleLoss, NoiseOptimization, GradientMasking, CLiD]
+    for cls in [DenoisingLoss, SecMI, PIA, MultipleLoss, NoiseOptimization, GradientMasking, CLiD,
+                PFAMI, GSA1, GSA2]
 }
 
 FEATURE_SETS: dict[str, list[str]] = {
