@@ -332,5 +332,107 @@ def toy_build_command(
                           highlight=False)
 
 
+def _print_result(result, fmt: str, out: str) -> None:
+    """The console summary of an audit (or its JSON with --format json)."""
+    if fmt == "json":
+        print(result.to_json())
+        return
+    from rich.panel import Panel
+
+    colour = {"used": "red", "not_detected": "green", "inconclusive": "yellow"}[result.verdict]
+    lines = [
+        f"[bold {colour}]verdict: {result.verdict}[/]",
+        escape(result.verdict_text),
+        "",
+        f"p-value (verdict, {result.protocol.get('verdict_test', 'test')}): {result.p_value:.3g}   alpha: {result.alpha}",
+        f"t-test p: {result.p_value_ttest:.3g}   permutation p: "
+        + ("not run" if result.p_value_permutation is None else f"{result.p_value_permutation:.3g}"),
+        f"published: {result.n_published}   unpublished: {result.n_unpublished}   "
+        f"effect size (Hedges' g): {result.effect_size:.3f}   AUC: {result.auc:.3f}",
+    ]
+    if result.sample_size_curve is not None:
+        needed = result.sample_size_curve.n_needed
+        lines.append("images needed for 90% detection: " + ("more than available" if needed is None else str(needed)))
+    if result.shift_guard is not None:
+        guard = result.shift_guard
+        lines.append(f"shift guard ({escape(guard.encoder)}): p = {guard.p_value:.3g}, "
+                     f"{'DETECTED' if guard.detected else 'no shift detected'}" + (" (ignored)" if guard.ignored else ""))
+    lines.append(f"files: {escape(out)}/result.json, features.csv, report.html")
+    console.print(Panel("\n".join(lines), title="cdi audit", expand=False), highlight=False)
+
+
+def _format_option(fmt: str) -> str:
+    if fmt not in ("text", "json"):
+        raise CDIError(f"--format must be text or json (got {fmt!r})")
+    return fmt
+
+
+@app.command("audit")
+def audit_command(
+    published: str = typer.Option(..., "--published", help="Folder of the published images (suspected training data)."),
+    unpublished: str = typer.Option(..., "--unpublished", help="Folder of comparable images that were never published."),
+    model: str = typer.Option(..., "--model", help="Model alias (`cdi models`), Hugging Face hub id, or local pipeline folder."),
+    out: str = typer.Option(..., "--out", help="Folder for result.json, features.csv and report.html."),
+    features: str = typer.Option(None, "--features", help="cdi, cdi+clid or a comma-separated list of families (default: cdi+clid for conditional models, cdi otherwise)."),
+    alpha: float = typer.Option(0.01, "--alpha", help="Significance level of the verdict."),
+    seed: int = typer.Option(0, "--seed", help="Seed of every random draw (noise, folds, permutations)."),
+    folds: int = typer.Option(5, "--folds", help="Blocks of the cross-fitted scoring protocol."),
+    permutations: int = typer.Option(1000, "--permutations", help="Permutations of the exact permutation test (0: off)."),
+    scorer: str = typer.Option("logistic", "--scorer", help="logistic or xgboost."),
+    sample_size_resamples: int = typer.Option(50, "--sample-size-resamples", help="Resamples per size for the images-needed curve (0: off)."),
+    ignore_shift: bool = typer.Option(False, "--ignore-shift", help="Give a verdict even if the shift guard finds that P and U differ without the model."),
+    shift_encoder: str = typer.Option("auto", "--shift-encoder", help="auto (CLIP if cached locally, else built-in), clip or builtin."),
+    batch_size: int = typer.Option(8, "--batch-size", help="Images per model batch."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
+    dtype: str = typer.Option("float32", "--dtype", help="float32, bfloat16 or float16 (GPU)."),
+    store: str = typer.Option(None, "--store", help="Feature store (folder or .sqlite file) to reuse and resume extraction."),
+    revision: str = typer.Option(None, "--revision", help="Hub revision (branch, tag or commit)."),
+    variant: str = typer.Option(None, "--variant", help="Weight variant, e.g. fp16."),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow loading .bin (pickle) weights; only for checkpoints you trust."),
+    skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip unreadable images (recorded in the result) instead of stopping."),
+    workers: int = typer.Option(None, "--workers", help="Image decoding worker processes."),
+    force: bool = typer.Option(False, "--force", help="Replace an earlier audit in --out."),
+    fmt: str = typer.Option("text", "--format", help="text or json."),
+) -> None:
+    """Audit: were the published images used to train the model? Writes result.json, features.csv and report.html."""
+    with _user_errors():
+        from cdi.audit import AuditConfig, run_audit
+
+        fmt = _format_option(fmt)
+        config = AuditConfig(
+            published=published, unpublished=unpublished, model=model, out=out, features=features, alpha=alpha,
+            seed=seed, folds=folds, permutations=permutations, scorer=scorer,
+            sample_size_resamples=sample_size_resamples, ignore_shift=ignore_shift, shift_encoder=shift_encoder,
+            batch_size=batch_size, device=device, dtype=dtype, store=store, revision=revision, variant=variant,
+            allow_pickle=allow_pickle, skip_bad=skip_bad, workers=workers, force=force,
+        )
+        result = run_audit(config, progress=fmt == "text")
+        _print_result(result, fmt, out)
+
+
+@app.command("demo")
+def demo_command(
+    out: str = typer.Option("demo-out", "--out", help="Folder for the demo's data and audit files."),
+    null: bool = typer.Option(False, "--null", help="Draw the published images from non-members: the audit must not detect use."),
+    member_fraction: float = typer.Option(1.0, "--member-fraction", help="Share of the published images drawn from the members (partial use)."),
+    n: int = typer.Option(None, "--n", help="Images per collection (default: 150)."),
+    kind: str = typer.Option("sd", "--kind", help="Toy model: sd (text-to-image latent model) or ddpm (class-conditional pixel model)."),
+    strength: str = typer.Option("overtrained", "--strength", help="Toy training strength: light or overtrained."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the draw and of the audit."),
+    permutations: int = typer.Option(1000, "--permutations", help="Permutations of the permutation test."),
+    store: str = typer.Option(None, "--store", help="Feature store to reuse between demo runs."),
+    fmt: str = typer.Option("text", "--format", help="text or json."),
+) -> None:
+    """Build (or load) the embedded toy world and audit it."""
+    with _user_errors():
+        from cdi.demo import DEFAULT_DEMO_SIZE, run_demo
+
+        fmt = _format_option(fmt)
+        result = run_demo(out, null=null, member_fraction=member_fraction, n=n or DEFAULT_DEMO_SIZE, kind=kind,
+                          strength=strength, seed=seed, permutations=permutations, store=store,
+                          progress=fmt == "text")
+        _print_result(result, fmt, out)
+
+
 if __name__ == "__main__":  # pragma: no cover
     app()

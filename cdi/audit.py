@@ -1,0 +1,353 @@
+"""The audit: were the published images used to train the model?
+
+``run_audit`` is what ``cdi audit`` calls. In order:
+
+1. validate every option and both image folders (nothing is written or
+   loaded before the inputs are known to be usable);
+2. load the model and resolve the feature families;
+3. extract per-image features of P and U (one encode per image, cached in
+   the feature store when one is given);
+4. run the verdict test and the permutation test (``cdi.stats.audit_test``),
+   the sample-size curve (``cdi.stats.sample_size_curve``) and the shift
+   guard (``cdi.shift_guard``) on model-free image descriptors;
+5. decide the verdict: ``inconclusive`` if the shift guard detects that P
+   and U differ without the model (unless ``ignore_shift``), else ``used`` if
+   the verdict test rejects at ``alpha``, else ``not_detected``;
+6. write ``features.csv`` (+ sidecar), ``result.json`` and ``report.html``
+   into the output folder, each atomically.
+
+``analyse_tables`` is steps 4 and 5 on their own: it needs only the feature
+tables, so stored features can be re-tested without the model.
+"""
+
+from __future__ import annotations
+
+import shlex
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from cdi.data import DEFAULT_MAX_PIXELS, ImageCollection, load_audit_collections
+from cdi.environment import environment_report
+from cdi.errors import CDIError
+from cdi.result import (
+    FEATURES_FILE,
+    REPORT_FILE,
+    RESULT_FILE,
+    AuditResult,
+    FeatureWeight,
+    ImageScore,
+    SampleSizeCurve,
+    ShiftGuard,
+)
+from cdi.table import FeatureTable
+
+SCORERS = ("logistic", "xgboost")
+
+
+@dataclass
+class AuditConfig:
+    """Every parameter of an audit; recorded verbatim in ``result.json``."""
+
+    published: str
+    unpublished: str
+    model: str
+    out: str
+    features: str | None = None  # None: cdi+clid for conditional models, cdi otherwise
+    alpha: float = 0.01
+    seed: int = 0
+    folds: int = 5
+    permutations: int = 1000
+    scorer: str = "logistic"
+    protocol: str = "sequential"
+    sample_size_resamples: int = 50
+    ignore_shift: bool = False
+    shift_encoder: str = "auto"
+    batch_size: int = 8
+    device: str = "auto"
+    dtype: str = "float32"
+    store: str | None = None
+    revision: str | None = None
+    variant: str | None = None
+    allow_pickle: bool = False
+    skip_bad: bool = False
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    workers: int | None = None
+    force: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)  # e.g. how the demo drew P and U
+
+    def validate(self) -> None:
+        """Check the options that need no file access; raise ``CDIError``."""
+        if not 0.0 < self.alpha < 0.5:
+            raise CDIError(f"--alpha must be between 0 and 0.5 (got {self.alpha}); 0.01 is the usual choice")
+        if self.folds < 2:
+            raise CDIError(f"--folds must be at least 2 (got {self.folds})")
+        if self.permutations < 0:
+            raise CDIError(f"--permutations must be 0 (off) or positive (got {self.permutations})")
+        if self.scorer not in SCORERS:
+            raise CDIError(f"--scorer must be one of {', '.join(SCORERS)} (got {self.scorer!r})")
+        if self.batch_size < 1:
+            raise CDIError(f"--batch-size must be at least 1 (got {self.batch_size})")
+        if self.sample_size_resamples < 0:
+            raise CDIError("--sample-size-resamples must be 0 (off) or positive")
+        out = Path(self.out)
+        if out.exists() and not out.is_dir():
+            raise CDIError(f"--out {out} exists and is not a folder; choose a folder for the audit's files")
+        if out.is_dir() and (out / RESULT_FILE).exists() and not self.force:
+            raise CDIError(
+                f"{out} already holds an audit ({RESULT_FILE}); choose another --out or pass --force to replace it"
+            )
+
+
+def reproduce_command(config: AuditConfig) -> str:
+    """The ``cdi audit`` command line that repeats this audit."""
+    defaults = AuditConfig(config.published, config.unpublished, config.model, config.out)
+    parts = ["cdi", "audit", "--published", config.published, "--unpublished", config.unpublished,
+             "--model", config.model, "--out", config.out]
+    for name, value in asdict(config).items():
+        if name in {"published", "unpublished", "model", "out", "extra", "force"}:
+            continue
+        if value == getattr(defaults, name) or value is None:
+            continue
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, bool):
+            parts.append(flag)
+        else:
+            parts += [flag, str(value)]
+    return " ".join(shlex.quote(p) for p in parts)
+
+
+@dataclass
+class Analysis:
+    """What ``analyse_tables`` concluded (the model-dependent part of a result)."""
+
+    verdict: str
+    test: Any  # cdi.stats.TestResult
+    curve: SampleSizeCurve | None
+    shift: ShiftGuard | None
+    seconds: dict[str, float]
+
+
+def analyse_tables(
+    published: FeatureTable,
+    unpublished: FeatureTable,
+    *,
+    directions: Sequence[int] | None,
+    config: AuditConfig,
+    shift_features: tuple[np.ndarray, np.ndarray, str] | None = None,
+) -> Analysis:
+    """Tests, sample-size curve, shift guard and verdict from feature tables alone.
+
+    ``shift_features`` is ``(descriptors of P, descriptors of U, encoder name)``
+    for the shift guard; None skips the guard (recorded as not run).
+    """
+    from cdi.shift_guard import shift_guard
+    from cdi.stats import audit_test, sample_size_curve
+
+    seconds: dict[str, float] = {}
+    start = time.perf_counter()
+    test = audit_test(
+        published.values, unpublished.values, directions=directions, scorer=config.scorer,
+        folds=config.folds, permutations=config.permutations, alpha=config.alpha, seed=config.seed,
+        protocol=config.protocol, columns=published.columns,
+    )
+    seconds["test_s"] = time.perf_counter() - start
+
+    curve = None
+    if config.sample_size_resamples > 0:
+        start = time.perf_counter()
+        raw = sample_size_curve(
+            published.values, unpublished.values, directions=directions, alpha=config.alpha,
+            resamples=config.sample_size_resamples, seed=config.seed, scorer=config.scorer,
+            folds=config.folds, columns=published.columns,
+        )
+        curve = SampleSizeCurve(
+            sizes=list(raw.sizes), median_p=list(raw.median_p), share_significant=list(raw.share_significant),
+            n_needed=raw.n_needed, target_share=raw.power, resamples=raw.resamples, alpha=raw.alpha,
+        )
+        seconds["sample_size_curve_s"] = time.perf_counter() - start
+
+    shift = None
+    if shift_features is not None:
+        start = time.perf_counter()
+        feats_p, feats_u, encoder = shift_features
+        guard = shift_guard(feats_p, feats_u, alpha=config.alpha, seed=config.seed, encoder=encoder)
+        shift = ShiftGuard(
+            encoder=guard.encoder, p_value=guard.p_value, auc=guard.auc, detected=guard.detected,
+            ignored=config.ignore_shift, alpha=config.alpha, note=guard.note,
+        )
+        seconds["shift_guard_s"] = time.perf_counter() - start
+
+    if shift is not None and shift.detected and not config.ignore_shift:
+        verdict = "inconclusive"
+    elif test.rejected:
+        verdict = "used"
+    else:
+        verdict = "not_detected"
+    return Analysis(verdict=verdict, test=test, curve=curve, shift=shift, seconds=seconds)
+
+
+def _family_of_columns(families) -> dict[str, str]:
+    return {column: family.name for family in families for column in family.columns()}
+
+
+def build_result(
+    analysis: Analysis,
+    published: FeatureTable,
+    unpublished: FeatureTable,
+    *,
+    families,
+    feature_spec: str,
+    directions: Sequence[int] | None,
+    model: dict[str, Any],
+    config: AuditConfig,
+    timings: dict[str, Any],
+) -> AuditResult:
+    """Assemble the ``AuditResult`` of an analysis."""
+    test = analysis.test
+    scoring = test.scoring
+    n_p = len(published)
+    scores, tested = scoring.scores, scoring.tested
+    rows = []
+    for i, table in enumerate([published, unpublished]):
+        offset = 0 if i == 0 else n_p
+        name = "published" if i == 0 else "unpublished"
+        for j in range(len(table)):
+            rows.append(ImageScore(
+                path=table.paths[j], sha256=table.hashes[j], collection=name, caption=table.captions[j],
+                score=float(scores[offset + j]), in_test=bool(tested[offset + j]),
+            ))
+    family_of = _family_of_columns(families)
+    weights = [FeatureWeight(column=c, family=family_of.get(c, c), weight=float(w))
+               for c, w in scoring.coefficients.items()]
+    protocol = test.to_dict()
+    for key in ("scores_published", "scores_unpublished", "scoring"):
+        protocol.pop(key, None)
+    protocol.update(name=test.protocol, description=_protocol_description(test.protocol),
+                    coefficient_kind=scoring.coefficient_kind)
+    return AuditResult(
+        verdict=analysis.verdict,
+        p_value=float(test.verdict_p),
+        p_value_ttest=float(test.ttest_p),
+        p_value_permutation=None if test.permutation_p is None else float(test.permutation_p),
+        alpha=config.alpha,
+        n_published=n_p,
+        n_unpublished=len(unpublished),
+        statistic=float(test.statistic),
+        df=None if test.df is None else float(test.df),
+        effect_size=float(test.effect_size),
+        auc=float(test.auc),
+        protocol=protocol,
+        scores=rows,
+        feature_weights=weights,
+        sample_size_curve=analysis.curve,
+        shift_guard=analysis.shift,
+        model=model,
+        features={
+            "set": feature_spec,
+            "families": [{"name": f.name, "key": f.key(), "config": f.config_dict(), "columns": f.columns()}
+                         for f in families],
+            "columns": list(published.columns),
+            "directions": None if directions is None else [int(d) for d in directions],
+        },
+        parameters={k: v for k, v in asdict(config).items() if k != "force"},
+        seed=config.seed,
+        command=reproduce_command(config),
+        environment=environment_report(),
+        timings={**timings, **analysis.seconds},
+    )
+
+
+def _protocol_description(name: str) -> str:
+    from cdi import stats
+
+    text = stats.PROTOCOL_DESCRIPTIONS.get(name) if hasattr(stats, "PROTOCOL_DESCRIPTIONS") else None
+    return text or (stats.__doc__ or "").strip()
+
+
+def _combined_table(published: FeatureTable, unpublished: FeatureTable) -> FeatureTable:
+    """One table of both collections, paths prefixed by the collection name."""
+    both = FeatureTable.concat([published, unpublished])
+    both.paths = [f"published/{p}" for p in published.paths] + [f"unpublished/{p}" for p in unpublished.paths]
+    return both
+
+
+def run_audit(config: AuditConfig, *, progress: bool = True) -> AuditResult:
+    """Run a whole audit and write its files into ``config.out``; see the module docstring."""
+    from cdi.models import load_model
+    from cdi.shift_guard import image_embeddings
+    from features.extract import extract_features
+    from features.registry import default_feature_set, directions_of, resolve_features
+    from reports import write_report
+
+    started = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    t0 = time.perf_counter()
+    config.validate()
+    published, unpublished = load_audit_collections(
+        config.published, config.unpublished, skip_bad=config.skip_bad, max_pixels=config.max_pixels
+    )
+    _check_sizes(published, unpublished, config.folds)
+    if config.features is not None:
+        resolve_features(config.features)  # fail on a bad name before loading the model
+
+    adapter = load_model(config.model, revision=config.revision, variant=config.variant, dtype=config.dtype,
+                         device=config.device, allow_pickle=config.allow_pickle)
+    feature_spec = config.features or default_feature_set(adapter)
+    families = resolve_features(feature_spec)
+    for family in families:
+        family.check_applicable(adapter)
+    directions = directions_of(families, adapter)
+    t_loaded = time.perf_counter()
+
+    tables = [
+        extract_features(adapter, collection, families, seed=config.seed, batch_size=config.batch_size,
+                         store=config.store, num_workers=config.workers, progress=progress)
+        for collection in (published, unpublished)
+    ]
+    t_extracted = time.perf_counter()
+
+    emb_p, encoder = image_embeddings(published, encoder=config.shift_encoder)
+    emb_u, _ = image_embeddings(unpublished, encoder=encoder)
+    t_embedded = time.perf_counter()
+
+    analysis = analyse_tables(tables[0], tables[1], directions=directions, config=config,
+                              shift_features=(emb_p, emb_u, encoder))
+    timings = {
+        "started_at": started,
+        "load_s": t_loaded - t0,
+        "extract_s": t_extracted - t_loaded,
+        "shift_embeddings_s": t_embedded - t_extracted,
+    }
+    result = build_result(analysis, tables[0], tables[1], families=families, feature_spec=feature_spec,
+                          directions=directions, model=adapter.describe(), config=config, timings=timings)
+    result.timings["total_s"] = time.perf_counter() - t0
+
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    _combined_table(tables[0], tables[1]).to_csv(out / FEATURES_FILE)
+    result.save(out)
+    write_report(out, result)
+    return result
+
+
+def _check_sizes(published: ImageCollection, unpublished: ImageCollection, folds: int) -> None:
+    from cdi.scoring import minimum_images
+
+    need = minimum_images(folds)
+    for collection in (published, unpublished):
+        if len(collection) < need:
+            raise CDIError(
+                f"the {collection.name} folder has {len(collection)} usable images, but an audit with "
+                f"--folds {folds} needs at least {need} per collection (more images give more power; "
+                f"tens to hundreds are typical)"
+            )
+
+
+def output_files(folder: str | Path) -> list[Path]:
+    """The files an audit writes into its output folder."""
+    folder = Path(folder)
+    return [folder / RESULT_FILE, folder / FEATURES_FILE, folder / REPORT_FILE]
