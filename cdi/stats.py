@@ -102,6 +102,29 @@ from cdi.scoring import (
 #: Label vectors fitted together in one batch of the permutation test.
 PERMUTATION_CHUNK = 200
 
+#: One paragraph per protocol, for reports (the module docstring has the details).
+PROTOCOL_DESCRIPTIONS = {
+    "sequential": (
+        "Features are standardised on all images without labels. The images are split into K stratified "
+        "blocks. Block 0 is scored by the direction-aware prior (mean of the standardised features, each "
+        "oriented so that higher means member); block 1 by a penalised logistic regression trained on "
+        "block 0; every later block by either the prior or the logistic regression trained on all earlier "
+        "blocks, whichever scored the blocks already tested better. No image's label influences the score "
+        "it is tested with. In each block, Welch's one-sided t-test (published higher) on the block's "
+        "rank-based normal scores gives a p-value; the blocks are combined by Stouffer's method with "
+        "weights fixed by the block sizes. The verdict p-value is this combination; it is calibrated under "
+        "the null hypothesis (checked by simulation). The permutation p-value repeats the whole procedure "
+        "with labels shuffled within blocks and is exact."
+    ),
+    "crossfit": (
+        "The CDI reference protocol: K-fold cross-fitted logistic regression gives every image an "
+        "out-of-fold score, and one Welch t-test compares published and unpublished scores. That t-test "
+        "rejects too often under the null hypothesis (out-of-fold scores are not independent), so the "
+        "verdict p-value is the permutation p-value, which repeats the whole cross-fitting with labels "
+        "shuffled within folds and is exact."
+    ),
+}
+
 LN10 = math.log(10.0)
 
 
