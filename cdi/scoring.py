@@ -265,8 +265,8 @@ def assign_blocks(y: np.ndarray, folds: int, seed: int) -> np.ndarray:
     block holds ``floor`` or ``ceil`` of ``n_class / folds`` images of each
     class.
     """
-    if int(folds) != folds or folds < 2:
-        raise CDIError(f"folds must be an integer of at least 2, got {folds}")
+    if isinstance(folds, bool) or not isinstance(folds, (int, np.integer)) or folds < 2:
+        raise CDIError(f"folds must be a whole number of at least 2, got {folds!r}")
     folds = int(folds)
     need = minimum_images(folds)
     counts = {"published": int((y == 1).sum()), "unpublished": int((y == 0).sum())}
