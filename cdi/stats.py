@@ -329,7 +329,12 @@ def audit_test(
         each class per block).
     permutations : int
         Permutations of the reported permutation test (0: skip it; not
-        allowed with ``protocol="crossfit"``, whose verdict it is).
+        allowed with ``protocol="crossfit"``, whose verdict it is). The
+        logistic scorer fits all permutations together (1,000 on 10,000 +
+        10,000 images: about 11 s on 2 busy cores,
+        ``benchmarks/permutation_speed.py``); ``scorer="xgboost"`` refits
+        the trees for every permutation and block (about 0.3 s per fit on
+        16,000 images), so ask for far fewer permutations there.
     alpha : float
         Significance level of ``rejected``.
     seed : int
