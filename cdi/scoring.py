@@ -46,9 +46,9 @@ Protocols (which images train the scorer of which block)
 * block ``k >= 2`` by one of two candidates, the prior score or the learned
   scorer trained on blocks ``0..k-1``: the one with the better record on the
   blocks already tested, i.e. the larger ``sum_{j=1..k-1} w_j z_j`` where
-  ``z_j`` is the candidate's Welch statistic on block ``j`` (as a normal
-  score) and ``w_j`` the block's weight (``cdi.stats``); ties go to the
-  prior.
+  ``z_j`` is the candidate's block statistic on block ``j`` (``block_z``:
+  Welch's t-test on the block's rank-based normal scores, as a normal
+  deviate) and ``w_j`` the block's fixed weight; ties go to the prior.
 
 So every image is tested exactly once, by a score that its own label never
 influenced. Under the null hypothesis each block's statistic is, given
