@@ -3,7 +3,7 @@
 A classifier trained on the calibration split to separate members from
 non-members using only model-free image embeddings: the built-in colour and
 gradient descriptor, or CLIP image embeddings when the weights are cached
-locally (``cdi.descriptors.image_embeddings``). It sees the images, never the
+locally (``cdi.shift_guard.image_embeddings``). It sees the images, never the
 target model. If it separates members from non-members, the two sets differ
 in distribution and a benchmark built on them measures that shift, not
 membership; every attack's figures should be read against this row.

@@ -66,6 +66,7 @@ class AuditConfig:
     protocol: str = "sequential"
     sample_size_resamples: int = 50
     ignore_shift: bool = False
+    shift_alpha: float = 0.05  # the guard errs towards "inconclusive": a missed shift could accuse wrongly
     shift_encoder: str = "auto"
     batch_size: int = 8
     device: str = "auto"
@@ -84,6 +85,8 @@ class AuditConfig:
         """Check the options that need no file access; raise ``CDIError``."""
         if not 0.0 < self.alpha < 0.5:
             raise CDIError(f"--alpha must be between 0 and 0.5 (got {self.alpha}); 0.01 is the usual choice")
+        if not 0.0 < self.shift_alpha < 1.0:
+            raise CDIError(f"--shift-alpha must be between 0 and 1 (got {self.shift_alpha})")
         if self.folds < 2:
             raise CDIError(f"--folds must be at least 2 (got {self.folds})")
         if self.permutations < 0:
@@ -175,10 +178,10 @@ def analyse_tables(
     if shift_features is not None:
         start = time.perf_counter()
         feats_p, feats_u, encoder = shift_features
-        guard = shift_guard(feats_p, feats_u, alpha=config.alpha, seed=config.seed, encoder=encoder)
+        guard = shift_guard(feats_p, feats_u, alpha=config.shift_alpha, seed=config.seed, encoder=encoder)
         shift = ShiftGuard(
             encoder=guard.encoder, p_value=guard.p_value, auc=guard.auc, detected=guard.detected,
-            ignored=config.ignore_shift, alpha=config.alpha, note=guard.note,
+            ignored=config.ignore_shift, alpha=config.shift_alpha, note=guard.note,
         )
         seconds["shift_guard_s"] = time.perf_counter() - start
 

@@ -381,6 +381,7 @@ def audit_command(
     scorer: str = typer.Option("logistic", "--scorer", help="logistic or xgboost."),
     sample_size_resamples: int = typer.Option(50, "--sample-size-resamples", help="Resamples per size for the images-needed curve (0: off)."),
     ignore_shift: bool = typer.Option(False, "--ignore-shift", help="Give a verdict even if the shift guard finds that P and U differ without the model."),
+    shift_alpha: float = typer.Option(0.05, "--shift-alpha", help="Significance level of the shift guard (higher = more cautious)."),
     shift_encoder: str = typer.Option("auto", "--shift-encoder", help="auto (CLIP if cached locally, else built-in), clip or builtin."),
     batch_size: int = typer.Option(8, "--batch-size", help="Images per model batch."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
@@ -402,7 +403,8 @@ def audit_command(
         config = AuditConfig(
             published=published, unpublished=unpublished, model=model, out=out, features=features, alpha=alpha,
             seed=seed, folds=folds, permutations=permutations, scorer=scorer,
-            sample_size_resamples=sample_size_resamples, ignore_shift=ignore_shift, shift_encoder=shift_encoder,
+            sample_size_resamples=sample_size_resamples, ignore_shift=ignore_shift, shift_alpha=shift_alpha,
+            shift_encoder=shift_encoder,
             batch_size=batch_size, device=device, dtype=dtype, store=store, revision=revision, variant=variant,
             allow_pickle=allow_pickle, skip_bad=skip_bad, workers=workers, force=force,
         )

@@ -164,7 +164,6 @@ def test_cli_shift_rejects_bad_options(tmp_path):
 
 
 def test_cli_shift_end_to_end(tmp_path):
-    pytest.importorskip("cdi.descriptors")
     from typer.testing import CliRunner
 
     from cdi.cli import app
