@@ -436,5 +436,38 @@ def demo_command(
         _print_result(result, fmt, out)
 
 
+@app.command("benchmark")
+def benchmark_command(
+    out: str = typer.Option(..., "--out", help="Folder for benchmark.json, benchmark.html and the feature store."),
+    setup: str = typer.Option(None, "--setup", help="A named setup from examples/setups (toy-defective, toy-realistic, copymark-*, sd15-laion-mi)."),
+    members: str = typer.Option(None, "--members", help="Folder of member images (with --nonmembers and --model)."),
+    nonmembers: str = typer.Option(None, "--nonmembers", help="Folder of non-member images."),
+    model: str = typer.Option(None, "--model", help="Model alias, hub id or local pipeline folder."),
+    methods: str = typer.Option(None, "--methods", help="Comma-separated attacks (default: all; with --quick a cheap subset)."),
+    calibration_fraction: float = typer.Option(0.5, "--calibration-fraction", help="Share of each class used for calibration."),
+    quick: bool = typer.Option(False, "--quick", help="Small sizes: 60 images of each class, cheap methods, fewer PFAMI/GSA calls."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the subset, split, noise, folds and bootstrap."),
+    batch_size: int = typer.Option(8, "--batch-size", help="Images per model batch."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
+    dtype: str = typer.Option("float32", "--dtype", help="float32, bfloat16 or float16 (GPU)."),
+    store: str = typer.Option(None, "--store", help="Feature store (default: <out>/features.sqlite)."),
+    mix: str = typer.Option(None, "--mix", help="Mixing experiment: shifted shares of non-members, e.g. 0,0.25,0.5,0.75,1."),
+    permutations: int = typer.Option(1000, "--permutations", help="Permutations of the audit's permutation test."),
+    folds: int = typer.Option(5, "--folds", help="Folds of cross-fitting for trained methods and of the audit."),
+) -> None:
+    """Benchmark single-image membership inference attacks (CopyMark protocol) beside the CDI audit."""
+    with _user_errors():
+        from cdi.benchmark import BenchmarkConfig, format_table, run_benchmark
+
+        config = BenchmarkConfig(
+            out=out, setup=setup, members=members, nonmembers=nonmembers, model=model, methods=methods,
+            calibration_fraction=calibration_fraction, quick=quick, seed=seed, batch_size=batch_size,
+            device=device, dtype=dtype, store=store, mix=mix, permutations=permutations, folds=folds,
+        )
+        result = run_benchmark(config, progress=True)
+        typer.echo(format_table(result))
+        typer.echo(f"wrote {out}/benchmark.json and {out}/benchmark.html")
+
+
 if __name__ == "__main__":  # pragma: no cover
     app()
