@@ -436,6 +436,50 @@ def demo_command(
         _print_result(result, fmt, out)
 
 
+@app.command("speed")
+def speed_command(
+    model: str = typer.Option(..., "--model", help="Model alias (`cdi models`), Hugging Face hub id, or local pipeline folder."),
+    features: str = typer.Option(None, "--features", help="cdi, cdi+clid, or a comma-separated list of families (default: cdi+clid for conditional models, cdi otherwise)."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
+    dtype: str = typer.Option("float32", "--dtype", help="Compute dtype of the model: float32, bfloat16 or float16 (GPU only)."),
+    batch_size: str = typer.Option("auto", "--batch-size", help="Images per model batch, or auto (largest that fits on CUDA, 8 elsewhere)."),
+    images: int = typer.Option(None, "--images", help="Images to time: synthetic ones (default 32), or the first N of --images-dir (default all)."),
+    images_dir: str = typer.Option(None, "--images-dir", help="Time these images instead of synthetic ones."),
+    audit_size: int = typer.Option(1000, "--audit-size", help="Images per collection of the audit whose duration is estimated."),
+    fmt: str = typer.Option("text", "--format", help="text or json."),
+) -> None:
+    """Time feature extraction: images/s, model calls, peak memory, and efficiency against the bare network."""
+    from cdi.data import ImageCollection
+    from cdi.models import load_model
+    from cdi.models.loading import resolve_device, resolve_dtype
+    from cdi.speed import measure_speed, parse_batch_size, speed_table, to_json
+    from features.registry import default_feature_set, resolve_features
+
+    with _user_errors():
+        fmt = _format_option(fmt)
+        batch = parse_batch_size(batch_size)
+        if images is not None and images < 1:
+            raise CDIError(f"--images must be at least 1, got {images}")
+        if audit_size < 1:
+            raise CDIError(f"--audit-size must be at least 1, got {audit_size}")
+        families = resolve_features(features) if features is not None else None
+        resolve_dtype(dtype, resolve_device(device))
+        collection = None
+        if images_dir is not None:
+            collection = ImageCollection.from_folder(images_dir)
+            if images is not None:
+                collection = collection.subset(range(min(images, len(collection))))
+        adapter = load_model(model, dtype=dtype, device=device)
+        if families is None:
+            families = resolve_features(default_feature_set(adapter))
+        report = measure_speed(adapter, families, collection=collection, images=images or 32, batch_size=batch,
+                               audit_size=audit_size)
+        if fmt == "json":
+            print(to_json(report))
+        else:
+            console.print(speed_table(report))
+
+
 @app.command("benchmark")
 def benchmark_command(
     out: str = typer.Option(..., "--out", help="Folder for benchmark.json, benchmark.html and the feature store."),

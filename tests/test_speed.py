@@ -1,0 +1,120 @@
+"""``cdi speed``: the report's keys and their consistency, and its input checks (no timing assertions)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from cdi.cli import app
+from cdi.errors import CDIError
+from cdi.speed import _entry, parse_batch_size, synthetic_images
+from features.base import Cost
+from features.registry import FEATURE_SETS
+
+runner = CliRunner()
+
+TIMING_KEYS = {"images_per_second", "calls_per_image", "measured_seconds", "roofline_seconds", "efficiency"}
+
+
+@pytest.fixture(scope="module")
+def cdi_report(tiny_model_dirs) -> dict:
+    result = runner.invoke(app, ["speed", "--model", str(tiny_model_dirs["sd"]), "--device", "cpu",
+                                 "--features", "cdi", "--format", "json", "--images", "8"])
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+def test_report_has_every_key_with_sane_values(cdi_report):
+    report = cdi_report
+    for key in ("images_per_second", "efficiency", "calls_per_image", "peak_memory_bytes", "families",
+                "roofline_seconds", "measured_seconds", "device", "dtype", "batch_size", "images",
+                "audit_estimate_seconds"):
+        assert key in report, key
+    assert report["images"] == 8 and report["batch_size"] == 8  # auto on CPU
+    assert report["device"] == "cpu" and report["dtype"] == "float32"
+    assert report["images_per_second"] > 0
+    assert report["calls_per_image"] == {"forward": 56, "backward": 15}
+    assert 0 < report["efficiency"] <= 1.5
+    assert report["measured_seconds"] > 0 and report["roofline_seconds"] > 0
+    assert math.isclose(report["images_per_second"], 8 / report["measured_seconds"])
+    assert math.isclose(report["efficiency"], report["roofline_seconds"] / report["measured_seconds"])
+    assert math.isclose(report["audit_estimate_seconds"], 2 * 1000 * report["measured_seconds"] / 8)
+    assert report["peak_memory_bytes"]["host"] > 2**20 and report["peak_memory_bytes"]["device"] is None
+    assert report["roofline"]["forward_seconds_per_call"] > 0 and report["roofline"]["backward_seconds_per_call"] > 0
+
+
+def test_every_family_has_its_own_entry(cdi_report):
+    families = cdi_report["families"]
+    assert list(families) == FEATURE_SETS["cdi"]
+    for name, entry in families.items():
+        assert set(entry) == TIMING_KEYS, name
+        assert entry["images_per_second"] > 0 and entry["efficiency"] > 0, name
+        # A family's extract is part of the whole run.
+        assert entry["measured_seconds"] < cdi_report["measured_seconds"], name
+    assert sum(e["calls_per_image"]["forward"] for e in families.values()) == 56
+    assert sum(e["calls_per_image"]["backward"] for e in families.values()) == 15
+    assert math.isclose(sum(e["roofline_seconds"] for e in families.values()), cdi_report["roofline_seconds"])
+    assert families["denoising_loss"]["calls_per_image"] == {"forward": 5, "backward": 0}
+    assert families["gradient_masking"]["calls_per_image"] == {"forward": 20, "backward": 10}
+
+
+def test_text_output_is_a_table(tiny_model_dirs):
+    result = runner.invoke(app, ["speed", "--model", str(tiny_model_dirs["ddpm_uncond"]), "--device", "cpu",
+                                 "--features", "denoising_loss", "--images", "2", "--batch-size", "2",
+                                 "--audit-size", "10"])
+    assert result.exit_code == 0, result.output
+    for text in ("denoising_loss", "all", "efficiency", "2 x 10 images", "peak memory"):
+        assert text in result.stdout, text
+
+
+@pytest.mark.parametrize("value", ["0", "-3", "abc", "2.5", ""])
+def test_bad_batch_size_exits_2(tiny_model_dirs, value):
+    result = runner.invoke(app, ["speed", "--model", str(tiny_model_dirs["sd"]), "--device", "cpu",
+                                 "--batch-size", value])
+    assert result.exit_code == 2, result.output
+    assert "--batch-size" in result.stderr and "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("args", [["--format", "yaml"], ["--images", "0"], ["--audit-size", "0"],
+                                  ["--features", "nope"]])
+def test_bad_options_exit_2(tiny_model_dirs, args):
+    result = runner.invoke(app, ["speed", "--model", str(tiny_model_dirs["sd"]), "--device", "cpu", *args])
+    assert result.exit_code == 2, result.output
+    assert "error:" in result.stderr and "Traceback" not in result.output
+
+
+def test_parse_batch_size():
+    assert parse_batch_size("auto") == "auto" and parse_batch_size(" AUTO ") == "auto"
+    assert parse_batch_size("16") == 16 and parse_batch_size(3) == 3
+    with pytest.raises(CDIError, match="at least 1"):
+        parse_batch_size("0")
+
+
+def test_synthetic_images_are_seeded_distinct_and_captioned(tmp_path):
+    a = synthetic_images(tmp_path / "a", 3, 12, 3, seed=5)
+    b = synthetic_images(tmp_path / "b", 3, 12, 3, seed=5)
+    grey = synthetic_images(tmp_path / "g", 1, 12, 1)
+    pixels = [np.asarray(Image.open(a / f"image_{i:05d}.png")) for i in range(3)]
+    assert pixels[0].shape == (12, 12, 3)
+    assert not np.array_equal(pixels[0], pixels[1])
+    assert np.array_equal(pixels[2], np.asarray(Image.open(b / "image_00002.png")))
+    assert (a / "image_00001.txt").read_text().strip() == "synthetic image 1"
+    assert np.asarray(Image.open(grey / "image_00000.png")).shape == (12, 12)
+    with pytest.raises(CDIError):
+        synthetic_images(tmp_path / "none", 0, 12, 3)
+
+
+def test_roofline_counts_backward_calls_once():
+    # 5 forward calls of which 2 carry a backward: 3 plain forwards + 2 forward+backward.
+    entry = _entry(Cost(5, 2), images=4, measured=10.0, per_forward=0.1, per_backward=0.3)
+    assert math.isclose(entry["roofline_seconds"], 4 * (3 * 0.1 + 2 * 0.3))
+    assert math.isclose(entry["efficiency"], entry["roofline_seconds"] / 10.0)
+    assert entry["calls_per_image"] == {"forward": 5, "backward": 2}
+    # No backward calls: an unmeasured backward time does not enter.
+    forward_only = _entry(Cost(3, 0), images=2, measured=1.0, per_forward=0.1, per_backward=float("nan"))
+    assert math.isclose(forward_only["roofline_seconds"], 0.6)
