@@ -498,6 +498,9 @@ def _write_atomic(path: Path, text: str) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(text)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the usual permissions
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -546,10 +549,15 @@ def format_table(result: dict[str, Any]) -> str:
         lines.append(f"audit not run: {audit['skipped']}")
     else:
         lines.append(f"audit (test split, CDI features): verdict {audit['verdict']}, p = {audit['p_value']:.3g}")
-    for row in result.get("mixing") or []:
-        scores = ", ".join(f"{m} AUC {_pct(v['auc'])} TPR@1% {_pct(v['tpr_at_1fpr'])}"
-                           for m, v in row["methods"].items())
-        lines.append(f"mix {row['fraction']:g}: Frechet {row['frechet']:.4f}; {scores}")
+    mixing = result.get("mixing") or []
+    if mixing:
+        lines.append("mixing (calibration AUC / TPR@1%FPR, percent, by share of shifted non-members):")
+        lines.append(f"{'method':<10}" + "".join(f"{row['fraction']:>14g}" for row in mixing))
+        lines.append(f"{'Frechet':<10}" + "".join(f"{row['frechet']:>14.4f}" for row in mixing))
+        for method in mixing[0]["methods"]:
+            cells = (f"{_pct(row['methods'][method]['auc'])}/{_pct(row['methods'][method]['tpr_at_1fpr'])}"
+                     for row in mixing)
+            lines.append(f"{method:<10}" + "".join(f"{cell:>14}" for cell in cells))
     return "\n".join(lines)
 
 
