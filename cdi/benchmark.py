@@ -49,7 +49,7 @@ import time
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -368,35 +368,43 @@ def _mixing(fractions, members, nonmembers_dir: str, used_nonmembers, adapter, f
     (``cdi.toy.write_shifted_images`` with the run's seed), so the split and
     the members stay the same and only the shift changes.
     """
-    from attacks.shift import measure_shift
-    from cdi.data import ImageCollection
     from cdi.toy import write_shifted_images
 
     rows = []
     wanted = [r.path for r in used_nonmembers.records]
-    mix_root = Path(config.out) / "mix"
-    mix_root.mkdir(parents=True, exist_ok=True)
     for fraction in fractions:
-        folder = mix_root / f"shifted-{fraction:g}-seed{config.seed}"
-        if not folder.is_dir():
+        # The shifted copy is rebuilt every run (cheap next to the features, which the store keeps by
+        # image hash), so a copy left from another run can never be read by mistake.
+        with tempfile.TemporaryDirectory(dir=config.out, prefix=".mix-") as scratch:
+            folder = Path(scratch) / f"shifted-{fraction:g}"
             write_shifted_images(nonmembers_dir, folder, fraction=fraction, seed=config.seed)
-        mixed = ImageCollection.from_folder(folder, name=f"non-members with {fraction:g} shifted")
-        index = {r.path: i for i, r in enumerate(mixed.records)}
-        missing = [p for p in wanted if p not in index]
-        if missing:
-            raise CDIError(f"the mixing experiment needs a flat non-member folder; {missing[:3]} are not in "
-                           f"{folder} (shifted copies cover the top level only)")
-        mixed = mixed.subset([index[p] for p in wanted])
-        data = _extract(adapter, members, mixed, families, config, store, progress, encoder)
-        shift = measure_shift(*data.embeddings, encoder=data.encoder, seed=config.seed)
-        results = _evaluate_methods(methods, data, split, config, cdi_families, n_bootstrap=MIX_BOOTSTRAP)
-        rows.append({
-            "fraction": fraction,
-            "frechet": shift.frechet,
-            "methods": {m: {"auc": r.calibration["auc"], "tpr_at_1fpr": r.calibration["tpr_at_1fpr"]}
-                        for m, r in results.items()},
-        })
+            rows.append(_mixing_row(fraction, folder, wanted, members, adapter, families, methods, split, config,
+                                    store, progress, encoder, cdi_families))
     return rows
+
+
+def _mixing_row(fraction, folder, wanted, members, adapter, families, methods, split, config, store, progress,
+                encoder, cdi_families) -> dict:
+    """One row of the mixing experiment: the used non-members taken from the shifted copy ``folder``."""
+    from attacks.shift import measure_shift
+    from cdi.data import ImageCollection
+
+    mixed = ImageCollection.from_folder(folder, name=f"non-members with {fraction:g} shifted")
+    index = {r.path: i for i, r in enumerate(mixed.records)}
+    missing = [p for p in wanted if p not in index]
+    if missing:
+        raise CDIError(f"the mixing experiment needs a flat non-member folder; {missing[:3]} are not in "
+                       f"{folder} (shifted copies cover the top level only)")
+    mixed = mixed.subset([index[p] for p in wanted])
+    data = _extract(adapter, members, mixed, families, config, store, progress, encoder)
+    shift = measure_shift(*data.embeddings, encoder=data.encoder, seed=config.seed)
+    results = _evaluate_methods(methods, data, split, config, cdi_families, n_bootstrap=MIX_BOOTSTRAP)
+    return {
+        "fraction": fraction,
+        "frechet": shift.frechet,
+        "methods": {m: {"auc": r.calibration["auc"], "tpr_at_1fpr": r.calibration["tpr_at_1fpr"]}
+                    for m, r in results.items()},
+    }
 
 
 def run_benchmark(config: BenchmarkConfig, *, progress: bool = True) -> dict[str, Any]:
