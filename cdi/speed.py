@@ -57,7 +57,9 @@ MAX_AUTO_BATCH = 256
 #: Largest network batch the roofline loop tries.
 MAX_ROOFLINE_BATCH = 256
 #: The roofline stops growing the batch once one call takes this long (s).
-ROOFLINE_CALL_LIMIT = 1.0
+ROOFLINE_CALL_LIMIT = 10.0
+#: ... or once this many doublings in a row improved the best per-sample time by less than 5%.
+ROOFLINE_PATIENCE = 2
 #: Each roofline batch size is timed for at least this long (s).
 ROOFLINE_MIN_TIME = 0.2
 
@@ -168,7 +170,7 @@ def auto_batch_size(adapter: DiffusionAdapter, families: Sequence[FeatureFamily]
 # Roofline
 # --------------------------------------------------------------------------
 def _time_call(device: torch.device, call: Callable[[], None]) -> float:
-    """Seconds per call of ``call`` (after one warm-up call), timed for ``ROOFLINE_MIN_TIME`` at least."""
+    """Seconds per call of ``call``: one warm-up call, then calls until ``ROOFLINE_MIN_TIME`` has passed."""
     call()
     _sync(device)
     reps = 0
@@ -178,7 +180,7 @@ def _time_call(device: torch.device, call: Callable[[], None]) -> float:
         reps += 1
         _sync(device)
         elapsed = time.perf_counter() - start
-        if reps >= 2 and elapsed >= ROOFLINE_MIN_TIME or elapsed >= 5 * ROOFLINE_CALL_LIMIT:
+        if elapsed >= ROOFLINE_MIN_TIME:
             return elapsed / reps
 
 
@@ -191,8 +193,10 @@ def roofline_seconds_per_call(
     ``backward`` each call is a forward on ``x_t.requires_grad_()`` followed by
     ``.sum().backward()``; otherwise a forward under ``torch.no_grad``.
     Batch sizes 1, 2, 4, ... up to ``max_batch`` are tried; the search stops
-    at the first size that runs out of CUDA memory or whose call takes more
-    than ``ROOFLINE_CALL_LIMIT`` seconds.
+    at the first size that runs out of CUDA memory, after a size whose call
+    takes more than ``ROOFLINE_CALL_LIMIT`` seconds, or once
+    ``ROOFLINE_PATIENCE`` doublings in a row brought less than 5% over the
+    best per-sample time so far (the network is then saturated).
     """
     with torch.no_grad():
         probe = adapter.encode(torch.zeros((1, adapter.image_channels, adapter.resolution, adapter.resolution),
@@ -200,6 +204,7 @@ def roofline_seconds_per_call(
     shape = tuple(probe.shape[1:])
     gen = torch.Generator().manual_seed(0)
     best = (float("inf"), 1)
+    stale = 0
     size = 1
     while size <= max_batch:
         x_t = torch.randn((size, *shape), generator=gen).to(adapter.device)
@@ -222,9 +227,10 @@ def roofline_seconds_per_call(
                 raise
             _free(adapter.device)
             break
+        stale = 0 if per_call / size < 0.95 * best[0] else stale + 1
         if per_call / size < best[0]:
             best = (per_call / size, size)
-        if per_call > ROOFLINE_CALL_LIMIT:
+        if per_call > ROOFLINE_CALL_LIMIT or stale >= ROOFLINE_PATIENCE:
             break
         size *= 2
     _free(adapter.device)
