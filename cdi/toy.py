@@ -261,6 +261,7 @@ def _atomic_dir(target: Path) -> Iterator[Path]:
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; give it a normal folder's mode
     try:
         yield tmp
         old = None
@@ -273,6 +274,12 @@ def _atomic_dir(target: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _write_json(path: Path, data: dict) -> None:
@@ -855,6 +862,65 @@ def build_world(
     return ToyWorld.at(out, info)
 
 
+# ---------------------------------------------------------------- measuring
+def measure_membership(
+    world: ToyWorld, *, seed: int = 0, subset_size: int = 300, subsets: int = 20, batch_size: int = 64,
+    device: str = "cpu", progress: bool = False,
+) -> dict:
+    """How strongly a toy model reveals membership, with the Denoising Loss.
+
+    The per-image loss is cdi's ``denoising_loss`` feature (t = 100, mean of
+    ``||eps_theta(x_t, t, c) - eps||_2`` over 5 seeded noises, the caption or
+    class as condition), computed by the extraction engine for every member
+    and non-member.
+
+    Returns
+    -------
+    dict
+        ``auc`` (members positive, lower loss = member), ``tpr_at_1pct_fpr``
+        (largest TPR with FPR <= 1%), ``welch_p`` (one-sided Welch t-test,
+        H1: members' mean loss is lower, all images), and over ``subsets``
+        seeded draws of ``subset_size`` members and ``subset_size``
+        non-members: ``subset_welch_p_median`` and ``subset_reject_rate_0.01``.
+    """
+    from scipy import stats
+
+    from attacks.metrics import roc_auc, tpr_at_fpr
+    from cdi.data import ImageCollection
+    from cdi.models import load_model
+    from features.extract import extract_features
+    from features.registry import resolve_features
+
+    adapter = load_model(str(world.model_dir), device=device, dtype="float32")
+    families = resolve_features("denoising_loss")
+    losses = []
+    for folder, name in ((world.members_dir, "members"), (world.nonmembers_dir, "nonmembers")):
+        collection = ImageCollection.from_folder(folder, name=name)
+        table = extract_features(adapter, collection, families, seed=seed, batch_size=batch_size,
+                                 num_workers=0, progress=progress)
+        losses.append(table.values[:, 0])
+    members, nonmembers = losses
+    scores = -np.concatenate([members, nonmembers])
+    is_member = np.r_[np.ones(len(members)), np.zeros(len(nonmembers))]
+    rng = np.random.default_rng(seed)
+    size = min(subset_size, len(members), len(nonmembers))
+    subset_p = np.array([
+        stats.ttest_ind(rng.choice(members, size, replace=False), rng.choice(nonmembers, size, replace=False),
+                        equal_var=False, alternative="less").pvalue
+        for _ in range(subsets)
+    ])
+    return {
+        "kind": world.info["kind"], "strength": world.info["strength"], "seed": world.info["seed"],
+        "members": int(len(members)), "nonmembers": int(len(nonmembers)),
+        "mean_loss_members": float(members.mean()), "mean_loss_nonmembers": float(nonmembers.mean()),
+        "auc": roc_auc(scores, is_member), "tpr_at_1pct_fpr": tpr_at_fpr(scores, is_member, 0.01).tpr,
+        "welch_p": float(stats.ttest_ind(members, nonmembers, equal_var=False, alternative="less").pvalue),
+        "subset_size": int(size), "subsets": int(subsets),
+        "subset_welch_p_median": float(np.median(subset_p)),
+        "subset_reject_rate_0.01": float((subset_p < 0.01).mean()),
+    }
+
+
 # ------------------------------------------------------------------ command
 def _main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m cdi.toy", description=__doc__.split("\n\n")[0])
@@ -862,7 +928,15 @@ def _main(argv: Sequence[str] | None = None) -> int:
     ship = sub.add_parser("train-shipped", help="train a toy model for seed 0 into cdi/toy_weights")
     ship.add_argument("--kind", choices=KINDS, required=True)
     ship.add_argument("--strength", choices=STRENGTHS, required=True)
+    meas = sub.add_parser("measure", help="build a world (shipped weights) and print its membership signal as JSON")
+    meas.add_argument("--kind", choices=KINDS, required=True)
+    meas.add_argument("--strength", choices=STRENGTHS, required=True)
+    meas.add_argument("--out", default=None, help="world folder (default: the cache)")
     args = parser.parse_args(argv)
+    if args.command == "measure":
+        world = build_world(args.kind, args.strength, args.out, progress=False)
+        print(json.dumps(measure_membership(world), indent=2))
+        return 0
     hashes = train_shipped(args.kind, args.strength)
     for name, digest in hashes.items():
         print(f"{weights_dir(args.kind, args.strength) / name}  sha256 {digest}")
