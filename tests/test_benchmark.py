@@ -71,6 +71,7 @@ def test_benchmark_json_has_every_method_and_figure(bench_run):
     # with nothing shifted the mixing run sees the same images as the main run
     assert data["mixing"][0]["methods"]["loss"]["auc"] == pytest.approx(data["methods"]["loss"]["calibration"]["auc"])
     assert data["mixing"][1]["frechet"] != data["mixing"][0]["frechet"]
+    assert sorted(p.name for p in out.iterdir()) == ["benchmark.html", "benchmark.json", "features.sqlite"]
 
 
 def test_report_is_self_contained_and_escaped(bench_run):
