@@ -24,7 +24,12 @@ selection) on a separate batch of synthetic images, then one timed
 extraction. A family's time is the wall time of its ``extract`` calls (with a
 CUDA synchronisation around each); the whole set's time is the wall time of
 ``extract_features``, so it also holds decoding, ``encode`` and
-``conditions``. The process's thread settings are used as they are.
+``conditions``. The process's thread settings are used as they are (and
+reported as ``torch_threads``): on a machine whose cores are busy with other
+work, several intra-op threads can make small networks many times slower
+(measured: the toy SD model ran 8.5 times faster with ``OMP_NUM_THREADS=1``
+than with 2 threads on a loaded 2-core machine), so compare runs at the same
+thread count.
 """
 
 from __future__ import annotations
