@@ -1,0 +1,59 @@
+"""Extract the cdi+clid features of every toy-world image once, into a CSV.
+
+    python benchmarks/toy_features.py --strength light --out tests/data/toy_sd_light_features.csv
+
+The table (members and non-members, a ``member`` column in the sidecar's
+meta) feeds the null-calibration test on real model features and the power
+comparison of ``benchmarks/power_toy.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+import torch
+
+from cdi.data import ImageCollection
+from cdi.models import load_model
+from cdi.table import FeatureTable
+from cdi.toy import build_world
+from features.extract import extract_features
+from features.registry import resolve_features
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--kind", default="sd")
+    parser.add_argument("--strength", default="light")
+    parser.add_argument("--features", default="cdi+clid")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--store", default=None)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    world = build_world(args.kind, args.strength)
+    adapter = load_model(str(world.model_dir), device="cpu")
+    families = resolve_features(args.features)
+    tables = []
+    for folder in (world.members_dir, world.nonmembers_dir):
+        collection = ImageCollection.from_folder(folder)
+        tables.append(extract_features(adapter, collection, families, seed=0, batch_size=args.batch_size,
+                                       store=args.store, num_workers=0))
+    members, nonmembers = tables
+    both = FeatureTable(
+        paths=[f"members/{p}" for p in members.paths] + [f"nonmembers/{p}" for p in nonmembers.paths],
+        hashes=members.hashes + nonmembers.hashes,
+        captions=members.captions + nonmembers.captions,
+        columns=members.columns,
+        values=np.vstack([members.values, nonmembers.values]),
+        meta={**members.meta, "toy": {"kind": args.kind, "strength": args.strength,
+                                     "n_members": len(members), "n_nonmembers": len(nonmembers)}},
+    )
+    both.to_csv(args.out)
+    print(f"wrote {len(both)} rows x {len(both.columns)} columns to {args.out}")
+
+
+if __name__ == "__main__":
+    main()

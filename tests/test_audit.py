@@ -1,0 +1,171 @@
+"""End-to-end audits on the embedded toy world, through the command line.
+
+One toy world (shipped weights, built in seconds) and one feature store are
+shared by the whole module, so every image's features are extracted once.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from cdi.cli import app
+from cdi.result import AuditResult
+
+runner = CliRunner()
+N = 120  # images per collection: enough for the overtrained toy model, small enough for CI
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    from cdi.toy import build_world
+
+    return build_world("sd", "overtrained", tmp_path_factory.mktemp("toy") / "world", progress=False)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("store") / "features.sqlite")
+
+
+@pytest.fixture(scope="module")
+def demo_env(world, monkeypatch_module):
+    """Point the demo at the module's world instead of the user cache."""
+    import cdi.toy
+
+    original = cdi.toy.build_world
+    monkeypatch_module.setattr(cdi.toy, "build_world", lambda *a, **k: world)
+    yield
+    monkeypatch_module.setattr(cdi.toy, "build_world", original)
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    mp = pytest.MonkeyPatch()
+    yield mp
+    mp.undo()
+
+
+def _demo(out: Path, store: str, *extra: str) -> AuditResult:
+    result = runner.invoke(app, ["demo", "--out", str(out), "--n", str(N), "--store", store,
+                                 "--permutations", "200", "--format", "json", *extra])
+    assert result.exit_code == 0, result.output
+    return AuditResult.load(out)
+
+
+@pytest.fixture(scope="module")
+def demo_used(tmp_path_factory, store, demo_env):
+    out = tmp_path_factory.mktemp("demo") / "used"
+    return out, _demo(out, store)
+
+
+def test_demo_detects_use(demo_used):
+    out, result = demo_used
+    assert result.verdict == "used"
+    assert result.p_value < 0.01
+    assert result.n_published == result.n_unpublished == N
+    assert result.shift_guard is not None and not result.shift_guard.detected
+    for name in ("result.json", "features.csv", "features.csv.json", "report.html"):
+        assert (out / name).is_file(), name
+    hashes = {s.sha256 for s in result.scores}
+    assert len(hashes) == 2 * N
+
+
+def test_demo_null_is_not_detected(tmp_path, store, demo_env):
+    result = _demo(tmp_path / "null", store, "--null")
+    assert result.verdict == "not_detected"
+    assert result.p_value > 0.01
+    assert "not proof" in result.verdict_text
+
+
+def test_audit_is_deterministic(demo_used, tmp_path, store, demo_env):
+    out, first = demo_used
+    again = _demo(tmp_path / "again", store)
+    a, b = first.to_dict(), again.to_dict()
+    for d in (a, b):
+        d.pop("timings")
+        d.pop("command")  # names the output folder
+        d["parameters"].pop("out")
+        d["parameters"].pop("published")
+        d["parameters"].pop("unpublished")
+        d["parameters"].pop("store")
+        d["environment"].pop("cpu_threads", None)
+    assert a == b
+
+
+def test_shifted_unpublished_is_inconclusive(world, tmp_path, store):
+    """P from members, U from a visibly shifted copy of the non-members: the guard must refuse."""
+    from cdi.demo import _read_metadata, write_demo_folders, DemoDraw
+
+    members = sorted(_read_metadata(world.members_dir))[:60]
+    shifted = sorted(_read_metadata(world.shifted_dir))[:60]
+    published, _ = write_demo_folders(world, DemoDraw(members, [], []), tmp_path / "data")
+    unpublished = tmp_path / "shifted"
+    unpublished.mkdir()
+    captions = _read_metadata(world.shifted_dir)
+    lines = []
+    for name in shifted:
+        (unpublished / name).write_bytes((world.shifted_dir / name).read_bytes())
+        lines.append(json.dumps({"file_name": name, "text": captions[name]}))
+    (unpublished / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "audit"
+    result = runner.invoke(app, [
+        "audit", "--published", str(published), "--unpublished", str(unpublished), "--model", str(world.model_dir),
+        "--out", str(out), "--store", store, "--features", "denoising_loss,pia", "--permutations", "100",
+        "--sample-size-resamples", "0", "--format", "json",
+    ])
+    assert result.exit_code == 0, result.output
+    saved = AuditResult.load(out)
+    assert saved.verdict == "inconclusive"
+    assert saved.shift_guard.detected and saved.shift_guard.p_value < 0.01
+    assert "differ" in saved.verdict_text
+
+
+def test_audit_refuses_bad_options_before_writing(world, tmp_path):
+    out = tmp_path / "out"
+    cases = [
+        (["--alpha", "0.7"], "--alpha"),
+        (["--scorer", "forest"], "--scorer"),
+        (["--folds", "1"], "--folds"),
+        (["--features", "nonsense"], "nonsense"),
+    ]
+    for extra, needle in cases:
+        result = runner.invoke(app, ["audit", "--published", str(world.members_dir), "--unpublished",
+                                     str(world.nonmembers_dir), "--model", str(world.model_dir), "--out", str(out),
+                                     *extra])
+        assert result.exit_code == 2, (extra, result.output)
+        assert needle in result.output
+        assert not out.exists()
+
+
+def test_audit_refuses_too_few_images(world, tmp_path):
+    small = tmp_path / "small"
+    small.mkdir()
+    for name in sorted(p.name for p in world.members_dir.glob("*.png"))[:3]:
+        (small / name).write_bytes((world.members_dir / name).read_bytes())
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["audit", "--published", str(small), "--unpublished", str(world.nonmembers_dir),
+                                 "--model", str(world.model_dir), "--out", str(out)])
+    assert result.exit_code == 2
+    assert "at least" in result.output
+    assert not out.exists()
+
+
+def test_audit_refuses_to_overwrite(demo_used, world):
+    out, _ = demo_used
+    result = runner.invoke(app, ["audit", "--published", str(world.members_dir), "--unpublished",
+                                 str(world.nonmembers_dir), "--model", str(world.model_dir), "--out", str(out)])
+    assert result.exit_code == 2
+    assert "--force" in result.output
