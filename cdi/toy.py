@@ -125,10 +125,10 @@ class TrainConfig:
 
 
 TRAIN_CONFIGS: dict[tuple[str, str], TrainConfig] = {
-    ("sd", "light"): TrainConfig(epochs=30, lr=1e-3, batch_size=64, vae_epochs=10),
+    ("sd", "light"): TrainConfig(epochs=120, lr=1e-3, batch_size=64, vae_epochs=10),
     ("sd", "overtrained"): TrainConfig(epochs=300, lr=1e-3, batch_size=64, vae_epochs=10),
-    ("ddpm", "light"): TrainConfig(epochs=30, lr=1e-3, batch_size=64),
-    ("ddpm", "overtrained"): TrainConfig(epochs=200, lr=1e-3, batch_size=64),
+    ("ddpm", "light"): TrainConfig(epochs=60, lr=1e-3, batch_size=32),
+    ("ddpm", "overtrained"): TrainConfig(epochs=200, lr=1e-3, batch_size=32),
 }
 
 
@@ -394,17 +394,19 @@ def sd_components(seed: int = 0, tokenizer_dir: Path | None = None) -> dict:
 def ddpm_components(seed: int = 0) -> dict:
     """Freshly initialised (seeded) parts of the toy pixel DDPM.
 
-    UNet2DModel on 32x32 RGB: blocks (16, 32, 64), self-attention at 8x8, 11
-    class embeddings (digits 0..9 and the null class 10).
+    UNet2DModel on 32x32 RGB: four levels (32, 16, 8, 4 px) with 8, 16, 32
+    and 64 channels, so every level costs about the same and the parameters
+    sit at the coarse levels where they are cheap on a CPU; self-attention at
+    4x4; 11 class embeddings (digits 0..9 and the null class 10).
     """
     from diffusers import UNet2DModel
 
     with _seeded_init(seed, "init-unet"):
         unet = UNet2DModel(
             sample_size=IMAGE_SIZE, in_channels=3, out_channels=3,
-            down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
-            up_block_types=("AttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
-            block_out_channels=(16, 32, 64), layers_per_block=1, norm_num_groups=8,
+            down_block_types=("DownBlock2D", "DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
+            up_block_types=("AttnUpBlock2D", "UpBlock2D", "UpBlock2D", "UpBlock2D"),
+            block_out_channels=(8, 16, 32, 64), layers_per_block=1, norm_num_groups=8,
             num_class_embeds=NULL_CLASS_ID + 1,
         )
     return {"unet": unet, "scheduler": ddpm_scheduler()}
@@ -609,6 +611,7 @@ def save_weights(weights: ToyWeights, folder: Path, info: dict) -> dict[str, str
         path = folder / f"{name}.safetensors"
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         save_file(state, str(tmp))
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
         hashes[path.name] = _sha256(path)
     _write_json(folder / "training.json",
@@ -682,11 +685,13 @@ def _training_info(kind: str, strength: str, seed: int, config: TrainConfig) -> 
     }
 
 
-def train_shipped(kind: str, strength: str, progress: bool = True) -> dict[str, str]:
-    """Train a toy model for seed 0 and write it to ``cdi/toy_weights``.
+def train_shipped(kind: str, strength: str, progress: bool = True, folder: str | Path | None = None) -> dict[str, str]:
+    """Train a toy model for seed 0 and write it to ``cdi/toy_weights`` (or ``folder``).
 
     This is the command that produced the shipped weights (see the module
-    docstring). Returns the SHA-256 of each weight file.
+    docstring); with ``folder`` it reproduces them elsewhere, for comparing
+    the SHA-256 with the shipped ``training.json``. Returns the SHA-256 of
+    each weight file.
     """
     _check_kind_strength(kind, strength)
     report = _printer(progress)
@@ -697,7 +702,7 @@ def train_shipped(kind: str, strength: str, progress: bool = True) -> dict[str, 
     weights = train_toy_model(kind, images[members], labels[members], config, 0, report)
     info = _training_info(kind, strength, 0, config)
     info["train_seconds"] = round(time.time() - start, 1)
-    return save_weights(weights, weights_dir(kind, strength), info)
+    return save_weights(weights, Path(folder) if folder is not None else weights_dir(kind, strength), info)
 
 
 def _printer(progress: bool) -> ProgressFn:
@@ -928,6 +933,7 @@ def _main(argv: Sequence[str] | None = None) -> int:
     ship = sub.add_parser("train-shipped", help="train a toy model for seed 0 into cdi/toy_weights")
     ship.add_argument("--kind", choices=KINDS, required=True)
     ship.add_argument("--strength", choices=STRENGTHS, required=True)
+    ship.add_argument("--out", default=None, help="write here instead of cdi/toy_weights (to check reproducibility)")
     meas = sub.add_parser("measure", help="build a world (shipped weights) and print its membership signal as JSON")
     meas.add_argument("--kind", choices=KINDS, required=True)
     meas.add_argument("--strength", choices=STRENGTHS, required=True)
@@ -937,9 +943,14 @@ def _main(argv: Sequence[str] | None = None) -> int:
         world = build_world(args.kind, args.strength, args.out, progress=False)
         print(json.dumps(measure_membership(world), indent=2))
         return 0
-    hashes = train_shipped(args.kind, args.strength)
+    folder = Path(args.out) if args.out else weights_dir(args.kind, args.strength)
+    hashes = train_shipped(args.kind, args.strength, folder=folder)
+    shipped = weights_dir(args.kind, args.strength) / "training.json"
+    reference = json.loads(shipped.read_text())["sha256"] if shipped.is_file() else {}
     for name, digest in hashes.items():
-        print(f"{weights_dir(args.kind, args.strength) / name}  sha256 {digest}")
+        same = "" if folder == weights_dir(args.kind, args.strength) else (
+            "  (identical to the shipped file)" if reference.get(name) == digest else "  (DIFFERS from the shipped file)")
+        print(f"{folder / name}  sha256 {digest}{same}")
     return 0
 
 

@@ -84,7 +84,7 @@ def _per_image_loss(adapter, folder, t=100, repeats=5, batch_size=300):
     for start in range(0, len(names), batch_size):
         chunk = names[start:start + batch_size]
         pixels = torch.stack([
-            torch.from_numpy(np.asarray(Image.open(folder / n).convert("RGB"))).permute(2, 0, 1)
+            torch.from_numpy(np.array(Image.open(folder / n).convert("RGB"))).permute(2, 0, 1)
             for n in chunk
         ]).float().div(127.5).sub(1.0)
         x0 = adapter.encode(pixels)
