@@ -169,3 +169,33 @@ def test_audit_refuses_to_overwrite(demo_used, world):
                                  str(world.nonmembers_dir), "--model", str(world.model_dir), "--out", str(out)])
     assert result.exit_code == 2
     assert "--force" in result.output
+
+
+def test_demo_report_in_a_browser(demo_used, tmp_path):
+    """The demo's own report, opened in headless Chromium: verdict, p-value, no request, screenshot."""
+    import html
+    import os
+    import re
+    import shutil
+
+    from test_report_browser import CHROMIUM, open_in_chromium
+
+    from reports.html import VERDICT_LABEL, format_p
+
+    if CHROMIUM is None:
+        pytest.skip("no Chromium browser found (install Debian's `chromium` package)")
+    out, result = demo_used
+    screenshot = tmp_path / "demo-report.png"
+    opened = open_in_chromium(out / "report.html", tmp_path, f"--screenshot={screenshot}",
+                              "--window-size=1280,4000", "--hide-scrollbars")
+    dom = opened["dom"]
+    text = lambda fragment: html.unescape(re.sub(r"<[^>]+>", "", fragment)).strip()  # noqa: E731
+    label = re.search(r'<span class="label" id="verdict-label">(.*?)</span>', dom)
+    assert label and text(label.group(1)) == VERDICT_LABEL["used"]
+    shown = re.search(r'<span class="pvalue" id="verdict-p">(.*?)</span>', dom)
+    assert shown and text(shown.group(1)) == "p = " + text(str(format_p(result.p_value)))
+    assert opened["requests"] == [] and opened["console"] == []
+    assert screenshot.stat().st_size > 10_000
+    if os.environ.get("CDI_SCREENSHOT_DIR"):
+        shutil.copyfile(screenshot, Path(os.environ["CDI_SCREENSHOT_DIR"]) / "demo-report.png")
+    assert (out / "report.html").stat().st_size < 2 * 2**20

@@ -114,7 +114,7 @@ def make_example_result(n_published: int, n_unpublished: int, seed: int, *, shif
                                           n_needed=n_needed, target_share=0.8, resamples=40, alpha=alpha),
         shift_guard=ShiftGuard(encoder="clip-vit-l-14", p_value=0.41, auc=0.52, detected=False,
                                ignored=False, alpha=0.01),
-        model={"id": "stable-diffusion-v1-5/stable-diffusion-v1-5",
+        model={"model_id": "stable-diffusion-v1-5/stable-diffusion-v1-5",
                "revision": "451f4fe16113bff5a5d2269ed5ad43b0592e9a14",
                "fingerprint": "sha256:" + hashlib.sha256(b"weights").hexdigest(),
                "family": "sd1", "dtype": "float16", "device": "cuda:0"},
@@ -245,7 +245,7 @@ def test_user_supplied_strings_are_escaped(example):
     result = replace(
         example,
         scores=scores,
-        model={**example.model, "id": "<b>evil-model</b>", "revision": "\"><script>alert(3)</script>"},
+        model={**example.model, "model_id": "<b>evil-model</b>", "revision": "\"><script>alert(3)</script>"},
         parameters={**example.parameters, "note": evil, evil: "key"},
         command=f"cdi audit --published '{evil}' --out x",
         protocol={**example.protocol, "name": evil, "description": caption},
