@@ -638,6 +638,20 @@ def load_weights(folder: Path) -> tuple[ToyWeights, dict]:
     return ToyWeights(meta["kind"], states, meta.get("scaling_factor")), meta
 
 
+@contextlib.contextmanager
+def _no_transformers_progress_bars() -> Iterator[None]:
+    """Silence the text encoder's "Writing model shards" bar while saving."""
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
+
+
 def save_pipeline(weights: ToyWeights, model_dir: Path) -> None:
     """Assemble a diffusers pipeline folder from trained weights.
 
@@ -662,7 +676,8 @@ def save_pipeline(weights: ToyWeights, model_dir: Path) -> None:
             unet=parts["unet"], scheduler=parts["scheduler"], safety_checker=None,
             feature_extractor=None, requires_safety_checker=False,
         )
-        pipe.save_pretrained(model_dir, safe_serialization=True)
+        with _no_transformers_progress_bars():
+            pipe.save_pretrained(model_dir, safe_serialization=True)
         return
     from diffusers import DDPMPipeline
 
