@@ -127,8 +127,8 @@ class TrainConfig:
 TRAIN_CONFIGS: dict[tuple[str, str], TrainConfig] = {
     ("sd", "light"): TrainConfig(epochs=120, lr=1e-3, batch_size=64, vae_epochs=10),
     ("sd", "overtrained"): TrainConfig(epochs=300, lr=1e-3, batch_size=64, vae_epochs=10),
-    ("ddpm", "light"): TrainConfig(epochs=60, lr=1e-3, batch_size=32),
-    ("ddpm", "overtrained"): TrainConfig(epochs=200, lr=1e-3, batch_size=32),
+    ("ddpm", "light"): TrainConfig(epochs=160, lr=1e-3, batch_size=32),
+    ("ddpm", "overtrained"): TrainConfig(epochs=400, lr=1e-3, batch_size=32),
 }
 
 
