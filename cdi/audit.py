@@ -68,7 +68,7 @@ class AuditConfig:
     ignore_shift: bool = False
     shift_alpha: float = 0.05  # the guard errs towards "inconclusive": a missed shift could accuse wrongly
     shift_encoder: str = "auto"
-    batch_size: int = 8
+    batch_size: int | str = "auto"
     device: str = "auto"
     dtype: str = "float32"
     store: str | None = None
@@ -93,8 +93,9 @@ class AuditConfig:
             raise CDIError(f"--permutations must be 0 (off) or positive (got {self.permutations})")
         if self.scorer not in SCORERS:
             raise CDIError(f"--scorer must be one of {', '.join(SCORERS)} (got {self.scorer!r})")
-        if self.batch_size < 1:
-            raise CDIError(f"--batch-size must be at least 1 (got {self.batch_size})")
+        from cdi.batching import parse_batch_size
+
+        parse_batch_size(self.batch_size)
         if self.sample_size_resamples < 0:
             raise CDIError("--sample-size-resamples must be 0 (off) or positive")
         out = Path(self.out)
@@ -281,6 +282,7 @@ def _combined_table(published: FeatureTable, unpublished: FeatureTable) -> Featu
 
 def run_audit(config: AuditConfig, *, progress: bool = True) -> AuditResult:
     """Run a whole audit and write its files into ``config.out``; see the module docstring."""
+    from cdi.batching import resolve_batch_size
     from cdi.models import load_model
     from cdi.shift_guard import image_embeddings
     from features.extract import extract_features
@@ -306,8 +308,9 @@ def run_audit(config: AuditConfig, *, progress: bool = True) -> AuditResult:
     directions = directions_of(families, adapter)
     t_loaded = time.perf_counter()
 
+    batch_size = resolve_batch_size(config.batch_size, adapter, families, published.records[0].caption)
     tables = [
-        extract_features(adapter, collection, families, seed=config.seed, batch_size=config.batch_size,
+        extract_features(adapter, collection, families, seed=config.seed, batch_size=batch_size,
                          store=config.store, num_workers=config.workers, progress=progress)
         for collection in (published, unpublished)
     ]

@@ -46,7 +46,7 @@ import json
 import os
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Sequence
@@ -169,7 +169,7 @@ class BenchmarkConfig:
     calibration_fraction: float = 0.5
     quick: bool = False
     seed: int = 0
-    batch_size: int = 8
+    batch_size: int | str = "auto"  # resolved to the number used before extraction
     device: str = "auto"
     dtype: str = "float32"
     store: str | None = None  # None: <out>/features.sqlite
@@ -211,8 +211,9 @@ class BenchmarkConfig:
             raise CDIError(f"--calibration-fraction must lie strictly between 0 and 1, got {self.calibration_fraction}")
         if self.folds < 2:
             raise CDIError(f"--folds must be at least 2 (got {self.folds})")
-        if self.batch_size < 1:
-            raise CDIError(f"--batch-size must be at least 1 (got {self.batch_size})")
+        from cdi.batching import parse_batch_size
+
+        parse_batch_size(self.batch_size)
         self.method_list()
         self.mix_fractions()
         out = Path(self.out)
@@ -442,7 +443,11 @@ def run_benchmark(config: BenchmarkConfig, *, progress: bool = True) -> dict[str
     families = _families_for(methods, config.quick)
     for family in families.values():
         family.check_applicable(adapter)
+    from cdi.batching import resolve_batch_size
     from features.registry import FEATURE_SETS
+
+    config = replace(config, batch_size=resolve_batch_size(config.batch_size, adapter, list(families.values()),
+                                                           members.records[0].caption if len(members) else None))
 
     cdi_families = list(FEATURE_SETS["cdi"])
     out = Path(config.out)

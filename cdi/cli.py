@@ -193,7 +193,7 @@ def extract_command(
     model: str = typer.Option(..., "--model", help="Model alias (`cdi models`), Hugging Face hub id, or local pipeline folder."),
     out: str = typer.Option(..., "--out", help="CSV file to write (provenance goes to OUT.json beside it)."),
     features: str = typer.Option(None, "--features", help="cdi, cdi+clid, or a comma-separated list of families (default: cdi+clid for conditional models, cdi otherwise)."),
-    batch_size: int = typer.Option(8, "--batch-size", help="Images per model batch (halved automatically when the GPU runs out of memory; values do not depend on it)."),
+    batch_size: str = typer.Option("auto", "--batch-size", help="Images per batch and most samples per network call, or auto (CUDA: the largest that fits; CPU: the fastest batch of the bare network). Halved when the GPU runs out of memory; values do not depend on it."),
     seed: int = typer.Option(0, "--seed", help="Seed of every noise draw."),
     store: str = typer.Option(None, "--store", help="Feature cache (a .sqlite file, or a folder for features.sqlite): makes the run resumable and reuses values across runs. Default: no cache."),
     shard: str = typer.Option(None, "--shard", help="I/N: handle only the images with int(sha256, 16) % N == I (0 <= I < N)."),
@@ -218,6 +218,7 @@ def extract_command(
     from cdi.models import load_model
     from cdi.models.loading import resolve_device, resolve_dtype
     from cdi.store import FeatureStore
+    from cdi.batching import parse_batch_size
     from features.extract import extract_features, parse_shard
     from features.registry import default_feature_set, resolve_features
 
@@ -225,8 +226,7 @@ def extract_command(
         out_path = Path(out)
         if out_path.is_dir():
             raise CDIError(f"--out {out} is a folder; give the CSV file to write, e.g. {out_path / 'features.csv'}")
-        if batch_size < 1:
-            raise CDIError(f"--batch-size must be at least 1, got {batch_size}")
+        batch_size = parse_batch_size(batch_size)
         if workers is not None and workers < 0:
             raise CDIError(f"--workers must be 0 or more, got {workers}")
         if not 0 <= seed < 2**63:
@@ -383,7 +383,7 @@ def audit_command(
     ignore_shift: bool = typer.Option(False, "--ignore-shift", help="Give a verdict even if the shift guard finds that P and U differ without the model."),
     shift_alpha: float = typer.Option(0.05, "--shift-alpha", help="Significance level of the shift guard (higher = more cautious)."),
     shift_encoder: str = typer.Option("auto", "--shift-encoder", help="auto (CLIP if cached locally, else built-in), clip or builtin."),
-    batch_size: int = typer.Option(8, "--batch-size", help="Images per model batch."),
+    batch_size: str = typer.Option("auto", "--batch-size", help="Images per batch and most samples per network call, or auto (CUDA: the largest that fits; CPU: the fastest batch of the bare network). Halved when the GPU runs out of memory; values do not depend on it."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
     dtype: str = typer.Option("float32", "--dtype", help="float32, bfloat16 or float16 (GPU)."),
     store: str = typer.Option(None, "--store", help="Feature store (folder or .sqlite file) to reuse and resume extraction."),
@@ -442,8 +442,8 @@ def speed_command(
     features: str = typer.Option(None, "--features", help="cdi, cdi+clid, or a comma-separated list of families (default: cdi+clid for conditional models, cdi otherwise)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
     dtype: str = typer.Option("float32", "--dtype", help="Compute dtype of the model: float32, bfloat16 or float16 (GPU only)."),
-    batch_size: str = typer.Option("auto", "--batch-size", help="Images per model batch, or auto (largest that fits on CUDA, 8 elsewhere)."),
-    images: int = typer.Option(None, "--images", help="Images to time: synthetic ones (default 32), or the first N of --images-dir (default all)."),
+    batch_size: str = typer.Option("auto", "--batch-size", help="Images per batch and most samples per network call, or auto (CUDA: the largest that fits; CPU: the fastest batch of the bare network). Halved when the GPU runs out of memory; values do not depend on it."),
+    images: int = typer.Option(None, "--images", help="Images to time: synthetic ones (default two batches, at least 32), or the first N of --images-dir (default all)."),
     images_dir: str = typer.Option(None, "--images-dir", help="Time these images instead of synthetic ones."),
     audit_size: int = typer.Option(1000, "--audit-size", help="Images per collection of the audit whose duration is estimated."),
     fmt: str = typer.Option("text", "--format", help="text or json."),
@@ -452,7 +452,8 @@ def speed_command(
     from cdi.data import ImageCollection
     from cdi.models import load_model
     from cdi.models.loading import resolve_device, resolve_dtype
-    from cdi.speed import measure_speed, parse_batch_size, speed_table, to_json
+    from cdi.batching import parse_batch_size
+    from cdi.speed import measure_speed, speed_table, to_json
     from features.registry import default_feature_set, resolve_features
 
     with _user_errors():
@@ -472,7 +473,7 @@ def speed_command(
         adapter = load_model(model, dtype=dtype, device=device)
         if families is None:
             families = resolve_features(default_feature_set(adapter))
-        report = measure_speed(adapter, families, collection=collection, images=images or 32, batch_size=batch,
+        report = measure_speed(adapter, families, collection=collection, images=images, batch_size=batch,
                                audit_size=audit_size)
         if fmt == "json":
             print(to_json(report))
@@ -491,7 +492,7 @@ def benchmark_command(
     calibration_fraction: float = typer.Option(0.5, "--calibration-fraction", help="Share of each class used for calibration."),
     quick: bool = typer.Option(False, "--quick", help="Small sizes: 60 images of each class, cheap methods, fewer PFAMI/GSA calls."),
     seed: int = typer.Option(0, "--seed", help="Seed of the subset, split, noise, folds and bootstrap."),
-    batch_size: int = typer.Option(8, "--batch-size", help="Images per model batch."),
+    batch_size: str = typer.Option("auto", "--batch-size", help="Images per batch and most samples per network call, or auto (CUDA: the largest that fits; CPU: the fastest batch of the bare network). Halved when the GPU runs out of memory; values do not depend on it."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
     dtype: str = typer.Option("float32", "--dtype", help="float32, bfloat16 or float16 (GPU)."),
     store: str = typer.Option(None, "--store", help="Feature store (default: <out>/features.sqlite)."),

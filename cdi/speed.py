@@ -35,39 +35,25 @@ thread count.
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import resource
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
 
+from cdi.batching import resolve_batch_size, roofline_seconds_per_call, sync
 from cdi.data import ImageCollection, Preprocess
 from cdi.errors import CDIError
-from cdi.models.base import Condition, DiffusionAdapter
+from cdi.models.base import DiffusionAdapter
 from features.base import Cost, EncodedBatch, FeatureFamily
 from features.extract import extract_features
 from features.registry import total_cost
-
-#: Image batch size of ``batch_size="auto"`` off CUDA.
-CPU_BATCH_SIZE = 8
-#: Largest image batch ``batch_size="auto"`` tries on CUDA.
-MAX_AUTO_BATCH = 256
-#: Largest network batch the roofline loop tries.
-MAX_ROOFLINE_BATCH = 256
-#: The roofline stops growing the batch once one call takes this long (s).
-ROOFLINE_CALL_LIMIT = 10.0
-#: ... or once this many doublings in a row improved the best per-sample time by less than 5%.
-ROOFLINE_PATIENCE = 2
-#: Each roofline batch size is timed for at least this long (s).
-ROOFLINE_MIN_TIME = 0.2
-
 
 # --------------------------------------------------------------------------
 # Inputs
@@ -92,154 +78,10 @@ def synthetic_images(folder: str | Path, count: int, resolution: int, channels: 
     return folder
 
 
-def parse_batch_size(value: str | int) -> int | str:
-    """``"auto"`` or a whole number >= 1 (as given on the command line)."""
-    text = str(value).strip().lower()
-    if text == "auto":
-        return "auto"
-    if not text.isdigit() or int(text) < 1:
-        raise CDIError(f"--batch-size must be a whole number of at least 1 or 'auto', got {value!r}")
-    return int(text)
-
-
-# --------------------------------------------------------------------------
-# Device helpers
-# --------------------------------------------------------------------------
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _is_oom(exc: BaseException) -> bool:
-    return isinstance(exc, torch.cuda.OutOfMemoryError)
-
-
-def _free(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
-
 def host_peak_rss_bytes() -> int:
     """Peak resident memory of this process (``ru_maxrss``: KiB on Linux, bytes on macOS)."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(peak if sys.platform == "darwin" else peak * 1024)
-
-
-def _probe_batch(adapter: DiffusionAdapter, size: int, caption: str | None) -> EncodedBatch:
-    """An encoded batch of ``size`` random images (for the batch-size search)."""
-    gen = torch.Generator().manual_seed(size)
-    pixels = torch.rand((size, adapter.image_channels, adapter.resolution, adapter.resolution), generator=gen) * 2 - 1
-    pixels = pixels.to(adapter.device)
-    hashes = [hashlib.sha256(f"cdi-speed-probe-{i}".encode()).hexdigest() for i in range(size)]
-    captions = [caption] * size
-    return EncodedBatch(adapter.encode(pixels), hashes, captions, adapter.conditions(captions), 0, pixels)
-
-
-def auto_batch_size(adapter: DiffusionAdapter, families: Sequence[FeatureFamily], caption: str | None = None) -> int:
-    """The image batch size of ``batch_size="auto"``.
-
-    On CUDA, the largest of 1, 2, 4, ..., ``MAX_AUTO_BATCH`` for which every
-    family's ``extract`` runs on a batch of random images without
-    ``torch.cuda.OutOfMemoryError``; elsewhere ``CPU_BATCH_SIZE`` (host memory
-    is rarely the limit and larger batches no longer help there).
-    """
-    if adapter.device.type != "cuda":
-        return CPU_BATCH_SIZE
-    fits = 0
-    size = 1
-    while size <= MAX_AUTO_BATCH:
-        try:
-            with torch.no_grad():
-                batch = _probe_batch(adapter, size, caption)
-                for family in families:
-                    family.extract(adapter, batch)
-            _sync(adapter.device)
-        except Exception as exc:  # noqa: BLE001 (only OOM is expected; anything else is re-raised)
-            if not _is_oom(exc):
-                raise
-            break
-        finally:
-            batch = None
-            _free(adapter.device)
-        fits = size
-        size *= 2
-    if fits == 0:
-        raise CDIError(
-            f"not even one image fits in {adapter.device} memory with these feature families; "
-            f"use --dtype bfloat16, fewer families, or a GPU with more memory"
-        )
-    return fits
-
-
-# --------------------------------------------------------------------------
-# Roofline
-# --------------------------------------------------------------------------
-def _time_call(device: torch.device, call: Callable[[], None]) -> float:
-    """Seconds per call of ``call``: one warm-up call, then calls until ``ROOFLINE_MIN_TIME`` has passed."""
-    call()
-    _sync(device)
-    reps = 0
-    start = time.perf_counter()
-    while True:
-        call()
-        reps += 1
-        _sync(device)
-        elapsed = time.perf_counter() - start
-        if elapsed >= ROOFLINE_MIN_TIME:
-            return elapsed / reps
-
-
-def roofline_seconds_per_call(
-    adapter: DiffusionAdapter, cond: Condition, *, backward: bool, max_batch: int = MAX_ROOFLINE_BATCH
-) -> tuple[float, int]:
-    """Fastest seconds per sample of a bare batched denoiser loop, and its batch size.
-
-    ``cond`` is a one-sample condition, tiled to each batch size. With
-    ``backward`` each call is a forward on ``x_t.requires_grad_()`` followed by
-    ``.sum().backward()``; otherwise a forward under ``torch.no_grad``.
-    Batch sizes 1, 2, 4, ... up to ``max_batch`` are tried; the search stops
-    at the first size that runs out of CUDA memory, after a size whose call
-    takes more than ``ROOFLINE_CALL_LIMIT`` seconds, or once
-    ``ROOFLINE_PATIENCE`` doublings in a row brought less than 5% over the
-    best per-sample time so far (the network is then saturated).
-    """
-    with torch.no_grad():
-        probe = adapter.encode(torch.zeros((1, adapter.image_channels, adapter.resolution, adapter.resolution),
-                                           device=adapter.device))
-    shape = tuple(probe.shape[1:])
-    gen = torch.Generator().manual_seed(0)
-    best = (float("inf"), 1)
-    stale = 0
-    size = 1
-    while size <= max_batch:
-        x_t = torch.randn((size, *shape), generator=gen).to(adapter.device)
-        t = torch.randint(0, adapter.num_train_timesteps, (size,), generator=gen).to(adapter.device)
-        tiled = cond.repeat(size)
-
-        def call() -> None:
-            if backward:
-                x = x_t.detach().requires_grad_(True)
-                with torch.enable_grad():
-                    adapter.eps(x, t, tiled).sum().backward()
-            else:
-                with torch.no_grad():
-                    adapter.eps(x_t, t, tiled)
-
-        try:
-            per_call = _time_call(adapter.device, call)
-        except Exception as exc:  # noqa: BLE001 (only OOM is expected; anything else is re-raised)
-            if not _is_oom(exc):
-                raise
-            _free(adapter.device)
-            break
-        stale = 0 if per_call / size < 0.95 * best[0] else stale + 1
-        if per_call / size < best[0]:
-            best = (per_call / size, size)
-        if per_call > ROOFLINE_CALL_LIMIT or stale >= ROOFLINE_PATIENCE:
-            break
-        size *= 2
-    _free(adapter.device)
-    return best
 
 
 # --------------------------------------------------------------------------
@@ -257,10 +99,10 @@ class _TimedFamily:
     def install(self) -> None:
         @functools.wraps(self._extract)
         def timed(adapter: DiffusionAdapter, batch: EncodedBatch) -> torch.Tensor:
-            _sync(self.device)
+            sync(self.device)
             start = time.perf_counter()
             out = self._extract(adapter, batch)
-            _sync(self.device)
+            sync(self.device)
             self.seconds += time.perf_counter() - start
             return out
 
@@ -287,7 +129,7 @@ def measure_speed(
     families: Sequence[FeatureFamily],
     *,
     collection: ImageCollection | None = None,
-    images: int = 32,
+    images: int | None = None,
     batch_size: int | str = "auto",
     audit_size: int = 1000,
     seed: int = 0,
@@ -305,10 +147,13 @@ def measure_speed(
     collection : ImageCollection, optional
         The images to time; default ``images`` synthetic images (seeded random
         PNGs at the model's resolution, with captions) in a temporary folder.
-    images : int
-        Number of synthetic images when no collection is given.
+    images : int or None
+        Number of synthetic images when no collection is given; None: two
+        full batches (at least 32), so every family is timed at the batch
+        size it will run at.
     batch_size : int or "auto"
-        Image batch size of the extraction (``auto_batch_size`` for "auto").
+        Batch size of the extraction (``cdi.batching.auto_batch_size`` for
+        "auto": on CPU, the roofline's fastest batch).
     audit_size : int
         Images per collection of the audit whose duration is estimated:
         ``audit_estimate_seconds = 2 * audit_size * measured seconds per image``.
@@ -333,20 +178,19 @@ def measure_speed(
         raise CDIError("no feature families to time; name at least one in --features")
     if int(audit_size) < 1:
         raise CDIError(f"--audit-size must be at least 1, got {audit_size}")
-    if batch_size != "auto" and (isinstance(batch_size, bool) or int(batch_size) < 1):
-        raise CDIError(f"batch size must be at least 1 or 'auto', got {batch_size!r}")
+    if images is not None and int(images) < 1:
+        raise CDIError(f"--images must be at least 1, got {images}")
     device = adapter.device
+    caption = collection.records[0].caption if collection is not None and len(collection) else "synthetic image 0"
+    batch_size = resolve_batch_size(batch_size, adapter, families, caption)
     with tempfile.TemporaryDirectory(prefix="cdi-speed-") as tmp:
         if collection is None:
-            folder = synthetic_images(Path(tmp) / "images", images, adapter.resolution, adapter.image_channels,
+            count = int(images) if images is not None else max(32, 2 * batch_size)
+            folder = synthetic_images(Path(tmp) / "images", count, adapter.resolution, adapter.image_channels,
                                       seed=seed)
             collection = ImageCollection.from_folder(folder, name="synthetic images")
         if len(collection) == 0:
             raise CDIError(f"no images to time in {collection.root}")
-        caption = collection.records[0].caption
-        if batch_size == "auto":
-            batch_size = auto_batch_size(adapter, families, caption)
-        batch_size = int(batch_size)
         warm_folder = synthetic_images(Path(tmp) / "warmup", min(batch_size, len(collection)), adapter.resolution,
                                        adapter.image_channels, seed=seed + 1)
         warm = ImageCollection.from_folder(warm_folder, name="warm-up images")
@@ -359,11 +203,11 @@ def measure_speed(
         for timer in timers:
             timer.install()
         try:
-            _sync(device)
+            sync(device)
             start = time.perf_counter()
             extract_features(adapter, collection, families, seed=seed, batch_size=batch_size,
                              num_workers=num_workers, progress=False)
-            _sync(device)
+            sync(device)
             measured = time.perf_counter() - start
         finally:
             for timer in timers:

@@ -21,11 +21,17 @@ dimension, and must keep every image's value independent of the other images
 in the batch: all randomness comes from ``EncodedBatch.noise``, which is a
 function of (seed, image hash, family, timestep, repetition) only.
 
-``max_chunk`` (samples per network call) bounds memory: a family that expands
-its B images into B * n samples sends them to the network in chunks of at
-most ``max_chunk`` (``predict_eps``, ``residual_norm_and_grad``). It is not
-part of the configuration or the store key because it never changes a value
-(beyond floating-point reassociation in the network's batched kernels).
+Samples per network call: a family that expands its B images into B * n
+samples (timesteps, repetitions, conditions) sends them to the network in
+chunks of at most ``chunk_for(batch)`` samples (``predict_eps``,
+``residual_norm_and_grad``): the smaller of the family's own ``max_chunk``
+and the batch's ``max_chunk``, which the extraction engine sets to its batch
+size. So ``--batch-size N`` means N images per batch *and* at most N samples
+per network call: memory stays bounded and every family runs the network at
+the same, chosen batch size (the one the roofline of ``cdi speed`` finds
+fastest, with ``--batch-size auto``). Neither limit is part of the
+configuration or the store key because it never changes a value (beyond
+floating-point reassociation in the network's batched kernels).
 """
 
 from __future__ import annotations
@@ -99,6 +105,9 @@ class EncodedBatch:
     pixels : torch.Tensor or None
         (B, C, H, W) preprocessed images in [-1, 1], for families that work in
         pixel space before encoding (PFAMI's cropped neighbours).
+    max_chunk : int or None
+        Most samples per network call for this batch (the extraction engine
+        sets its batch size); None: no limit beyond the family's own.
     """
 
     x0: torch.Tensor
@@ -107,6 +116,7 @@ class EncodedBatch:
     cond: Condition
     seed: int
     pixels: torch.Tensor | None = None
+    max_chunk: int | None = None
 
     def __len__(self) -> int:
         return len(self.hashes)
@@ -137,6 +147,11 @@ class FeatureFamily:
 
     def columns(self, adapter: DiffusionAdapter | None = None) -> list[str]:
         raise NotImplementedError
+
+    def chunk_for(self, batch: EncodedBatch) -> int | None:
+        """Most samples per network call on ``batch``: the smaller of the family's and the batch's limit."""
+        limits = [c for c in (self.max_chunk, batch.max_chunk) if c is not None]
+        return min(limits) if limits else None
 
     def directions(self, adapter: DiffusionAdapter | None = None) -> list[int]:
         """Member direction per column: +1 higher = member, -1 lower = member."""

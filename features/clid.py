@@ -135,7 +135,7 @@ class CLiD(FeatureFamily):
             x_t.repeat(n_c, *([1] * (x_t.dim() - 1))),
             t.repeat(n_c),
             cond,
-            self.max_chunk,
+            self.chunk_for(batch),
         )
         err = pred - eps.repeat(n_c, *([1] * (eps.dim() - 1)))
         loss = err.pow(2).flatten(1).mean(dim=1).view(n_c, b, n_t).mean(dim=2)  # (conditions, B)

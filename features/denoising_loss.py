@@ -64,6 +64,6 @@ class DenoisingLoss(FeatureFamily):
         x0 = batch.x0.repeat_interleave(r, dim=0)
         t = torch.full((b * r,), cfg.timestep, dtype=torch.long, device=x0.device)
         x_t = adapter.add_noise(x0, eps, t)
-        pred = predict_eps(adapter, x_t, t, batch.cond.repeat_interleave(r), self.max_chunk)
+        pred = predict_eps(adapter, x_t, t, batch.cond.repeat_interleave(r), self.chunk_for(batch))
         loss = per_sample_norm(pred - eps).view(b, r).mean(dim=1)
         return loss.unsqueeze(1)

@@ -58,6 +58,7 @@ from rich.progress import (
 from rich.text import Text
 
 from cdi import __version__
+from cdi.batching import auto_batch_size, parse_batch_size
 from cdi.data import Preprocess, image_batches
 from cdi.errors import CDIError
 from cdi.models.base import DiffusionAdapter
@@ -153,7 +154,7 @@ def extract_features(
     families: Sequence[FeatureFamily],
     *,
     seed: int = 0,
-    batch_size: int = 8,
+    batch_size: int | str = "auto",
     store: FeatureStore | str | os.PathLike | None = None,
     shard: tuple[int, int] | str | None = None,
     num_workers: int | None = None,
@@ -172,9 +173,13 @@ def extract_features(
         The feature families; their columns must not clash.
     seed : int
         Global seed of every noise draw.
-    batch_size : int
-        Images per model batch (halved automatically on CUDA out-of-memory).
-        Values do not depend on it.
+    batch_size : int or "auto"
+        Images per batch, and the most samples per network call: a family
+        that expands each image into n samples (timesteps, repetitions,
+        conditions) runs them in chunks of at most ``batch_size`` (see
+        ``features.base``). Halved automatically on CUDA out-of-memory.
+        ``"auto"``: ``cdi.batching.auto_batch_size``, chosen only when some
+        value must be computed. Values do not depend on it.
     store : FeatureStore, path or None
         Feature cache: values already there are read instead of computed,
         new ones are written batch by batch. A path is opened (and closed)
@@ -194,8 +199,7 @@ def extract_features(
     """
     families = list(families)
     _check_families(families, adapter)
-    if int(batch_size) < 1:
-        raise CDIError(f"batch size must be at least 1, got {batch_size}")
+    batch_size = parse_batch_size(batch_size)
     seed = int(seed)
     if not 0 <= seed < 2**63:
         raise CDIError(f"seed must be an integer between 0 and 2**63 - 1, got {seed}")
@@ -203,7 +207,7 @@ def extract_features(
     owned = isinstance(store, (str, os.PathLike))
     store = FeatureStore(store) if owned else store
     try:
-        return _Extraction(adapter, collection, families, seed, int(batch_size), store, shard,
+        return _Extraction(adapter, collection, families, seed, batch_size, store, shard,
                            num_workers, progress).run()
     finally:
         if owned:
@@ -241,7 +245,7 @@ class _Extraction:
         self.collection = collection
         self.families = families
         self.seed = seed
-        self.batch_size = batch_size
+        self.batch_size = batch_size  # an int, or "auto" until run() needs it
         self.chunk = batch_size  # current model batch, halved on OOM
         self.store = store
         self.shard = shard
@@ -299,6 +303,11 @@ class _Extraction:
         started = time.perf_counter()
         plan = self._plan()
         todo = sum(len(rows) for _, rows in plan)
+        if self.batch_size == "auto":
+            first = self.records[plan[0][1][0]].caption if plan else None
+            needed = list({f.name: f for fams, _ in plan for f in fams}.values())
+            self.batch_size = auto_batch_size(self.adapter, needed, first) if plan else 1
+            self.chunk = self.batch_size
         if self.store is not None:
             for family in {f.name: f for fams, _ in plan for f in fams}.values():
                 self.run_ids[family.name] = self.store.record_provenance(
@@ -353,7 +362,7 @@ class _Extraction:
         x0 = self.adapter.encode(pixels)
         batch = EncodedBatch(
             x0=x0, hashes=[r.sha256 for r in records], captions=captions,
-            cond=self.adapter.conditions(captions), seed=self.seed, pixels=pixels,
+            cond=self.adapter.conditions(captions), seed=self.seed, pixels=pixels, max_chunk=self.chunk,
         )
         results = {}
         for family in families:

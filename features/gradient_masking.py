@@ -91,7 +91,7 @@ class GradientMasking(FeatureFamily):
 
     @torch.no_grad()
     def extract(self, adapter: DiffusionAdapter, batch: EncodedBatch) -> torch.Tensor:
-        """Both passes run on all B * T samples at once (in chunks of ``max_chunk``)."""
+        """Both passes run on all B * T samples at once (in chunks of ``chunk_for(batch)``)."""
         cfg = self.config
         b, n_t = len(batch), len(cfg.timesteps)
         eps = batch.noise(self.name).repeat_interleave(n_t, dim=0)  # image-major: i * T + k
@@ -100,13 +100,13 @@ class GradientMasking(FeatureFamily):
         cond = batch.cond.repeat_interleave(n_t)
 
         _, grad = residual_norm_and_grad(
-            adapter, adapter.add_noise(x0, eps, t), t, cond, eps, self.max_chunk
+            adapter, adapter.add_noise(x0, eps, t), t, cond, eps, self.chunk_for(batch)
         )
         flat = grad.flatten(1)
         top = flat.abs().topk(masked_count(cfg.mask_fraction, flat.shape[1]), dim=1).indices
         mask = torch.zeros_like(flat, dtype=torch.bool).scatter_(1, top, True).view_as(x0)
 
         x_tilde = torch.where(mask, eps, x0)
-        pred = predict_eps(adapter, x_tilde, t, cond, self.max_chunk)
+        pred = predict_eps(adapter, x_tilde, t, cond, self.chunk_for(batch))
         err = torch.where(mask, (eps - x0) - pred, torch.zeros_like(pred))
         return per_sample_norm(err).view(b, n_t)

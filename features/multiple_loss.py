@@ -64,5 +64,5 @@ class MultipleLoss(FeatureFamily):
         x0 = batch.x0.repeat_interleave(n_t, dim=0)
         t = torch.tensor(steps, dtype=torch.long, device=x0.device).repeat(b)
         x_t = adapter.add_noise(x0, eps, t)
-        pred = predict_eps(adapter, x_t, t, batch.cond.repeat_interleave(n_t), self.max_chunk)
+        pred = predict_eps(adapter, x_t, t, batch.cond.repeat_interleave(n_t), self.chunk_for(batch))
         return per_sample_norm(pred - eps).view(b, n_t)

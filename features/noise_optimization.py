@@ -249,7 +249,7 @@ class NoiseOptimization(FeatureFamily):
         x_t = adapter.add_noise(batch.x0, eps, t)
 
         def closure(d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            norm, grad = residual_norm_and_grad(adapter, x_t + d, t, batch.cond, eps, self.max_chunk)
+            norm, grad = residual_norm_and_grad(adapter, x_t + d, t, batch.cond, eps, self.chunk_for(batch))
             if cfg.objective == "squared":
                 return norm**2, 2.0 * norm.view(-1, *([1] * (grad.dim() - 1))) * grad
             return norm, grad
@@ -264,5 +264,5 @@ class NoiseOptimization(FeatureFamily):
             tolerance_change=cfg.tolerance_change,
             history_size=cfg.history_size,
         )
-        final = per_sample_norm(predict_eps(adapter, x_t + d, t, batch.cond, self.max_chunk) - eps)
+        final = per_sample_norm(predict_eps(adapter, x_t + d, t, batch.cond, self.chunk_for(batch)) - eps)
         return torch.stack([final, per_sample_norm(d)], dim=1)

@@ -105,7 +105,7 @@ class PFAMI(FeatureFamily):
 
     @torch.no_grad()
     def extract(self, adapter: DiffusionAdapter, batch: EncodedBatch) -> torch.Tensor:
-        """One network call per timestep on the B * (N + 1) inputs (chunked by ``max_chunk``)."""
+        """One network call per timestep on the B * (N + 1) inputs (chunked by ``chunk_for(batch)``)."""
         pixels = batch.pixels
         if pixels is None:
             raise RuntimeError(
@@ -123,7 +123,7 @@ class PFAMI(FeatureFamily):
         for t in cfg.timesteps:
             eps = batch.noise(self.name, t).repeat_interleave(k, dim=0)  # shared within an image
             steps = torch.full((b * k,), t, dtype=torch.long, device=x0.device)
-            pred = predict_eps(adapter, adapter.add_noise(x0, eps, steps), steps, cond, self.max_chunk)
+            pred = predict_eps(adapter, adapter.add_noise(x0, eps, steps), steps, cond, self.chunk_for(batch))
             loss = (pred - eps).pow(2).flatten(1).mean(dim=1).view(b, k)
             change += ((loss[:, :1] - loss[:, 1:]) / loss[:, :1]).mean(dim=1)
         return change.unsqueeze(1)

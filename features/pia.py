@@ -67,13 +67,13 @@ class PIA(FeatureFamily):
         cfg = self.config
         b, x0 = len(batch), batch.x0
         t0 = torch.zeros(b, dtype=torch.long, device=x0.device)
-        e0 = predict_eps(adapter, x0, t0, batch.cond, self.max_chunk)
+        e0 = predict_eps(adapter, x0, t0, batch.cond, self.chunk_for(batch))
         scale = math.sqrt(2.0 / math.pi) / e0.abs().flatten(1).mean(dim=1).clamp_min(1e-12)
         e0n = e0 * scale.view(-1, *([1] * (e0.dim() - 1)))
         # PIA's and PIAN's queries in one call: samples [0, B) are PIA, [B, 2B) PIAN.
         e = torch.cat([e0, e0n])
         t = torch.full((2 * b,), cfg.timestep, dtype=torch.long, device=x0.device)
         x_t = adapter.add_noise(torch.cat([x0, x0]), e, t)
-        pred = predict_eps(adapter, x_t, t, batch.cond.repeat(2), self.max_chunk)
+        pred = predict_eps(adapter, x_t, t, batch.cond.repeat(2), self.chunk_for(batch))
         err = per_sample_norm(pred - e, p=cfg.p).view(2, b)
         return err.T.contiguous()

@@ -80,7 +80,7 @@ class SecMI(FeatureFamily):
 
         def step(x: torch.Tensor, s_from: int, s_to: int) -> torch.Tensor:
             t = torch.full((b,), s_from, dtype=torch.long, device=x.device)
-            e = predict_eps(adapter, x, t, batch.cond, self.max_chunk)
+            e = predict_eps(adapter, x, t, batch.cond, self.chunk_for(batch))
             return ddim_step(x, e, abar[s_from], abar[s_to])
 
         x = batch.x0

@@ -196,6 +196,22 @@ def test_batch_size_does_not_change_values(adapter, collection, reference, monke
     assert np.abs(other_seed.values[:, 0] - reference.values[:, 0]).min() > 0
 
 
+def test_no_network_call_exceeds_the_batch_size(adapter, collection, reference, monkeypatch):
+    """``batch_size`` bounds the samples of every network call, however a family expands its images;
+    ``"auto"`` resolves to a whole batch size, recorded in the provenance, with the same values."""
+    calls, eps = [], adapter.eps
+    monkeypatch.setattr(adapter, "eps", lambda x, t, c: calls.append(x.shape[0]) or eps(x, t, c))
+    table = extract_features(adapter, collection, resolve_features(CHEAP), seed=3, batch_size=3,
+                             num_workers=0, progress=False)
+    assert calls and max(calls) == 3  # denoising_loss alone expands 3 images into 15 samples
+    assert_same_values(table, reference)
+    monkeypatch.undo()
+    auto = extract_features(adapter, collection, resolve_features(CHEAP), seed=3, batch_size="auto",
+                            num_workers=0, progress=False)
+    assert auto.meta["extraction"]["batch_size"] in {2**k for k in range(9)}  # the roofline's fastest
+    assert_same_values(auto, reference)
+
+
 def test_full_feature_set_is_batch_invariant(adapter, collection):
     """All 31 columns of cdi+clid (noise optimisation and gradient masking included):
     batch sizes 1 and 8 give the same table to 1e-6 (float64 network)."""
@@ -370,7 +386,7 @@ def test_engine_validates_its_inputs(adapter, collection, tiny_adapters):
         extract_features(adapter, collection, [], **kw)
     with pytest.raises(CDIError, match="requested twice"):
         extract_features(adapter, collection, resolve_features("pia") * 2, **kw)
-    with pytest.raises(CDIError, match="batch size"):
+    with pytest.raises(CDIError, match="batch-size"):
         extract_features(adapter, collection, resolve_features("pia"), batch_size=0, **kw)
     with pytest.raises(CDIError, match="shard"):
         extract_features(adapter, collection, resolve_features("pia"), shard="2/2", **kw)
