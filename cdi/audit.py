@@ -75,6 +75,7 @@ class AuditConfig:
     revision: str | None = None
     variant: str | None = None
     allow_pickle: bool = False
+    compile: bool = False
     skip_bad: bool = False
     max_pixels: int = DEFAULT_MAX_PIXELS
     workers: int | None = None
@@ -300,7 +301,7 @@ def run_audit(config: AuditConfig, *, progress: bool = True) -> AuditResult:
         resolve_features(config.features)  # fail on a bad name before loading the model
 
     adapter = load_model(config.model, revision=config.revision, variant=config.variant, dtype=config.dtype,
-                         device=config.device, allow_pickle=config.allow_pickle)
+                         device=config.device, allow_pickle=config.allow_pickle, compile=config.compile)
     feature_spec = config.features or default_feature_set(adapter)
     families = resolve_features(feature_spec)
     for family in families:

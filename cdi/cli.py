@@ -202,6 +202,7 @@ def extract_command(
     revision: str = typer.Option(None, "--revision", help="Branch, tag or commit of a hub model."),
     variant: str = typer.Option(None, "--variant", help="Weight variant, e.g. fp16."),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Also accept pickle (.bin) weights (unpickling can run arbitrary code)."),
+    compile_model: bool = typer.Option(False, "--compile", help="Compile the denoiser with torch.compile: slow first calls (minutes), faster after; for long runs."),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Leave unreadable or oversized image files out instead of failing."),
     workers: int = typer.Option(None, "--workers", help="Image-decoding worker processes (default: min(4, CPUs - 1))."),
 ) -> None:
@@ -241,7 +242,7 @@ def extract_command(
         with contextlib.ExitStack() as stack:
             cache = stack.enter_context(FeatureStore(store)) if store is not None else None
             adapter = load_model(model, revision=revision, variant=variant, dtype=dtype, device=device,
-                                 allow_pickle=allow_pickle)
+                                 allow_pickle=allow_pickle, compile=compile_model)
             if families is None:
                 families = resolve_features(default_feature_set(adapter))
             table = extract_features(adapter, collection, families, seed=seed, batch_size=batch_size,
@@ -390,6 +391,7 @@ def audit_command(
     revision: str = typer.Option(None, "--revision", help="Hub revision (branch, tag or commit)."),
     variant: str = typer.Option(None, "--variant", help="Weight variant, e.g. fp16."),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow loading .bin (pickle) weights; only for checkpoints you trust."),
+    compile_model: bool = typer.Option(False, "--compile", help="Compile the denoiser with torch.compile: slow first calls (minutes), faster after; for long runs."),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip unreadable images (recorded in the result) instead of stopping."),
     workers: int = typer.Option(None, "--workers", help="Image decoding worker processes."),
     force: bool = typer.Option(False, "--force", help="Replace an earlier audit in --out."),
@@ -406,7 +408,7 @@ def audit_command(
             sample_size_resamples=sample_size_resamples, ignore_shift=ignore_shift, shift_alpha=shift_alpha,
             shift_encoder=shift_encoder,
             batch_size=batch_size, device=device, dtype=dtype, store=store, revision=revision, variant=variant,
-            allow_pickle=allow_pickle, skip_bad=skip_bad, workers=workers, force=force,
+            allow_pickle=allow_pickle, compile=compile_model, skip_bad=skip_bad, workers=workers, force=force,
         )
         result = run_audit(config, progress=fmt == "text")
         _print_result(result, fmt, out)
@@ -446,6 +448,7 @@ def speed_command(
     images: int = typer.Option(None, "--images", help="Images to time: synthetic ones (default two batches, at least 32), or the first N of --images-dir (default all)."),
     images_dir: str = typer.Option(None, "--images-dir", help="Time these images instead of synthetic ones."),
     audit_size: int = typer.Option(1000, "--audit-size", help="Images per collection of the audit whose duration is estimated."),
+    compile_model: bool = typer.Option(False, "--compile", help="Compile the denoiser with torch.compile: slow first calls (minutes), faster after; for long runs."),
     fmt: str = typer.Option("text", "--format", help="text or json."),
 ) -> None:
     """Time feature extraction: images/s, model calls, peak memory, and efficiency against the bare network."""
@@ -470,7 +473,7 @@ def speed_command(
             collection = ImageCollection.from_folder(images_dir)
             if images is not None:
                 collection = collection.subset(range(min(images, len(collection))))
-        adapter = load_model(model, dtype=dtype, device=device)
+        adapter = load_model(model, dtype=dtype, device=device, compile=compile_model)
         if families is None:
             families = resolve_features(default_feature_set(adapter))
         report = measure_speed(adapter, families, collection=collection, images=images, batch_size=batch,

@@ -269,6 +269,19 @@ def test_float16_on_cpu_is_refused(tiny_model_dirs):
         load_model(str(tiny_model_dirs["ddpm"]), device="cpu", dtype="fp16")
 
 
+def test_compile_wraps_the_denoiser_in_place(tiny_model_dirs, tiny_adapters, monkeypatch):
+    """``compile=True`` compiles the same module (parameters, fingerprint unchanged; nothing is run here:
+    compiling takes minutes on a CPU), and without a C++ compiler on the CPU it is refused up front."""
+    adapter = load_model(str(tiny_model_dirs["ddpm"]), device="cpu", compile=True)
+    assert adapter.compiled and adapter.describe()["compiled"] is True
+    assert adapter.denoiser is adapter.unet and adapter.unet._compiled_call_impl is not None
+    assert adapter.fingerprint == tiny_adapters["ddpm"].fingerprint
+    assert tiny_adapters["ddpm"].describe()["compiled"] is False
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    with pytest.raises(CDIError, match="C\\+\\+ compiler"):
+        load_model(str(tiny_model_dirs["ddpm"]), device="cpu", compile=True)
+
+
 def test_resolve_device_and_dtype():
     assert resolve_device("cpu") == torch.device("cpu")
     if not torch.cuda.is_available():

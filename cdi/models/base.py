@@ -130,12 +130,16 @@ class DiffusionAdapter:
         float32, on ``device``, length ``num_train_timesteps``.
     learned_variance : bool
         True if the network outputs twice the channels (eps and variance).
+    compiled : bool
+        True if the denoiser was compiled with ``torch.compile`` (provenance
+        only: compiling changes no value beyond float rounding).
     """
 
     family: ClassVar[str] = ""
     conditioning: Conditioning = "none"
     prediction_type: PredictionType = "epsilon"
     learned_variance: bool = False
+    compiled: bool = False
 
     def __init__(
         self,
@@ -180,6 +184,7 @@ class DiffusionAdapter:
             "image_channels": self.image_channels,
             "device": str(self.device),
             "dtype": str(self.dtype).replace("torch.", ""),
+            "compiled": self.compiled,
         }
 
     # ------------------------------------------------------------- encoding

@@ -26,6 +26,12 @@ The loader does the same thing whatever the user names:
    from the folder besides them (DiT's class names, DDPM's labels.json).
 4. The files that define the model are hashed into the adapter's
    ``fingerprint`` (``fingerprint_weights``).
+5. With ``compile=True`` the denoiser is compiled in place with
+   ``torch.compile`` (``nn.Module.compile``: same object, same parameters,
+   so fingerprints, parameter gradients and store keys are unchanged). The
+   first call at each new input shape compiles (about 80 s for the toy SD
+   UNet on one CPU thread, which then ran 18% faster: 0.68 vs 0.82 ms per
+   sample at batch 64); worth it for long runs only.
 
 Every failure a user can fix (no such model, not cached while offline,
 pickle-only weights, an unsupported pipeline, a bad device or dtype) is one
@@ -206,6 +212,7 @@ def load_model(
     device: str = "auto",
     allow_pickle: bool = False,
     local_files_only: bool | None = None,
+    compile: bool = False,
 ) -> "DiffusionAdapter":
     """Load a diffusion model into the adapter of its family.
 
@@ -229,6 +236,8 @@ def load_model(
         safetensors. Off by default: unpickling can run arbitrary code.
     local_files_only : bool, optional
         Never touch the network. None (default) follows ``HF_HUB_OFFLINE``.
+    compile : bool
+        Compile the denoiser with ``torch.compile`` (step 5 above).
 
     Returns
     -------
@@ -242,6 +251,8 @@ def load_model(
     name = os.fspath(name)
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
+    if compile:
+        check_compile_supported(torch_device)
     offline = _offline(local_files_only)
     folder, model_id, resolved_revision, hub_id = _resolve_folder(
         name, revision=revision, variant=variant, allow_pickle=allow_pickle, offline=offline
@@ -271,7 +282,23 @@ def load_model(
         dtype=torch_dtype,
     )
     adapter.files = digests
+    if compile:
+        components[adapter_cls.denoiser_name].compile()
+        adapter.compiled = True
     return adapter
+
+
+def check_compile_supported(device: torch.device) -> None:
+    """Raise ``CDIError`` if ``torch.compile`` cannot run here (before any model is loaded)."""
+    import shutil
+
+    import torch._dynamo
+
+    if not torch._dynamo.is_dynamo_supported():
+        raise CDIError("--compile is not supported by this Python and PyTorch build; run without --compile")
+    if device.type == "cpu" and not any(shutil.which(c) for c in ("c++", "g++", "clang++")):
+        raise CDIError("--compile on the CPU needs a C++ compiler (g++ or clang++) on PATH; install one or "
+                       "run without --compile")
 
 
 def adapter_class(family: str) -> type["DiffusionAdapter"]:
