@@ -36,9 +36,11 @@ class DemoDraw:
     unpublished: list[str]
 
 
-def _read_metadata(folder: Path) -> dict[str, str]:
-    rows = [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines() if line.strip()]
-    return {row["file_name"]: row["text"] for row in rows}
+def _captions(folder: Path) -> dict[str, str | None]:
+    """File name -> caption of a toy-world folder, read by ``cdi.data`` as an audit would read it."""
+    from cdi.data import ImageCollection
+
+    return {r.path: r.caption for r in ImageCollection.from_folder(folder).records}
 
 
 def draw_demo_sets(members: list[str], nonmembers: list[str], *, n: int, null: bool,
@@ -66,7 +68,7 @@ def draw_demo_sets(members: list[str], nonmembers: list[str], *, n: int, null: b
 
 def write_demo_folders(world, draw: DemoDraw, data_dir: Path) -> tuple[Path, Path]:
     """Copy the drawn images and their captions into ``published/`` and ``unpublished/``."""
-    captions = {"members": _read_metadata(world.members_dir), "nonmembers": _read_metadata(world.nonmembers_dir)}
+    captions = {"members": _captions(world.members_dir), "nonmembers": _captions(world.nonmembers_dir)}
     sources = {"members": world.members_dir, "nonmembers": world.nonmembers_dir}
     plan = {
         "published": [("members", f) for f in draw.published_members]
@@ -106,8 +108,8 @@ def run_demo(out: str | Path = "demo-out", *, null: bool = False, member_fractio
     if out.exists() and not out.is_dir():
         raise CDIError(f"--out {out} exists and is not a folder")
     world = build_world(kind=kind, strength=strength, seed=0, progress=progress)
-    members = sorted(_read_metadata(world.members_dir))
-    nonmembers = sorted(_read_metadata(world.nonmembers_dir))
+    members = sorted(_captions(world.members_dir))
+    nonmembers = sorted(_captions(world.nonmembers_dir))
     draw = draw_demo_sets(members, nonmembers, n=n, null=null, member_fraction=member_fraction, seed=seed)
     published, unpublished = write_demo_folders(world, draw, out / "data")
     config = AuditConfig(

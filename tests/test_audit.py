@@ -107,14 +107,14 @@ def test_audit_is_deterministic(demo_used, tmp_path, store, demo_env):
 
 def test_shifted_unpublished_is_inconclusive(world, tmp_path, store):
     """P from members, U from a visibly shifted copy of the non-members: the guard must refuse."""
-    from cdi.demo import _read_metadata, write_demo_folders, DemoDraw
+    from cdi.demo import _captions, write_demo_folders, DemoDraw
 
-    members = sorted(_read_metadata(world.members_dir))[:60]
-    shifted = sorted(_read_metadata(world.shifted_dir))[:60]
+    members = sorted(_captions(world.members_dir))[:60]
+    shifted = sorted(_captions(world.shifted_dir))[:60]
     published, _ = write_demo_folders(world, DemoDraw(members, [], []), tmp_path / "data")
     unpublished = tmp_path / "shifted"
     unpublished.mkdir()
-    captions = _read_metadata(world.shifted_dir)
+    captions = _captions(world.shifted_dir)
     lines = []
     for name in shifted:
         (unpublished / name).write_bytes((world.shifted_dir / name).read_bytes())
