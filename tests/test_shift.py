@@ -182,3 +182,36 @@ def test_cli_shift_end_to_end(tmp_path):
     assert out["bright"]["probe"]["auc"] > 0.9
     text = runner.invoke(app, ["shift", "--a", str(a), "--b", str(bright), "--encoder", "builtin"])
     assert text.exit_code == 0 and "Frechet distance" in text.output
+
+
+def test_mixing_raises_frechet_and_blind_auc_with_the_shifted_share(tmp_path):
+    """The mixing experiment's ingredients on toy digits, no model needed: as the shifted share of the
+    non-members grows, the Frechet distance to the members and the blind baseline's AUC both rise."""
+    from PIL import Image
+
+    from attacks.blind import blind_baseline, embedding_columns
+    from attacks.protocol import evaluate, split_calibration_test
+    from attacks.shift import frechet_distance
+    from cdi.data import ImageCollection
+    from cdi.shift_guard import image_embeddings
+    from cdi.toy import load_digit_images, write_shifted_images
+
+    images, _ = load_digit_images()
+    for name, rows in (("members", range(0, 400, 2)), ("nonmembers", range(1, 400, 2))):
+        (tmp_path / name).mkdir()
+        for i in rows:
+            Image.fromarray(images[i]).save(tmp_path / name / f"d{i:04d}.png")
+    members, _ = image_embeddings(ImageCollection.from_folder(tmp_path / "members"), encoder="builtin")
+    distances, aucs = [], []
+    for fraction in (0.0, 0.5, 1.0):
+        folder = tmp_path / f"mix-{fraction:g}"
+        write_shifted_images(tmp_path / "nonmembers", folder, fraction=fraction, seed=0)
+        nonmembers, _ = image_embeddings(ImageCollection.from_folder(folder), encoder="builtin")
+        split = split_calibration_test(len(members), len(nonmembers), calibration_fraction=0.5, seed=0)
+        x_cal, y_cal, x_test, y_test = split.apply(members, nonmembers)
+        result = evaluate(blind_baseline(seed=0), x_cal, y_cal, x_test, y_test,
+                          columns=embedding_columns(members.shape[1]), folds=5, n_bootstrap=20, seed=0)
+        distances.append(frechet_distance(members, nonmembers))
+        aucs.append(result.calibration["auc"])
+    assert distances[0] < distances[1] < distances[2]
+    assert aucs[0] < 0.7 and aucs[0] < aucs[1] < aucs[2] and aucs[2] > 0.95
