@@ -3,9 +3,10 @@
 What a run does, in order:
 
 1. **Data.** Members and non-members come from ``--members``/``--nonmembers``
-   or from a named setup (``examples/setups/<name>.json``). The real setups
-   (CopyMark's (a)-(e) and SD 1.5 on LAION-MI) document the model alias and
-   how to obtain and lay out the images; they need downloads and a GPU, so
+   or from a named setup (``cdi/setups/<name>.json``, shipped in the
+   package and linked as ``examples/setups``). The real setups (CopyMark's
+   (a)-(e) and SD 1.5 on LAION-MI) document the model alias and how to
+   obtain and lay out the images; they need downloads and a GPU, so
    ``--setup`` only checks that their folders exist under ``$CDI_DATA``
    (default ``./data``) and says how to get them when not. The toy setups
    build a local toy world (``cdi.toy.build_world``). ``quick`` draws a
@@ -57,7 +58,7 @@ from cdi.errors import CDIError
 
 BENCHMARK_FILE = "benchmark.json"
 REPORT_FILE = "benchmark.html"
-SETUPS_DIR = Path(__file__).resolve().parent.parent / "examples" / "setups"
+SETUPS_DIR = Path(__file__).resolve().parent / "setups"  # also reachable as examples/setups (a link)
 #: Images of each class used with ``quick``.
 QUICK_SIZE = 60
 #: The methods of ``attacks.scorers`` in the order of the report.
