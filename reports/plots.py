@@ -22,7 +22,7 @@ import re
 import matplotlib
 import numpy as np
 from matplotlib.figure import Figure
-from matplotlib.ticker import FuncFormatter, NullFormatter
+from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter, NullLocator
 from sklearn.metrics import roc_curve
 
 # Okabe-Ito colours: distinguishable with the common colour-vision deficiencies
@@ -142,6 +142,10 @@ def pvalue_curve_svg(
     bottom.set_ylim(-0.03, 1.03)
     bottom.set_ylabel(f"share with p < {alpha:g}")
     bottom.set_xlabel("images per collection (log scale)")
+    # Ticks at the sizes tested: the default log ticks label only powers of ten, often one or none here.
+    bottom.xaxis.set_major_locator(FixedLocator(sizes_arr))
+    bottom.xaxis.set_major_formatter(FuncFormatter(lambda value, _position: f"{value:g}"))
+    bottom.xaxis.set_minor_locator(NullLocator())
     if n_needed is not None:
         for ax in (top, bottom):
             ax.axvline(n_needed, color=PUBLISHED_COLOR, linewidth=1.4)
