@@ -575,6 +575,11 @@ def format_table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _line_style(i: int) -> dict[str, str]:
+    """Colour and dash of the i-th method's line: ten colours, then the same colours dashed (12 methods)."""
+    return {"color": f"C{i % 10}", "linestyle": "-" if i < 10 else "--"}
+
+
 def roc_plot_svg(result: dict[str, Any]) -> str:
     """Log-log ROC curves of every method on the calibration and the test split (inline SVG)."""
     from matplotlib.figure import Figure
@@ -586,12 +591,12 @@ def roc_plot_svg(result: dict[str, Any]) -> str:
     axes = fig.subplots(1, 2)
     for ax, split in zip(axes, ("calibration", "test")):
         floor = 1.0
-        for name, r in result["methods"].items():
+        for i, (name, r) in enumerate(result["methods"].items()):
             labels, scores = r["scores"][f"{split}_labels"], r["scores"][f"{split}_scores"]
             fpr, tpr, _ = roc_curve(labels, scores)
             floor = min(floor, 1.0 / max(1, labels.count(0)))
             keep = (fpr > 0) & (tpr > 0)
-            ax.plot(fpr[keep], tpr[keep], linewidth=1.2, label=name)
+            ax.plot(fpr[keep], tpr[keep], linewidth=1.2, label=name, **_line_style(i))
         ax.plot([floor, 1], [floor, 1], color="#666666", linestyle=":", linewidth=1.0)
         ax.axvline(0.01, color="#666666", linestyle="--", linewidth=0.8)
         _log_log(ax)
@@ -614,8 +619,9 @@ def mixing_plot_svg(result: dict[str, Any]) -> str:
     fractions = [r["fraction"] for r in rows]
     fig = Figure(figsize=(7.5, 3.2))
     left, right = fig.subplots(1, 2)
-    for method in rows[0]["methods"]:
-        left.plot(fractions, [r["methods"][method]["auc"] for r in rows], marker="o", linewidth=1.2, label=method)
+    for i, method in enumerate(rows[0]["methods"]):
+        left.plot(fractions, [r["methods"][method]["auc"] for r in rows], marker="o", linewidth=1.2, label=method,
+                  **_line_style(i))
     left.set_xlabel("share of shifted non-members")
     left.set_ylabel("calibration AUC")
     left.legend(loc="best", fontsize=7)
