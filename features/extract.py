@@ -306,7 +306,7 @@ class _Extraction:
         if self.batch_size == "auto":
             first = self.records[plan[0][1][0]].caption if plan else None
             needed = list({f.name: f for fams, _ in plan for f in fams}.values())
-            self.batch_size = auto_batch_size(self.adapter, needed, first) if plan else 1
+            self.batch_size = auto_batch_size(self.adapter, needed, first) if plan else None  # nothing to compute
             self.chunk = self.batch_size
         if self.store is not None:
             for family in {f.name: f for fams, _ in plan for f in fams}.values():
