@@ -205,11 +205,8 @@ def test_user_errors(tmp_path):
 
 
 def test_shipped_weights_are_intact_and_small():
-    # ddpm-overtrained is not shipped yet (200 epochs did not fit in the session
-    # that trained the others); `cdi toy build --kind ddpm --strength overtrained
-    # --retrain` trains it. The sd pair is what the demo and the tests use.
     shipped = sorted(p.name for p in toy.WEIGHTS_ROOT.iterdir() if (p / "training.json").is_file())
-    assert {"sd-light", "sd-overtrained", "ddpm-light"} <= set(shipped)
+    assert shipped == sorted(f"{kind}-{strength}" for kind, strength in toy.TRAIN_CONFIGS)
     total = 0
     for name in shipped:
         kind, strength = name.split("-")
