@@ -29,7 +29,7 @@ def main() -> None:
     parser.add_argument("--features", default="cdi+clid")
     parser.add_argument("--out", required=True)
     parser.add_argument("--store", default=None)
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--batch-size", default="auto", help="a number or auto")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
