@@ -16,8 +16,8 @@ these vectors (``attacks.scorers``).
 
 Per-image gradients: parameter gradients add up over a batch, so each image
 gets its own backward passes. GSA1 sends an image's 20 timesteps through the
-network as one batch (chunks of ``max_chunk`` add their gradients) and runs
-one backward; GSA2 runs one forward and one backward per (image, t), which is
+network as one batch (chunks of ``chunk_for(batch)`` add their gradients)
+and runs one backward; GSA2 runs one forward and one backward per (image, t), which is
 linear in the number of timesteps. Neither differentiates a whole-batch
 graph once per image (CopyMark's quadratic cost), and an image's values never
 depend on which images share its batch.
@@ -118,7 +118,7 @@ class _GradientNorms(FeatureFamily):
                 # inference tensors cannot be saved for backward.
                 cond = batch.cond.index([i]).repeat(steps.shape[0])
                 cond = Condition(cond.batch_size, {k: v.clone() for k, v in cond.tensors.items()})
-                rows.append(self._image_norms(adapter, params, x_t, steps, cond, eps))
+                rows.append(self._image_norms(adapter, params, x_t, steps, cond, eps, self.chunk_for(batch)))
         return torch.stack(rows)
 
     def _image_norms(
@@ -129,7 +129,9 @@ class _GradientNorms(FeatureFamily):
         steps: torch.Tensor,
         cond: Condition,
         eps: torch.Tensor,
+        chunk: int | None,
     ) -> torch.Tensor:
+        """The gradient norms of one image from its T noised copies, at most ``chunk`` samples per call."""
         raise NotImplementedError
 
 
@@ -156,9 +158,9 @@ class GSA1(_GradientNorms):
 
     name = "gsa1"
 
-    def _image_norms(self, adapter, params, x_t, steps, cond, eps):
+    def _image_norms(self, adapter, params, x_t, steps, cond, eps, chunk):
         total, n = None, steps.shape[0]
-        size = n if self.max_chunk is None else self.max_chunk
+        size = n if chunk is None else chunk
         for sl in (slice(k, min(k + size, n)) for k in range(0, n, size)):
             grads = _loss_gradients(adapter, params, x_t[sl], steps[sl], cond.index(sl), eps[sl])
             total = grads if total is None else [a + g for a, g in zip(total, grads)]
@@ -170,7 +172,7 @@ class GSA2(_GradientNorms):
 
     name = "gsa2"
 
-    def _image_norms(self, adapter, params, x_t, steps, cond, eps):
+    def _image_norms(self, adapter, params, x_t, steps, cond, eps, chunk):
         total = torch.zeros(len(params), dtype=torch.float32, device=x_t.device)
         for j in range(steps.shape[0]):
             sl = slice(j, j + 1)
