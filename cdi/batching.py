@@ -182,24 +182,33 @@ def _largest_fitting_batch(adapter: DiffusionAdapter, families: Sequence[Feature
     return fits
 
 
-def auto_batch_size(adapter: DiffusionAdapter, families: Sequence[FeatureFamily], caption: str | None = None) -> int:
+def auto_batch_size(
+    adapter: DiffusionAdapter, families: Sequence[FeatureFamily], caption: str | None = None, *,
+    fastest_forward_batch: int | None = None,
+) -> int:
     """The batch size of ``batch_size="auto"`` (see the module docstring).
 
     On CUDA the largest batch of at most ``MAX_AUTO_BATCH`` images at which
     every family fits in memory; elsewhere the fastest batch of the bare
-    forward loop. ``caption`` conditions the probes (a conditional model's
-    first caption; None: the null condition).
+    forward loop: ``fastest_forward_batch`` when the caller has already
+    measured it (``cdi speed`` does), else measured here. ``caption``
+    conditions the probes (a conditional model's first caption; None: the
+    null condition).
     """
     if adapter.device.type == "cuda":
         return _largest_fitting_batch(adapter, families, caption)
-    _, best = roofline_seconds_per_call(adapter, adapter.conditions([caption]), backward=False,
-                                        max_batch=MAX_AUTO_BATCH)
-    return best
+    if fastest_forward_batch is None:
+        _, fastest_forward_batch = roofline_seconds_per_call(adapter, adapter.conditions([caption]),
+                                                             backward=False)
+    return min(fastest_forward_batch, MAX_AUTO_BATCH)
 
 
 def resolve_batch_size(
-    value: int | str, adapter: DiffusionAdapter, families: Sequence[FeatureFamily], caption: str | None = None
+    value: int | str, adapter: DiffusionAdapter, families: Sequence[FeatureFamily], caption: str | None = None, *,
+    fastest_forward_batch: int | None = None,
 ) -> int:
-    """An integer batch size from ``value`` (a number or ``"auto"``)."""
+    """An integer batch size from ``value`` (a number or ``"auto"``; see ``auto_batch_size``)."""
     value = parse_batch_size(value)
-    return auto_batch_size(adapter, families, caption) if value == "auto" else value
+    if value != "auto":
+        return value
+    return auto_batch_size(adapter, families, caption, fastest_forward_batch=fastest_forward_batch)

@@ -182,7 +182,10 @@ def measure_speed(
         raise CDIError(f"--images must be at least 1, got {images}")
     device = adapter.device
     caption = collection.records[0].caption if collection is not None and len(collection) else "synthetic image 0"
-    batch_size = resolve_batch_size(batch_size, adapter, families, caption)
+    cond = adapter.conditions([caption])
+    # The forward roofline first: on CPU, batch_size="auto" is its fastest batch.
+    per_forward, forward_batch = roofline_seconds_per_call(adapter, cond, backward=False)
+    batch_size = resolve_batch_size(batch_size, adapter, families, caption, fastest_forward_batch=forward_batch)
     with tempfile.TemporaryDirectory(prefix="cdi-speed-") as tmp:
         if collection is None:
             count = int(images) if images is not None else max(32, 2 * batch_size)
@@ -215,8 +218,6 @@ def measure_speed(
         device_peak = int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else None
         host_peak = host_peak_rss_bytes()
 
-        cond = adapter.conditions([caption])
-        per_forward, forward_batch = roofline_seconds_per_call(adapter, cond, backward=False)
         needs_backward = any(f.cost(adapter).backward for f in families)
         per_backward, backward_batch = (
             roofline_seconds_per_call(adapter, cond, backward=True) if needs_backward else (float("nan"), None)
