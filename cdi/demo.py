@@ -66,9 +66,14 @@ def draw_demo_sets(members: list[str], nonmembers: list[str], *, n: int, null: b
     return DemoDraw(published_members, published_nonmembers, unpublished)
 
 
-def write_demo_folders(world, draw: DemoDraw, data_dir: Path) -> tuple[Path, Path]:
-    """Copy the drawn images and their captions into ``published/`` and ``unpublished/``."""
-    captions = {"members": _captions(world.members_dir), "nonmembers": _captions(world.nonmembers_dir)}
+def write_demo_folders(world, draw: DemoDraw, data_dir: Path, captions: dict | None = None) -> tuple[Path, Path]:
+    """Copy the drawn images and their captions into ``published/`` and ``unpublished/``.
+
+    ``captions``: ``{"members": {file: caption}, "nonmembers": {...}}`` when the
+    caller has read them already; else read here.
+    """
+    if captions is None:
+        captions = {"members": _captions(world.members_dir), "nonmembers": _captions(world.nonmembers_dir)}
     sources = {"members": world.members_dir, "nonmembers": world.nonmembers_dir}
     plan = {
         "published": [("members", f) for f in draw.published_members]
@@ -108,10 +113,10 @@ def run_demo(out: str | Path = "demo-out", *, null: bool = False, member_fractio
     if out.exists() and not out.is_dir():
         raise CDIError(f"--out {out} exists and is not a folder")
     world = build_world(kind=kind, strength=strength, seed=0, progress=progress)
-    members = sorted(_captions(world.members_dir))
-    nonmembers = sorted(_captions(world.nonmembers_dir))
-    draw = draw_demo_sets(members, nonmembers, n=n, null=null, member_fraction=member_fraction, seed=seed)
-    published, unpublished = write_demo_folders(world, draw, out / "data")
+    captions = {"members": _captions(world.members_dir), "nonmembers": _captions(world.nonmembers_dir)}
+    draw = draw_demo_sets(sorted(captions["members"]), sorted(captions["nonmembers"]), n=n, null=null,
+                          member_fraction=member_fraction, seed=seed)
+    published, unpublished = write_demo_folders(world, draw, out / "data", captions)
     config = AuditConfig(
         published=str(published), unpublished=str(unpublished), model=str(world.model_dir), out=str(out),
         seed=seed, permutations=permutations, force=True,

@@ -110,11 +110,11 @@ def test_shifted_unpublished_is_inconclusive(world, tmp_path, store):
     from cdi.demo import _captions, write_demo_folders, DemoDraw
 
     members = sorted(_captions(world.members_dir))[:60]
-    shifted = sorted(_captions(world.shifted_dir))[:60]
+    captions = _captions(world.shifted_dir)
+    shifted = sorted(captions)[:60]
     published, _ = write_demo_folders(world, DemoDraw(members, [], []), tmp_path / "data")
     unpublished = tmp_path / "shifted"
     unpublished.mkdir()
-    captions = _captions(world.shifted_dir)
     lines = []
     for name in shifted:
         (unpublished / name).write_bytes((world.shifted_dir / name).read_bytes())
