@@ -27,6 +27,13 @@ app = typer.Typer(
 console = Console()
 err_console = Console(stderr=True)
 
+#: Help of the options shared by extract, audit, speed and benchmark.
+BATCH_SIZE_HELP = (
+    "Images per batch and most samples per network call, or auto (CUDA: the largest that fits; CPU: the "
+    "fastest batch of the bare network). Halved when the GPU runs out of memory; values do not depend on it."
+)
+COMPILE_HELP = "Compile the denoiser with torch.compile: slow first calls (minutes), faster after; for long runs."
+
 
 @contextlib.contextmanager
 def _user_errors() -> Iterator[None]:
@@ -193,7 +200,7 @@ def extract_command(
     model: str = typer.Option(..., "--model", help="Model alias (`cdi models`), Hugging Face hub id, or local pipeline folder."),
     out: str = typer.Option(..., "--out", help="CSV file to write (provenance goes to OUT.json beside it)."),
     features: str = typer.Option(None, "--features", help="cdi, cdi+clid, or a comma-separated list of families (default: cdi+clid for conditional models, cdi otherwise)."),
-    batch_size: str = typer.Option("auto", "--batch-size", help="Images per batch and most samples per network call, or auto (CUDA: the largest that fits; CPU: the fastest batch of the bare network). Halved when the GPU runs out of memory; values do not depend on it."),
+    batch_size: str = typer.Option("auto", "--batch-size", help=BATCH_SIZE_HELP),
     seed: int = typer.Option(0, "--seed", help="Seed of every noise draw."),
     store: str = typer.Option(None, "--store", help="Feature cache (a .sqlite file, or a folder for features.sqlite): makes the run resumable and reuses values across runs. Default: no cache."),
     shard: str = typer.Option(None, "--shard", help="I/N: handle only the images with int(sha256, 16) % N == I (0 <= I < N)."),
@@ -202,7 +209,7 @@ def extract_command(
     revision: str = typer.Option(None, "--revision", help="Branch, tag or commit of a hub model."),
     variant: str = typer.Option(None, "--variant", help="Weight variant, e.g. fp16."),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Also accept pickle (.bin) weights (unpickling can run arbitrary code)."),
-    compile_model: bool = typer.Option(False, "--compile", help="Compile the denoiser with torch.compile: slow first calls (minutes), faster after; for long runs."),
+    compile_model: bool = typer.Option(False, "--compile", help=COMPILE_HELP),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Leave unreadable or oversized image files out instead of failing."),
     workers: int = typer.Option(None, "--workers", help="Image-decoding worker processes (default: min(4, CPUs - 1))."),
 ) -> None:
@@ -384,14 +391,14 @@ def audit_command(
     ignore_shift: bool = typer.Option(False, "--ignore-shift", help="Give a verdict even if the shift guard finds that P and U differ without the model."),
     shift_alpha: float = typer.Option(0.05, "--shift-alpha", help="Significance level of the shift guard (higher = more cautious)."),
     shift_encoder: str = typer.Option("auto", "--shift-encoder", help="auto (CLIP if cached locally, else built-in), clip or builtin."),
-    batch_size: str = typer.Option("auto", "--batch-size", help="Images per batch and most samples per network call, or auto (CUDA: the largest that fits; CPU: the fastest batch of the bare network). Halved when the GPU runs out of memory; values do not depend on it."),
+    batch_size: str = typer.Option("auto", "--batch-size", help=BATCH_SIZE_HELP),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
     dtype: str = typer.Option("float32", "--dtype", help="float32, bfloat16 or float16 (GPU)."),
     store: str = typer.Option(None, "--store", help="Feature store (folder or .sqlite file) to reuse and resume extraction."),
     revision: str = typer.Option(None, "--revision", help="Hub revision (branch, tag or commit)."),
     variant: str = typer.Option(None, "--variant", help="Weight variant, e.g. fp16."),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow loading .bin (pickle) weights; only for checkpoints you trust."),
-    compile_model: bool = typer.Option(False, "--compile", help="Compile the denoiser with torch.compile: slow first calls (minutes), faster after; for long runs."),
+    compile_model: bool = typer.Option(False, "--compile", help=COMPILE_HELP),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip unreadable images (recorded in the result) instead of stopping."),
     workers: int = typer.Option(None, "--workers", help="Image decoding worker processes."),
     force: bool = typer.Option(False, "--force", help="Replace an earlier audit in --out."),
@@ -444,11 +451,11 @@ def speed_command(
     features: str = typer.Option(None, "--features", help="cdi, cdi+clid, or a comma-separated list of families (default: cdi+clid for conditional models, cdi otherwise)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
     dtype: str = typer.Option("float32", "--dtype", help="Compute dtype of the model: float32, bfloat16 or float16 (GPU only)."),
-    batch_size: str = typer.Option("auto", "--batch-size", help="Images per batch and most samples per network call, or auto (CUDA: the largest that fits; CPU: the fastest batch of the bare network). Halved when the GPU runs out of memory; values do not depend on it."),
+    batch_size: str = typer.Option("auto", "--batch-size", help=BATCH_SIZE_HELP),
     images: int = typer.Option(None, "--images", help="Images to time: synthetic ones (default two batches, at least 32), or the first N of --images-dir (default all)."),
     images_dir: str = typer.Option(None, "--images-dir", help="Time these images instead of synthetic ones."),
     audit_size: int = typer.Option(1000, "--audit-size", help="Images per collection of the audit whose duration is estimated."),
-    compile_model: bool = typer.Option(False, "--compile", help="Compile the denoiser with torch.compile: slow first calls (minutes), faster after; for long runs."),
+    compile_model: bool = typer.Option(False, "--compile", help=COMPILE_HELP),
     fmt: str = typer.Option("text", "--format", help="text or json."),
 ) -> None:
     """Time feature extraction: images/s, model calls, peak memory, and efficiency against the bare network."""
@@ -495,7 +502,7 @@ def benchmark_command(
     calibration_fraction: float = typer.Option(0.5, "--calibration-fraction", help="Share of each class used for calibration."),
     quick: bool = typer.Option(False, "--quick", help="Small sizes: 60 images of each class, cheap methods, fewer PFAMI/GSA calls."),
     seed: int = typer.Option(0, "--seed", help="Seed of the subset, split, noise, folds and bootstrap."),
-    batch_size: str = typer.Option("auto", "--batch-size", help="Images per batch and most samples per network call, or auto (CUDA: the largest that fits; CPU: the fastest batch of the bare network). Halved when the GPU runs out of memory; values do not depend on it."),
+    batch_size: str = typer.Option("auto", "--batch-size", help=BATCH_SIZE_HELP),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
     dtype: str = typer.Option("float32", "--dtype", help="float32, bfloat16 or float16 (GPU)."),
     store: str = typer.Option(None, "--store", help="Feature store (default: <out>/features.sqlite)."),
