@@ -81,6 +81,7 @@ from PIL import Image, ImageFilter
 
 from cdi import __version__
 from cdi.errors import CDIError
+from cdi.io import sha256_file
 
 KINDS = ("sd", "ddpm")
 STRENGTHS = ("light", "overtrained")
@@ -306,14 +307,6 @@ def _write_json(path: Path, data: dict) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
     os.replace(tmp, path)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # --------------------------------------------------------------------- models
@@ -632,7 +625,7 @@ def save_weights(weights: ToyWeights, folder: Path, info: dict) -> dict[str, str
         save_file(state, str(tmp))
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
-        hashes[path.name] = _sha256(path)
+        hashes[path.name] = sha256_file(path)
     _write_json(folder / "training.json",
                 {**info, "kind": weights.kind, "scaling_factor": weights.scaling_factor, "sha256": hashes})
     return hashes
@@ -650,7 +643,7 @@ def load_weights(folder: Path) -> tuple[ToyWeights, dict]:
     states = {}
     for file_name, digest in meta["sha256"].items():
         path = folder / file_name
-        if not path.is_file() or _sha256(path) != digest:
+        if not path.is_file() or sha256_file(path) != digest:
             raise CDIError(f"shipped toy weight file {path} is missing or corrupt (SHA-256 mismatch); "
                            "reinstall cdi or run `cdi toy build --retrain`")
         states[file_name.removesuffix(".safetensors")] = load_file(str(path))

@@ -63,6 +63,7 @@ from huggingface_hub.errors import (
 from safetensors import SafetensorError
 
 from cdi.errors import CDIError
+from cdi.io import sha256_file
 from cdi.models.registry import ALIASES
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -174,7 +175,7 @@ def file_digests(folder: Path, files: list[Path]) -> dict[str, str]:
     for path in files:
         path = Path(path)
         rel = (path if not path.is_absolute() else path.relative_to(folder)).as_posix()
-        digests[rel] = _sha256_file(folder / rel)
+        digests[rel] = sha256_file(folder / rel)
     return dict(sorted(digests.items()))
 
 
@@ -192,14 +193,6 @@ def fingerprint_weights(folder: Path, files: list[Path]) -> str:
 def _combine(digests: dict[str, str]) -> str:
     lines = "".join(f"{rel}\0{digest}\n" for rel, digest in sorted(digests.items()))
     return hashlib.sha256(lines.encode()).hexdigest()
-
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 23), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 # ----------------------------------------------------------------- loading
