@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -29,25 +28,17 @@ import time
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 
 def write_toy_images(folder: Path, count: int, seed: int = 0) -> Path:
     """``count`` distinct jittered toy digits with captions (``metadata.jsonl``) in ``folder``."""
-    from cdi.toy import caption, load_digit_images
+    from cdi.toy import load_digit_images, write_image_folder
 
     images, labels = load_digit_images()
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    lines = []
-    for i in range(count):
-        k = i % len(images)
-        jitter = rng.integers(-2, 3, size=images[k].shape)
-        pixels = np.clip(images[k].astype(np.int16) + jitter, 0, 255).astype(np.uint8)
-        name = f"img_{i:06d}.png"
-        Image.fromarray(pixels).save(folder / name)
-        lines.append(json.dumps({"file_name": name, "text": caption(int(labels[k]))}))
-    (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    rows = np.arange(count) % len(images)
+    jitter = np.random.default_rng(seed).integers(-2, 3, size=(count, *images.shape[1:]), dtype=np.int16)
+    jittered = np.clip(images[rows] + jitter, 0, 255).astype(np.uint8)
+    write_image_folder(folder, np.arange(count), jittered, labels[rows])
     return folder
 
 

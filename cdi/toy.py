@@ -200,8 +200,9 @@ def _file_name(index: int) -> str:
     return f"digit_{int(index):04d}.png"
 
 
-def _write_image_folder(folder: Path, indices: np.ndarray, images: np.ndarray, labels: np.ndarray) -> None:
-    """PNGs plus an imagefolder ``metadata.jsonl`` (one line per image, sorted)."""
+def write_image_folder(folder: Path, indices: np.ndarray, images: np.ndarray, labels: np.ndarray) -> None:
+    """``images[i]`` for ``i`` in ``indices`` as ``digit_<i>.png``, plus an imagefolder ``metadata.jsonl``
+    with each image's caption (``caption(labels[i])``). ``folder`` must not exist yet."""
     folder.mkdir(parents=True, exist_ok=False)
     lines = []
     for i in indices:
@@ -850,8 +851,8 @@ def build_world(
     images, labels = load_digit_images()
     members, nonmembers = split_members(labels, seed)
     with _atomic_dir(out) as tmp:
-        _write_image_folder(tmp / "members", members, images, labels)
-        _write_image_folder(tmp / "nonmembers", nonmembers, images, labels)
+        write_image_folder(tmp / "members", members, images, labels)
+        write_image_folder(tmp / "nonmembers", nonmembers, images, labels)
         write_shifted_images(tmp / "nonmembers", tmp / "nonmembers_shifted", fraction=1.0, seed=seed)
         config = TRAIN_CONFIGS[(kind, strength)]
         if retrain:

@@ -187,20 +187,16 @@ def test_cli_shift_end_to_end(tmp_path):
 def test_mixing_raises_frechet_and_blind_auc_with_the_shifted_share(tmp_path):
     """The mixing experiment's ingredients on toy digits, no model needed: as the shifted share of the
     non-members grows, the Frechet distance to the members and the blind baseline's AUC both rise."""
-    from PIL import Image
-
     from attacks.blind import blind_baseline, embedding_columns
     from attacks.protocol import evaluate, split_calibration_test
     from attacks.shift import frechet_distance
     from cdi.data import ImageCollection
     from cdi.shift_guard import image_embeddings
-    from cdi.toy import load_digit_images, write_shifted_images
+    from cdi.toy import load_digit_images, write_image_folder, write_shifted_images
 
-    images, _ = load_digit_images()
-    for name, rows in (("members", range(0, 400, 2)), ("nonmembers", range(1, 400, 2))):
-        (tmp_path / name).mkdir()
-        for i in rows:
-            Image.fromarray(images[i]).save(tmp_path / name / f"d{i:04d}.png")
+    images, labels = load_digit_images()
+    write_image_folder(tmp_path / "members", range(0, 400, 2), images, labels)
+    write_image_folder(tmp_path / "nonmembers", range(1, 400, 2), images, labels)
     members, _ = image_embeddings(ImageCollection.from_folder(tmp_path / "members"), encoder="builtin")
     distances, aucs = [], []
     for fraction in (0.0, 0.5, 1.0):
