@@ -14,7 +14,8 @@
    and U differ without the model (unless ``ignore_shift``), else ``used`` if
    the verdict test rejects at ``alpha``, else ``not_detected``;
 6. write ``features.csv`` (+ sidecar), ``result.json`` and ``report.html``
-   into the output folder, each atomically.
+   into the output folder as one (``cdi.evidence.write_evidence``: a crash
+   leaves the complete old audit or the complete new one).
 
 ``analyse_tables`` is steps 4 and 5 on their own: it needs only the feature
 tables, so stored features can be re-tested without the model.
@@ -99,13 +100,9 @@ class AuditConfig:
         parse_batch_size(self.batch_size)
         if self.sample_size_resamples < 0:
             raise CDIError("--sample-size-resamples must be 0 (off) or positive")
-        out = Path(self.out)
-        if out.exists() and not out.is_dir():
-            raise CDIError(f"--out {out} exists and is not a folder; choose a folder for the audit's files")
-        if out.is_dir() and (out / RESULT_FILE).exists() and not self.force:
-            raise CDIError(
-                f"{out} already holds an audit ({RESULT_FILE}); choose another --out or pass --force to replace it"
-            )
+        from cdi.evidence import check_out_folder
+
+        check_out_folder(self.out, force=self.force)
 
 
 def reproduce_command(config: AuditConfig) -> str:
@@ -187,13 +184,15 @@ def analyse_tables(
         )
         seconds["shift_guard_s"] = time.perf_counter() - start
 
-    if shift is not None and shift.detected and not config.ignore_shift:
-        verdict = "inconclusive"
-    elif test.rejected:
-        verdict = "used"
-    else:
-        verdict = "not_detected"
+    verdict = decide_verdict(bool(test.rejected), shift, ignore_shift=config.ignore_shift)
     return Analysis(verdict=verdict, test=test, curve=curve, shift=shift, seconds=seconds)
+
+
+def decide_verdict(rejected: bool, shift: ShiftGuard | None, *, ignore_shift: bool) -> str:
+    """``inconclusive`` if the shift guard detected a shift (unless ignored), else ``used`` if the test rejected."""
+    if shift is not None and shift.detected and not ignore_shift:
+        return "inconclusive"
+    return "used" if rejected else "not_detected"
 
 
 def _family_of_columns(families) -> dict[str, str]:
@@ -274,13 +273,6 @@ def _protocol_description(name: str) -> str:
     return text or (stats.__doc__ or "").strip()
 
 
-def _combined_table(published: FeatureTable, unpublished: FeatureTable) -> FeatureTable:
-    """One table of both collections, paths prefixed by the collection name."""
-    both = FeatureTable.concat([published, unpublished])
-    both.paths = [f"published/{p}" for p in published.paths] + [f"unpublished/{p}" for p in unpublished.paths]
-    return both
-
-
 def run_audit(config: AuditConfig, *, progress: bool = True) -> AuditResult:
     """Run a whole audit and write its files into ``config.out``; see the module docstring."""
     from cdi.batching import resolve_batch_size
@@ -288,7 +280,8 @@ def run_audit(config: AuditConfig, *, progress: bool = True) -> AuditResult:
     from cdi.shift_guard import image_embeddings
     from features.extract import extract_features
     from features.registry import default_feature_set, directions_of, resolve_features
-    from reports import write_report
+
+    from cdi.evidence import write_evidence
 
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
     t0 = time.perf_counter()
@@ -328,17 +321,33 @@ def run_audit(config: AuditConfig, *, progress: bool = True) -> AuditResult:
         "load_s": t_loaded - t0,
         "extract_s": t_extracted - t_loaded,
         "shift_embeddings_s": t_embedded - t_extracted,
+        "extraction": {name: {k: t.meta["extraction"][k] for k in ("computed", "from_store", "seconds")}
+                       for name, t in zip(("published", "unpublished"), tables)},
     }
+    model = {**adapter.describe(), "files": dict(getattr(adapter, "files", {}))}
     result = build_result(analysis, tables[0], tables[1], families=families, feature_spec=feature_spec,
-                          directions=directions, model=adapter.describe(), config=config, timings=timings)
+                          directions=directions, model=model, config=config, timings=timings)
+    result.extraction = extraction_record(config.batch_size, batch_size, adapter.device, tables)
     result.timings["total_s"] = time.perf_counter() - t0
-
-    out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
-    _combined_table(tables[0], tables[1]).to_csv(out / FEATURES_FILE)
-    result.save(out)
-    write_report(out, result)
+    write_evidence(config.out, result, tables)
     return result
+
+
+def extraction_record(requested: int | str, batch_size: int, device, tables: Sequence[FeatureTable]) -> dict:
+    """How the features were computed, for ``result.json``: the batch size used and how it was chosen.
+
+    ``final_batch_size`` is the smallest batch any collection ended at (below
+    ``batch_size`` only when CUDA ran out of memory and the batch was halved).
+    """
+    from cdi.batching import auto_batch_rule, parse_batch_size
+
+    finals = [t.meta["extraction"].get("final_batch_size") for t in tables]
+    finals = [f for f in finals if f is not None]
+    return {
+        "batch_size": batch_size,
+        "batch_size_rule": auto_batch_rule(device) if parse_batch_size(requested) == "auto" else "given",
+        "final_batch_size": min(finals) if finals else batch_size,
+    }
 
 
 def _check_sizes(published: ImageCollection, unpublished: ImageCollection, folds: int) -> None:

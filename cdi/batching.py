@@ -7,12 +7,18 @@ image into. ``--batch-size auto`` picks N for the device:
 
 * **CUDA:** the largest of 1, 2, 4, ..., ``MAX_AUTO_BATCH`` at which every
   family's ``extract`` runs on random images without running out of memory
-  (larger batches keep a GPU busier).
-* **Elsewhere (CPU, MPS):** the batch size of the fastest bare forward loop
-  (``roofline_seconds_per_call``). Memory is rarely the limit there, but the
-  per-sample time is not monotone in the batch size: on a 2-core CPU the toy
-  SD model ran at 1.45 ms per sample at batch 8, 0.84 at 32-64 and 0.94 at
-  128-512 (caches), so a fixed number is either slow or wasteful.
+  (larger batches keep a GPU busier). Decided by memory, not by time.
+* **Elsewhere (CPU, MPS):** ``CPU_AUTO_BATCH``, a fixed number. It used to be
+  the batch of the fastest bare forward loop, but a choice by wall-clock time
+  changes with the machine's load (4 on one run, 32 the next), and values
+  computed at different batch sizes differ by float rounding, so the same
+  command gave a different ``result.json``. Per-sample time on a 2-core CPU
+  (toy SD model): 1.45 ms at batch 8, 0.84 at 32-64, 0.94 at 128-512, so 32
+  is near the best and small enough for any host memory.
+
+``audit``, ``extract`` and ``benchmark`` use this rule; only ``cdi speed``
+searches by timing (it passes ``fastest_forward_batch``). The batch size
+actually used is recorded in ``result.json``.
 
 The roofline is also what ``cdi speed`` compares extraction with: the time a
 bare batched loop of denoiser calls takes at its best batch size.
@@ -32,6 +38,8 @@ from features.base import EncodedBatch, FeatureFamily
 
 #: Largest image batch ``batch_size="auto"`` picks.
 MAX_AUTO_BATCH = 256
+#: The batch size of ``batch_size="auto"`` off CUDA (a fixed rule: same command, same values).
+CPU_AUTO_BATCH = 32
 #: Largest network batch the roofline loop tries.
 MAX_ROOFLINE_BATCH = 256
 #: The roofline stops growing the batch once one call takes this long (s).
@@ -189,18 +197,24 @@ def auto_batch_size(
     """The batch size of ``batch_size="auto"`` (see the module docstring).
 
     On CUDA the largest batch of at most ``MAX_AUTO_BATCH`` images at which
-    every family fits in memory; elsewhere the fastest batch of the bare
-    forward loop: ``fastest_forward_batch`` when the caller has already
-    measured it (``cdi speed`` does), else measured here. ``caption``
-    conditions the probes (a conditional model's first caption; None: the
-    null condition).
+    every family fits in memory; elsewhere ``CPU_AUTO_BATCH``, or
+    ``fastest_forward_batch`` when the caller has measured the fastest batch
+    of the bare forward loop and wants it (only ``cdi speed`` does: a choice
+    by timing is not reproducible). ``caption`` conditions the memory probes
+    (a conditional model's first caption; None: the null condition).
     """
     if adapter.device.type == "cuda":
         return _largest_fitting_batch(adapter, families, caption)
-    if fastest_forward_batch is None:
-        _, fastest_forward_batch = roofline_seconds_per_call(adapter, adapter.conditions([caption]),
-                                                             backward=False)
-    return min(fastest_forward_batch, MAX_AUTO_BATCH)
+    if fastest_forward_batch is not None:
+        return min(fastest_forward_batch, MAX_AUTO_BATCH)
+    return CPU_AUTO_BATCH
+
+
+def auto_batch_rule(device: torch.device | str) -> str:
+    """How ``batch_size="auto"`` chooses on ``device``, in words (recorded beside the batch size)."""
+    if torch.device(device).type == "cuda":
+        return f"auto: largest of 1, 2, 4, ..., {MAX_AUTO_BATCH} that fits in CUDA memory"
+    return f"auto: fixed {CPU_AUTO_BATCH} off CUDA"
 
 
 def resolve_batch_size(

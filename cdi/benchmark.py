@@ -55,6 +55,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from cdi.errors import CDIError
+from cdi.io import atomic_write_text
 
 BENCHMARK_FILE = "benchmark.json"
 REPORT_FILE = "benchmark.html"
@@ -485,8 +486,8 @@ def run_benchmark(config: BenchmarkConfig, *, progress: bool = True) -> dict[str
         "environment": environment_report(),
         "total_seconds": time.perf_counter() - t0,
     }
-    _write_atomic(out / BENCHMARK_FILE, json.dumps(_jsonable(result), indent=2, allow_nan=False))
-    _write_atomic(out / REPORT_FILE, render_html(result))
+    atomic_write_text(out / BENCHMARK_FILE, json.dumps(_jsonable(result), indent=2, allow_nan=False))
+    atomic_write_text(out / REPORT_FILE, render_html(result))
     return result
 
 
@@ -505,20 +506,6 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, Path):
         return str(value)
     return value
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # ----------------------------------------------------------------------------- text and HTML

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from cdi.errors import CDIError
-from cdi.io import atomic_write_text
+from cdi.io import atomic_write_bytes
 
 SCHEMA_VERSION = 1
 RESULT_FILE = "result.json"
@@ -124,6 +124,10 @@ class AuditResult:
     timings: dict[str, Any] = field(default_factory=dict)  # seconds per stage, start time
     feature_table: str = FEATURES_FILE
     schema_version: int = SCHEMA_VERSION
+    # How the features were computed: batch_size (the one actually used), batch_size_rule, final_batch_size.
+    extraction: dict[str, Any] = field(default_factory=dict)
+    # {file name: SHA-256} of the other evidence files written with this result (cdi.evidence).
+    evidence_files: dict[str, str] = field(default_factory=dict)
 
     @property
     def verdict_text(self) -> str:
@@ -138,10 +142,14 @@ class AuditResult:
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=False, allow_nan=False)
 
+    def to_bytes(self) -> bytes:
+        """The exact bytes of ``result.json`` (what ``save`` writes and what its SHA-256 is taken of)."""
+        return (self.to_json() + "\n").encode("utf-8")
+
     def save(self, folder: str | Path) -> Path:
         """Write ``result.json`` into ``folder`` atomically."""
         path = Path(folder) / RESULT_FILE
-        atomic_write_text(path, self.to_json() + "\n")
+        atomic_write_bytes(path, self.to_bytes())
         return path
 
     @classmethod
@@ -164,10 +172,16 @@ class AuditResult:
 
     @classmethod
     def load(cls, folder: str | Path) -> "AuditResult":
-        """Read ``result.json`` from an audit folder (or the file itself)."""
+        """Read ``result.json`` from an audit folder (or the file itself).
+
+        In a folder whose last write was interrupted after its commit point,
+        the committed new result is read (``cdi.evidence.resolve``).
+        """
+        from cdi.evidence import resolve
+
         path = Path(folder)
         if path.is_dir():
-            path = path / RESULT_FILE
+            path = resolve(path)[RESULT_FILE]
         if not path.is_file():
             raise CDIError(f"no audit result at {path}: pass the folder an audit wrote with --out")
         try:

@@ -56,7 +56,8 @@ class ReportWarning(UserWarning):
 
 
 def render_report(
-    result: AuditResult, *, thumbnails: dict[str, list[tuple[str, bytes]]] | None = None
+    result: AuditResult, *, thumbnails: dict[str, list[tuple[str, bytes]]] | None = None,
+    result_sha256: str | None = None,
 ) -> str:
     """Render the evidence report of an audit as one self-contained HTML document.
 
@@ -68,6 +69,12 @@ def render_report(
         ``{"published": [(path, image_bytes), ...], "unpublished": [...]}``:
         small PNG or JPEG images embedded as data URIs, labelled by their
         path. Build them with :func:`load_thumbnails`.
+    result_sha256 : str, optional
+        SHA-256 of the ``result.json`` bytes the report is rendered from,
+        shown in the report (and in a ``cdi-result-sha256`` meta tag) so
+        that ``cdi verify`` can tell whether report and result belong
+        together. Default: the hash of ``result.to_bytes()``, what
+        ``AuditResult.save`` writes.
 
     Returns
     -------
@@ -103,6 +110,7 @@ def render_report(
         script_hash=script_hash,
         renderer_version=__version__,
         result_file=RESULT_FILE,
+        result_sha256=result_sha256 or hashlib.sha256(result.to_bytes()).hexdigest(),
     )
 
 
@@ -138,8 +146,14 @@ def write_report(
     folder = Path(folder)
     if folder.is_file():
         folder = folder.parent
+    result_sha256 = None
     if result is None:
+        from cdi.evidence import finish_swap
+
+        finish_swap(folder)
+        data = (folder / RESULT_FILE).read_bytes() if (folder / RESULT_FILE).is_file() else b""
         result = AuditResult.load(folder)
+        result_sha256 = hashlib.sha256(data).hexdigest()
     if thumbnails_n < 0:
         raise CDIError(f"the number of thumbnails must be 0 or more, got {thumbnails_n}")
     thumbnails = None
@@ -147,7 +161,7 @@ def write_report(
         thumbnails = load_thumbnails(
             result, thumbnails_n, {"published": published_dir, "unpublished": unpublished_dir}
         )
-    html = render_report(result, thumbnails=thumbnails)
+    html = render_report(result, thumbnails=thumbnails, result_sha256=result_sha256)
     path = folder / REPORT_FILE
     atomic_write_text(path, html)
     return path
