@@ -92,6 +92,8 @@ def check_out_folder(out: str | Path, *, force: bool) -> None:
       ``result.json``: they are not an audit cdi wrote (or a broken one), so
       they are not replaced even with ``force``;
     * ``out/result.json`` is not a cdi audit result (not replaced either).
+
+    An unwritable folder is found by the input checks before the model loads.
     """
     out = Path(out)
     if out.exists() and not out.is_dir():
@@ -107,18 +109,18 @@ def check_out_folder(out: str | Path, *, force: bool) -> None:
                 f"cdi will not overwrite it (not even with --force): choose another --out, or move those files away"
             )
         return
-    if not force:
-        raise CDIError(
-            f"{out} already holds an audit ({RESULT_FILE}); choose another --out or pass --force to replace it"
-        )
     try:
         data = json.loads(files[RESULT_FILE].read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         data = None
     if not isinstance(data, dict) or "schema_version" not in data or "verdict" not in data:
         raise CDIError(
-            f"{out / RESULT_FILE} is not a cdi audit result, so --force will not replace it: "
+            f"{out / RESULT_FILE} is not a cdi audit result; cdi will not overwrite it (not even with --force): "
             f"choose another --out, or move the file away"
+        )
+    if not force:
+        raise CDIError(
+            f"{out} already holds an audit ({RESULT_FILE}); choose another --out or pass --force to replace it"
         )
 
 

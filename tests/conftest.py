@@ -50,3 +50,14 @@ def tiny_adapters(tiny_model_dirs):
     from cdi.models import load_model
 
     return {family: load_model(str(folder), device="cpu", dtype="float32") for family, folder in tiny_model_dirs.items()}
+
+
+@pytest.fixture(scope="session")
+def toy_sd_world(tmp_path_factory):
+    """The sd-overtrained toy world (shipped weights), built once for every module that audits it.
+
+    Read-only for the tests: copy what you change.
+    """
+    from cdi.toy import build_world
+
+    return build_world("sd", "overtrained", tmp_path_factory.mktemp("toy") / "world", progress=False)

@@ -29,10 +29,8 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    from cdi.toy import build_world
-
-    return build_world("sd", "overtrained", tmp_path_factory.mktemp("toy") / "world", progress=False)
+def world(toy_sd_world):
+    return toy_sd_world
 
 
 @pytest.fixture(scope="module")
@@ -90,19 +88,41 @@ def test_demo_null_is_not_detected(tmp_path, store, demo_env):
     assert "not proof" in result.verdict_text
 
 
-def test_audit_is_deterministic(demo_used, tmp_path, store, demo_env):
-    out, first = demo_used
-    again = _demo(tmp_path / "again", store)
-    a, b = first.to_dict(), again.to_dict()
-    for d in (a, b):
-        d.pop("timings")
-        d.pop("command")  # names the output folder
-        d["parameters"].pop("out")
-        d["parameters"].pop("published")
-        d["parameters"].pop("unpublished")
-        d["parameters"].pop("store")
-        d["environment"].pop("cpu_threads", None)
-    assert a == b
+def test_audit_is_deterministic(demo_used, store, demo_env):
+    """The same demo command twice (same --out): result.json byte-identical apart from its timings section
+    (the batch size is chosen by a fixed rule, not by timing); features.csv and its sidecar byte-identical."""
+    out, _ = demo_used
+    before = {name: (out / name).read_bytes() for name in ("result.json", "features.csv", "features.csv.json")}
+    _demo(out, store)
+    after = {name: (out / name).read_bytes() for name in before}
+    assert after["features.csv"] == before["features.csv"]
+    assert after["features.csv.json"] == before["features.csv.json"]
+    first, again = json.loads(before["result.json"]), json.loads(after["result.json"])
+    assert first["timings"] != again["timings"]  # the start time at least
+    first["timings"] = again["timings"]
+    assert (json.dumps(first, indent=2) + "\n").encode() == after["result.json"]
+    assert again["extraction"]["batch_size"] == 32
+
+
+def test_features_csv_rows_carry_their_own_files(demo_used):
+    """Every row of features.csv names the file whose SHA-256 it carries, and the statistics re-run from
+    features.csv alone give result.json's p-values exactly."""
+    import hashlib
+
+    from cdi.verify import retest, retest_differences
+
+    out, result = demo_used
+    from cdi.table import FeatureTable
+
+    table = FeatureTable.from_csv(out / "features.csv")
+    assert len(table) == 2 * N
+    for path, sha in zip(table.paths, table.hashes):
+        assert hashlib.sha256((out / "data" / path).read_bytes()).hexdigest() == sha, path
+    recorded, recomputed = retest(out, curve=False)
+    assert retest_differences(recorded, recomputed, curve=False) == []
+    assert (recomputed.p_value, recomputed.p_value_ttest, recomputed.p_value_permutation) == (
+        result.p_value, result.p_value_ttest, result.p_value_permutation)
+    assert recomputed.verdict == result.verdict == "used"
 
 
 def test_shifted_unpublished_is_inconclusive(world, tmp_path, store):
