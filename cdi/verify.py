@@ -19,7 +19,9 @@ skipped (with what to pass to run it):
    the images, not the features, so its recorded outcome is taken as it is.
 4. **images** (with ``--published`` / ``--unpublished``): every file of the
    manifest is hashed again; missing and changed files are reported, and so
-   are extra image files in the folder that the manifest does not hold.
+   are extra files: with the result's record of every file the audit saw
+   (``inputs``), any file it does not list; without it, image files that
+   the manifest does not hold.
 5. **model** (with ``--model``): the model is loaded as the audit loaded it
    and its fingerprint and per-file SHA-256 compared with the recorded ones.
 
@@ -326,7 +328,7 @@ def _check_images(result: AuditResult, folders: dict[str, str | Path | None]) ->
         manifest = {s.path: s.sha256 for s in result.scores if s.collection == collection}
         present, _ = _walk(root.resolve())
         present_set = set(present)
-        accounted = _recorded_left_out(result, collection)
+        seen = _recorded_files(result, collection)  # None: a result without the record of every file
         by_hash = {sha: path for path, sha in manifest.items()}
         for path, sha in manifest.items():
             counted += 1
@@ -335,12 +337,14 @@ def _check_images(result: AuditResult, folders: dict[str, str | Path | None]) ->
             elif sha256_file(root / path) != sha:
                 problems.append(f"{collection}/{path}: changed (SHA-256 differs from the audited file)")
         for path in present:
-            if path in manifest or path in accounted or posixpath.basename(path) == METADATA_NAME:
+            if path in manifest or (seen is not None and path in seen):
                 continue
-            if posixpath.splitext(path)[1].lower() not in image_ext:
-                continue
+            if seen is None and (posixpath.basename(path) == METADATA_NAME
+                                 or posixpath.splitext(path)[1].lower() not in image_ext):
+                continue  # without the record, only image files can be told to be extra
             same = by_hash.get(sha256_file(root / path))
-            problems.append(f"{collection}/{path}: extra image, not in the manifest"
+            problems.append(f"{collection}/{path}: extra {'image' if seen is None else 'file'}, not in the "
+                            f"{'manifest' if seen is None else 'record of the files the audit saw'}"
                             + (f" (same bytes as {same})" if same else ""))
     names = " and ".join(given)
     not_given = [c for c in COLLECTIONS if c not in given]
@@ -351,11 +355,12 @@ def _check_images(result: AuditResult, folders: dict[str, str | Path | None]) ->
                  f"changed or extra{tail}")
 
 
-def _recorded_left_out(result: AuditResult, collection: str) -> set[str]:
-    """Paths the audit saw and recorded as left out (skipped, duplicate, ignored), when the result records them."""
-    record = getattr(result, "inputs", None) or {}
-    entries = record.get(collection, []) if isinstance(record, dict) else []
-    return {e.get("path") for e in entries if isinstance(e, dict) and e.get("path")}
+def _recorded_files(result: AuditResult, collection: str) -> set[str] | None:
+    """Every path the audit saw in a collection's folder, when the result records them (``inputs``), else None."""
+    record = getattr(result, "inputs", None)
+    if not isinstance(record, dict) or not isinstance(record.get(collection), dict):
+        return None
+    return {e["path"] for e in record[collection].get("files", []) if isinstance(e, dict) and "path" in e}
 
 
 def _check_model(result: AuditResult, model: str | None) -> Check:
