@@ -131,16 +131,18 @@ def write_evidence(out: str | Path, result: AuditResult, tables: Sequence[Featur
     ``tables`` are the feature tables of the published and the unpublished
     images, in the rows' order of the result's manifest. Sets
     ``result.evidence_files`` to the SHA-256 of the feature table files.
-    Returns ``out``.
+    Refuses (``check_out_folder``) a folder holding files that are not a cdi
+    audit; replacing an audit is the caller's decision (``--force``),
+    checked before the work began. Returns ``out``.
     """
     from reports.html import render_report
 
     published, unpublished = tables
     out = Path(out)
+    check_out_folder(out, force=True)  # again: files of the user's may have appeared since the run began
     out.mkdir(parents=True, exist_ok=True)
     finish_swap(out)
     staging = out / STAGING
-    shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
     combined_table(published, unpublished).to_csv(staging / FEATURES_FILE)
     result.evidence_files = {name: sha256_file(staging / name) for name in HASHED_FILES}

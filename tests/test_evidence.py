@@ -22,7 +22,6 @@ import textwrap
 from pathlib import Path
 
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from cdi.cli import app
@@ -33,14 +32,6 @@ from cdi.verify import verify_audit
 runner = CliRunner()
 N = 25
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")
