@@ -18,6 +18,7 @@ name          rule                                                   trained
 ``pia``       PIA (Kong et al.), lower = member                      no
 ``pian``      PIAN, lower = member                                   no
 ``pfami``     PFAMI (Fu et al.), lower = member                      no
+``sima``      SimA (Rao et al.): the sima_t column best on cal       yes
 ``gsa1``      XGBoost, 200 trees, on GSA1 gradient norms             yes
 ``gsa2``      XGBoost, 200 trees, on GSA2 gradient norms             yes
 ``clid_th``   robust-scaled mix of L(c) and -mean(D), weight on cal  yes
@@ -117,6 +118,35 @@ class ColumnScore(Scorer):
 
     def score(self, x: np.ndarray) -> np.ndarray:
         return self.direction * np.asarray(x, dtype=np.float64)[:, 0]
+
+
+class BestTimestep(Scorer):
+    """One of a family's per-timestep columns, the one with the best calibration AUC.
+
+    SimA's official code scans the timestep grid and reports the best t; here
+    the scan is done on the calibration images only (labels of the test
+    images never choose the column), so the figures on the test split are
+    honest. ``direction`` orients every column (SimA: -1, lower = member).
+    """
+
+    trained = True
+
+    def __init__(self, name: str, prefix: str, direction: int) -> None:
+        self.name, self.prefix, self.direction = name, prefix, direction
+        self.column_: int | None = None
+
+    def select(self, columns: Sequence[str]) -> list[str]:
+        return _with_prefix(self.name, columns, self.prefix)
+
+    def fit(self, x: np.ndarray, y: np.ndarray) -> "BestTimestep":
+        x = self.direction * np.asarray(x, dtype=np.float64)
+        self.column_ = int(np.argmax([roc_auc(x[:, j], y) for j in range(x.shape[1])]))
+        return self
+
+    def score(self, x: np.ndarray) -> np.ndarray:
+        if self.column_ is None:
+            raise CDIError(f"{self.name}: fit on calibration images before scoring")
+        return self.direction * np.asarray(x, dtype=np.float64)[:, self.column_]
 
 
 class SecMIPlusPlus(Scorer):
@@ -306,6 +336,7 @@ SCORERS: dict[str, Callable[[int, Sequence[str] | None], Scorer]] = {
     "pia": lambda seed, columns: ColumnScore("pia", "pia", -1),
     "pian": lambda seed, columns: ColumnScore("pian", "pian", -1),
     "pfami": lambda seed, columns: ColumnScore("pfami", "pfami", -1),
+    "sima": lambda seed, columns: BestTimestep("sima", "sima_t", -1),
     "gsa1": lambda seed, columns: XGBoostScorer("gsa1", prefix="gsa1_", params=GSA_XGBOOST, seed=seed),
     "gsa2": lambda seed, columns: XGBoostScorer("gsa2", prefix="gsa2_", params=GSA_XGBOOST, seed=seed),
     "clid_th": lambda seed, columns: CLiDThreshold(),

@@ -1,20 +1,39 @@
-"""Power of the audit against the loss-only baseline, on stored toy-model features.
+"""Power of the audit's protocols on stored toy-model features, paired draws.
 
-    python benchmarks/power_toy.py tests/data/toy_sd_light_features.csv --draws 50
+    python benchmarks/power_toy.py tests/data/toy_sd_light_features.csv --out full.jsonl
+    python benchmarks/power_toy.py tests/data/toy_sd_light_features.csv --out half.jsonl \\
+        --sizes 300,400 --member-fraction 0.5
+    python benchmarks/power_toy.py --summarise full.jsonl half.jsonl
 
-For each size n (images per collection) and each method, draw P from the
-members and U from disjoint non-members ``--draws`` times and report the
-share of draws with p < alpha, and the smallest n reaching 90%:
+Runs can be split by method (``--methods``) or by draws (``--first-draw``,
+``--draws``) and summarised together: the draws of a cell depend only on
+``--seed``, the size and the member fraction.
 
-* ``cdi``: the audit's verdict test on the 26 CDI columns;
-* ``cdi+clid``: the same on all 31 columns;
-* ``loss``: the baseline, a one-sided Welch t-test on mean denoising loss
-  (no learning).
+For each size n (images per collection) draw P (``--member-fraction`` of it
+from the members, the rest from non-members) and U from disjoint
+non-members ``--draws`` times, run every method on the SAME draw, and report
+the share of draws with p < alpha. Methods (on all stored columns, with the
+registry's member directions):
+
+* ``pooled``: the verdict (``protocol="pooled"``, parametric p-value);
+* ``sequential``: the former verdict protocol (block seed = draw index);
+* ``crossfit``: 5-fold cross-fitted logistic regression calibrated by
+  ``--permutations`` permutations (the CDI reference protocol made exact);
+* ``loss``: the baseline, a one-sided Welch t-test on the denoising loss.
+
+Paired comparison: for each other method, the draws where only ``pooled``
+detects (b) and only the other detects (c); the difference of shares
+``(b - c) / draws`` with its 95% interval (Wald for paired proportions) and
+the exact one-sided McNemar p-value of "the other is more powerful"
+(binomial test of c among b + c). "At least as powerful within the draws'
+noise" means that McNemar p-value is above 0.05 in every cell.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import math
 
 import numpy as np
 from scipy import stats as sps
@@ -23,51 +42,116 @@ from cdi.stats import audit_test
 from cdi.table import FeatureTable
 from features.registry import columns_of, directions_of, resolve_features
 
+METHODS = ("pooled", "sequential", "crossfit", "loss")
+
+
+def method_pvalue(method: str, P: np.ndarray, U: np.ndarray, directions, loss: int, draw: int,
+                  permutations: int) -> float:
+    """One method's p-value on one draw."""
+    if method == "loss":
+        return float(sps.ttest_ind(P[:, loss], U[:, loss], equal_var=False, alternative="less").pvalue)
+    if method == "crossfit":
+        return audit_test(P, U, directions=directions, protocol="crossfit", permutations=permutations,
+                          seed=draw).verdict_p
+    return audit_test(P, U, directions=directions, protocol=method, permutations=0, seed=draw).verdict_p
+
+
+def paired(hits_a: np.ndarray, hits_b: np.ndarray) -> tuple[float, float, float, float]:
+    """Difference of shares a - b, its 95% Wald interval, and McNemar's one-sided p of "b better"."""
+    b = int(np.sum(hits_a & ~hits_b))
+    c = int(np.sum(~hits_a & hits_b))
+    n = len(hits_a)
+    diff = (b - c) / n
+    var = ((b + c) / n - diff**2) / n
+    half = 1.96 * math.sqrt(max(var, 0.0))
+    p = float(sps.binomtest(c, b + c, 0.5, alternative="greater").pvalue) if b + c else 1.0
+    return diff, diff - half, diff + half, p
+
+
+def draws_of(members: np.ndarray, nonmembers: np.ndarray, n: int, fraction: float, draws: int, seed: int):
+    """The cell's draws ``(P, U)``, the same whatever methods run (so separate runs pair up)."""
+    rng = np.random.default_rng([seed, n, int(round(fraction * 1000))])
+    n_members = int(round(fraction * n))
+    for _ in range(draws):
+        order = rng.permutation(len(nonmembers))
+        P = np.concatenate([members[rng.choice(len(members), n_members, replace=False)],
+                            nonmembers[order[:n - n_members]]])
+        yield P, nonmembers[order[n - n_members:2 * n - n_members]]
+
+
+def summarise(paths: list[str], alpha: float) -> None:
+    """The power table, with paired comparisons, from the JSON lines of earlier runs."""
+    rows: dict[tuple, dict[str, float]] = {}
+    for path in paths:
+        with open(path) as f:
+            for line in f:
+                r = json.loads(line)
+                rows.setdefault((r["fraction"], r["n"], r["draw"]), {}).update(r["p"])
+    cells = sorted({(k[0], k[1]) for k in rows}, key=lambda c: (-c[0], c[1]))
+    methods = [m for m in METHODS if any(m in v for v in rows.values())]
+    print(f"share of draws with p < {alpha}; paired: pooled minus other, diff [95% CI], McNemar p (other better)")
+    print(f"{'fraction':>8} {'n':>4} " + " ".join(f"{m:>14}" for m in methods))
+    for fraction, n in cells:
+        keys = [k for k in rows if k[:2] == (fraction, n)]
+        line = f"{fraction:>8} {n:>4} "
+        comparisons = []
+        for m in methods:
+            have = [k for k in keys if m in rows[k]]
+            hits = np.array([rows[k][m] < alpha for k in have])
+            line += f" {hits.mean():>7.3f} ({len(have):>3})" if have else f" {'-':>13}"
+            both = [k for k in have if "pooled" in rows[k]]
+            if m != "pooled" and both:
+                diff, lo, hi, p = paired(np.array([rows[k]["pooled"] < alpha for k in both]),
+                                         np.array([rows[k][m] < alpha for k in both]))
+                comparisons.append(f"{m}: {diff:+.3f} [{lo:+.3f}, {hi:+.3f}] p={p:.2g} ({len(both)} draws)")
+        print(line)
+        for c in comparisons:
+            print(f"{'':>14}{c}")
+
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("table")
-    parser.add_argument("--sizes", default="25,50,100,150,200,300,400")
-    parser.add_argument("--draws", type=int, default=50)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("table", nargs="?")
+    parser.add_argument("--sizes", default="50,100,200,300,400")
+    parser.add_argument("--draws", type=int, default=200)
+    parser.add_argument("--first-draw", type=int, default=0, help="Skip the cell's first draws (to split a run).")
     parser.add_argument("--alpha", type=float, default=0.01)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--member-fraction", type=float, default=1.0)
+    parser.add_argument("--permutations", type=int, default=100, help="Permutations of the crossfit method.")
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--columns", default=None,
+                        help="Comma-separated columns to use (default: all); e.g. to add or leave out a family.")
+    parser.add_argument("--out", default=None, help="Append every draw's p-values to this JSON-lines file.")
+    parser.add_argument("--summarise", nargs="+", default=None, metavar="JSONL",
+                        help="Print the table from the JSON lines of earlier runs instead of running.")
     args = parser.parse_args()
+    if args.summarise:
+        summarise(args.summarise, args.alpha)
+        return
     table = FeatureTable.from_csv(args.table)
+    families = resolve_features("cdi+clid,sima")
+    known = dict(zip(columns_of(families), directions_of(families)))
+    cols = table.columns if args.columns is None else args.columns.split(",")
+    idx = [table.columns.index(c) for c in cols]
+    directions = [known[c] for c in cols]
     is_member = np.array([p.startswith("members/") for p in table.paths])
-    members, nonmembers = table.values[is_member], table.values[~is_member]
-    cdi = resolve_features("cdi")
-    clid = resolve_features("cdi+clid")
-    sets = {
-        "cdi": ([table.columns.index(c) for c in columns_of(cdi)], directions_of(cdi)),
-        "cdi+clid": ([table.columns.index(c) for c in table.columns], None),
-    }
-    all_dirs = dict(zip(columns_of(clid), directions_of(clid)))
-    sets["cdi+clid"] = (sets["cdi+clid"][0], [all_dirs[c] for c in table.columns])
-    loss = table.columns.index("denoising_loss")
-    rng = np.random.default_rng(args.seed)
-    sizes = [int(s) for s in args.sizes.split(",")]
-    print(f"{'n':>5} " + " ".join(f"{m:>10}" for m in [*sets, "loss"]))
-    needed = {}
-    for n in sizes:
-        if n > len(members) or 2 * n > len(nonmembers) + n:
-            break
-        hits = {m: 0 for m in [*sets, "loss"]}
-        for d in range(args.draws):
-            p_rows = rng.choice(len(members), n, replace=False)
-            u_rows = rng.choice(len(nonmembers), n, replace=False)
-            for name, (cols, dirs) in sets.items():
-                res = audit_test(members[p_rows][:, cols], nonmembers[u_rows][:, cols], directions=dirs,
-                                 permutations=0, alpha=args.alpha, seed=d)
-                hits[name] += res.verdict_p < args.alpha
-            p = sps.ttest_ind(members[p_rows, loss], nonmembers[u_rows, loss], equal_var=False,
-                              alternative="less").pvalue
-            hits["loss"] += p < args.alpha
-        shares = {m: h / args.draws for m, h in hits.items()}
-        for m, s in shares.items():
-            if s >= 0.9 and m not in needed:
-                needed[m] = n
-        print(f"{n:>5} " + " ".join(f"{shares[m]:>10.2f}" for m in shares), flush=True)
-    print("smallest n with >= 90% detection:", {m: needed.get(m) for m in [*sets, "loss"]})
+    members, nonmembers = table.values[is_member][:, idx], table.values[~is_member][:, idx]
+    loss = cols.index("denoising_loss")
+    methods = args.methods.split(",")
+    out = open(args.out, "a") if args.out else None
+    for n in [int(s) for s in args.sizes.split(",")]:
+        hits = {m: [] for m in methods}
+        for d, (P, U) in enumerate(draws_of(members, nonmembers, n, args.member_fraction, args.draws, args.seed)):
+            if d < args.first_draw:
+                continue
+            ps = {m: method_pvalue(m, P, U, directions, loss, d, args.permutations) for m in methods}
+            for m in methods:
+                hits[m].append(ps[m] < args.alpha)
+            if out:
+                out.write(json.dumps({"fraction": args.member_fraction, "n": n, "draw": d, "p": ps}) + "\n")
+                out.flush()
+        print(f"n={n} " + " ".join(f"{m}={np.mean(h):.3f}" for m, h in hits.items()), flush=True)
 
 
 if __name__ == "__main__":

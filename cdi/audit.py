@@ -23,6 +23,7 @@ tables, so stored features can be re-tested without the model.
 
 from __future__ import annotations
 
+import math
 import shlex
 import time
 from dataclasses import asdict, dataclass, field
@@ -31,6 +32,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+from scipy import special
 
 from cdi.data import DEFAULT_MAX_PIXELS, ImageCollection, load_audit_collections
 from cdi.environment import environment_report
@@ -64,7 +66,8 @@ class AuditConfig:
     folds: int = 5
     permutations: int = 1000
     scorer: str = "logistic"
-    protocol: str = "sequential"
+    protocol: str = "pooled"
+    verdict: str = "parametric"  # or "permutation": the exact permutation p-value is the verdict
     sample_size_resamples: int = 50
     ignore_shift: bool = False
     shift_alpha: float = 0.05  # the guard errs towards "inconclusive": a missed shift could accuse wrongly
@@ -95,6 +98,7 @@ class AuditConfig:
             raise CDIError(f"--permutations must be 0 (off) or positive (got {self.permutations})")
         if self.scorer not in SCORERS:
             raise CDIError(f"--scorer must be one of {', '.join(SCORERS)} (got {self.scorer!r})")
+        _validate_verdict_options(self)
         from cdi.batching import parse_batch_size
 
         parse_batch_size(self.batch_size)
@@ -132,6 +136,22 @@ class Analysis:
     curve: SampleSizeCurve | None
     shift: ShiftGuard | None
     seconds: dict[str, float]
+    estimate: dict[str, Any] | None = None  # cdi.sample_size.ForwardSampleSize.to_dict()
+
+
+def _validate_verdict_options(config: "AuditConfig") -> None:
+    """The protocol, verdict, scorer and permutation options fit together (``CDIError`` if not)."""
+    from cdi.stats import PROTOCOLS, VERDICTS
+
+    if config.protocol not in PROTOCOLS:
+        raise CDIError(f"protocol must be one of {', '.join(PROTOCOLS)} (got {config.protocol!r})")
+    if config.verdict not in VERDICTS:
+        raise CDIError(f"--verdict must be one of {', '.join(VERDICTS)} (got {config.verdict!r})")
+    if (config.verdict == "permutation" or config.protocol == "crossfit") and config.permutations == 0:
+        raise CDIError("--verdict permutation needs permutations: pass --permutations (e.g. 10000), not 0")
+    if config.protocol == "pooled" and config.scorer != "logistic":
+        raise CDIError(f"--scorer {config.scorer} applies to the sequential and crossfit protocols only; "
+                       "the default pooled protocol learns no scorer")
 
 
 def analyse_tables(
@@ -148,16 +168,20 @@ def analyse_tables(
     for the shift guard; None skips the guard (recorded as not run).
     """
     from cdi.shift_guard import shift_guard
-    from cdi.stats import audit_test, sample_size_curve
+    from cdi.sample_size import forward_sample_size, sample_size_curve
+    from cdi.stats import audit_test
 
     seconds: dict[str, float] = {}
     start = time.perf_counter()
     test = audit_test(
         published.values, unpublished.values, directions=directions, scorer=config.scorer,
         folds=config.folds, permutations=config.permutations, alpha=config.alpha, seed=config.seed,
-        protocol=config.protocol, columns=published.columns,
+        protocol=config.protocol, columns=published.columns, verdict=config.verdict,
     )
     seconds["test_s"] = time.perf_counter() - start
+    estimate = forward_sample_size(
+        float(-special.ndtri_exp(min(test.ttest_log10_p * math.log(10.0), 0.0))), test.n_published,
+        test.n_unpublished, alpha=config.alpha).to_dict()
 
     curve = None
     if config.sample_size_resamples > 0:
@@ -166,6 +190,7 @@ def analyse_tables(
             published.values, unpublished.values, directions=directions, alpha=config.alpha,
             resamples=config.sample_size_resamples, seed=config.seed, scorer=config.scorer,
             folds=config.folds, columns=published.columns,
+            protocol="sequential" if config.protocol == "sequential" else "pooled",
         )
         curve = SampleSizeCurve(
             sizes=list(raw.sizes), median_p=list(raw.median_p), share_significant=list(raw.share_significant),
@@ -185,7 +210,7 @@ def analyse_tables(
         seconds["shift_guard_s"] = time.perf_counter() - start
 
     verdict = decide_verdict(bool(test.rejected), shift, ignore_shift=config.ignore_shift)
-    return Analysis(verdict=verdict, test=test, curve=curve, shift=shift, seconds=seconds)
+    return Analysis(verdict=verdict, test=test, curve=curve, shift=shift, seconds=seconds, estimate=estimate)
 
 
 def decide_verdict(rejected: bool, shift: ShiftGuard | None, *, ignore_shift: bool) -> str:
@@ -249,6 +274,7 @@ def build_result(
         scores=rows,
         feature_weights=weights,
         sample_size_curve=analysis.curve,
+        sample_size_estimate=analysis.estimate,
         shift_guard=analysis.shift,
         model=model,
         features={

@@ -63,8 +63,8 @@ SETUPS_DIR = Path(__file__).resolve().parent / "setups"  # also reachable as exa
 #: Images of each class used with ``quick``.
 QUICK_SIZE = 60
 #: The methods of ``attacks.scorers`` in the order of the report.
-ALL_METHODS = ("loss", "secmi", "secmi++", "pia", "pian", "pfami", "gsa1", "gsa2", "clid_th", "clid_vec",
-               "cdi", "blind")
+ALL_METHODS = ("loss", "secmi", "secmi++", "pia", "pian", "sima", "pfami", "gsa1", "gsa2", "clid_th",
+               "clid_vec", "cdi", "blind")
 #: The cheap subset run with ``quick`` unless methods are given.
 QUICK_METHODS = ("loss", "secmi", "pia", "pian", "clid_th", "blind", "cdi")
 #: Bootstrap resamples per method and fraction in the mixing experiment (only point figures are reported).
@@ -77,7 +77,7 @@ SECMI_PLUS_TIMESTEPS = (50, 100, 150, 200)
 METHOD_FAMILIES: dict[str, tuple[str, ...]] = {
     "loss": ("denoising_loss",), "secmi": ("secmi",),
     "secmi++": tuple(f"secmi_t{t:03d}" for t in SECMI_PLUS_TIMESTEPS), "pia": ("pia",),
-    "pian": ("pia",), "pfami": ("pfami",), "gsa1": ("gsa1",), "gsa2": ("gsa2",), "clid_th": ("clid",),
+    "pian": ("pia",), "sima": ("sima",), "pfami": ("pfami",), "gsa1": ("gsa1",), "gsa2": ("gsa2",), "clid_th": ("clid",),
     "clid_vec": ("clid",), "cdi": ("cdi",), "blind": (),
 }
 #: With ``quick``, the expensive families run with fewer model calls (recorded in benchmark.json):

@@ -385,15 +385,35 @@ def _print_result(result, fmt: str, out: str) -> None:
         f"published: {result.n_published}   unpublished: {result.n_unpublished}   "
         f"effect size (Hedges' g): {result.effect_size:.3f}   AUC: {result.auc:.3f}",
     ]
-    if result.sample_size_curve is not None:
-        needed = result.sample_size_curve.n_needed
-        lines.append("images needed for 90% detection: " + ("more than available" if needed is None else str(needed)))
+    lines += _verdict_lines(result)
     if result.shift_guard is not None:
         guard = result.shift_guard
         lines.append(f"shift guard ({escape(guard.encoder)}): p = {guard.p_value:.3g}, "
                      f"{'DETECTED' if guard.detected else 'no shift detected'}" + (" (ignored)" if guard.ignored else ""))
     lines.append(f"files: {escape(out)}/result.json, features.csv, report.html")
     console.print(Panel("\n".join(lines), title="cdi audit", expand=False), highlight=False)
+
+
+def _verdict_lines(result) -> list[str]:
+    """Console lines on the permutation floor, the leave-images-out curve and the forward sample-size estimate."""
+    lines = []
+    proto = result.protocol
+    if proto.get("verdict_choice") == "permutation" and proto.get("permutation_at_floor"):
+        lines.append(f"the permutation p-value is at its floor 1/({proto.get('permutations')} + 1): the true p-value "
+                     f"is at most that; parametric p (strength of the evidence): {result.p_value_ttest:.3g}")
+    if result.sample_size_curve is not None:
+        needed = result.sample_size_curve.n_needed
+        lines.append("robustness to leaving images out: 90% of subsets significant from "
+                     + ("no size tried" if needed is None else f"{needed} published images on"))
+    est = result.sample_size_estimate
+    if est is not None:
+        if est.get("published_needed") is None:
+            lines.append("images another audit would need for 90% power: no estimate (no positive effect observed)")
+        else:
+            high = est.get("published_high")
+            lines.append(f"images another audit would need for 90% power (estimate): about {est['published_needed']} "
+                         f"published, 95% interval {est['published_low']} to {'unbounded' if high is None else high}")
+    return lines
 
 
 def _format_option(fmt: str) -> str:
@@ -413,7 +433,9 @@ def audit_command(
     seed: int = typer.Option(0, "--seed", help="Seed of every random draw (noise, folds, permutations)."),
     folds: int = typer.Option(5, "--folds", help="Blocks of the cross-fitted scoring protocol."),
     permutations: int = typer.Option(1000, "--permutations", help="Permutations of the exact permutation test (0: off)."),
-    scorer: str = typer.Option("logistic", "--scorer", help="logistic or xgboost."),
+    scorer: str = typer.Option("logistic", "--scorer", help="logistic or xgboost (sequential and crossfit protocols)."),
+    protocol: str = typer.Option("pooled", "--protocol", help="pooled (the verdict's default: no split, no seed), sequential or crossfit."),
+    verdict: str = typer.Option("parametric", "--verdict", help="parametric (the protocol's p-value) or permutation (the exact permutation p-value is the verdict)."),
     sample_size_resamples: int = typer.Option(50, "--sample-size-resamples", help="Resamples per size for the images-needed curve (0: off)."),
     ignore_shift: bool = typer.Option(False, "--ignore-shift", help="Give a verdict even if the shift guard finds that P and U differ without the model."),
     shift_alpha: float = typer.Option(0.05, "--shift-alpha", help="Significance level of the shift guard (higher = more cautious)."),
@@ -438,7 +460,8 @@ def audit_command(
         fmt = _format_option(fmt)
         config = AuditConfig(
             published=published, unpublished=unpublished, model=model, out=out, features=features, alpha=alpha,
-            seed=seed, folds=folds, permutations=permutations, scorer=scorer,
+            seed=seed, folds=folds, permutations=permutations, scorer=scorer, protocol=protocol.lower(),
+            verdict=verdict.lower(),
             sample_size_resamples=sample_size_resamples, ignore_shift=ignore_shift, shift_alpha=shift_alpha,
             shift_encoder=shift_encoder,
             batch_size=batch_size, device=device, dtype=dtype, store=store, revision=revision, variant=variant,

@@ -80,6 +80,8 @@ class SampleSizeCurve:
     target_share: float
     resamples: int
     alpha: float
+    meaning: str = ("robustness to leaving images out: subsets of this audit's own images, not the images "
+                    "another audit would need (see sample_size_estimate)")
 
 
 @dataclass
@@ -122,6 +124,8 @@ class AuditResult:
     command: str  # the command line that reproduces the run
     environment: dict[str, Any]  # tool and package versions, python, platform
     timings: dict[str, Any] = field(default_factory=dict)  # seconds per stage, start time
+    # estimated images another audit would need for 90% power (cdi.sample_size.ForwardSampleSize)
+    sample_size_estimate: dict[str, Any] | None = None
     feature_table: str = FEATURES_FILE
     schema_version: int = SCHEMA_VERSION
     # How the features were computed: batch_size (the one actually used), batch_size_rule, final_batch_size.

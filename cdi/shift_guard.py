@@ -288,6 +288,7 @@ def shift_guard(
                                 n_unpublished=len(feat_U), folds=k, seed=int(seed),
                                 note=note + "; every feature is the same for all images, nothing separates them")
     res = audit_test(feat_P, feat_U, directions=None, folds=k, permutations=0, alpha=alpha, seed=seed,
+                     protocol="sequential",
                      penalty=GUARD_PENALTY if penalty is None else penalty)
     return ShiftGuardResult(
         p_value=res.verdict_p,

@@ -23,11 +23,12 @@ from features.noise_optimization import NoiseOptimization
 from features.pfami import PFAMI
 from features.pia import PIA
 from features.secmi import SecMI
+from features.sima import SimA
 
 FAMILIES: dict[str, type[FeatureFamily]] = {
     cls.name: cls
     for cls in [DenoisingLoss, SecMI, PIA, MultipleLoss, NoiseOptimization, GradientMasking, CLiD,
-                PFAMI, GSA1, GSA2]
+                PFAMI, GSA1, GSA2, SimA]
 }
 
 FEATURE_SETS: dict[str, list[str]] = {

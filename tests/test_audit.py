@@ -153,6 +153,35 @@ def test_shifted_unpublished_is_inconclusive(world, tmp_path, store):
     assert "differ" in saved.verdict_text
 
 
+def test_permutation_verdict_end_to_end(demo_used, tmp_path, store):
+    """--verdict permutation: the exact permutation p-value is the verdict; at its floor the result and the
+    report say so and show the parametric p-value beside it."""
+    demo_out, _ = demo_used
+    out = tmp_path / "perm"
+    result = runner.invoke(app, [
+        "audit", "--published", *_demo_folders(demo_out), "--out", str(out), "--store", store,
+        "--features", "denoising_loss,pia", "--verdict", "permutation", "--permutations", "50",
+        "--sample-size-resamples", "0", "--format", "json",
+    ])
+    assert result.exit_code == 0, result.output
+    saved = AuditResult.load(out)
+    assert saved.protocol["verdict_choice"] == "permutation" and saved.protocol["verdict_test"] == "permutation"
+    assert saved.p_value == saved.p_value_permutation
+    assert saved.protocol["permutation_at_floor"] is True and saved.p_value == pytest.approx(1 / 51)
+    assert saved.p_value_ttest < saved.p_value
+    assert saved.sample_size_estimate["published_needed"] is not None
+    assert "--verdict permutation" in saved.command
+    report = (out / "report.html").read_text()
+    assert 'id="verdict-floor"' in report and 'id="sample-size-estimate"' in report
+
+
+def _demo_folders(demo_out: Path) -> list[str]:
+    """``PUBLISHED --unpublished UNPUBLISHED --model MODEL`` of a demo run, from its result."""
+    saved = AuditResult.load(demo_out)
+    return [saved.parameters["published"], "--unpublished", saved.parameters["unpublished"],
+            "--model", saved.parameters["model"]]
+
+
 def test_audit_refuses_bad_options_before_writing(world, tmp_path):
     out = tmp_path / "out"
     cases = [
@@ -160,6 +189,8 @@ def test_audit_refuses_bad_options_before_writing(world, tmp_path):
         (["--scorer", "forest"], "--scorer"),
         (["--folds", "1"], "--folds"),
         (["--features", "nonsense"], "nonsense"),
+        (["--verdict", "permutation", "--permutations", "0"], "--verdict permutation"),
+        (["--protocol", "pooled", "--scorer", "xgboost"], "--scorer xgboost"),
     ]
     for extra, needle in cases:
         result = runner.invoke(app, ["audit", "--published", str(world.members_dir), "--unpublished",

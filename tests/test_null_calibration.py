@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cdi.stats import null_calibration
+from cdi.calibration import null_calibration
 from cdi.table import FeatureTable
 from features.registry import columns_of, directions_of, resolve_features
 
@@ -63,3 +63,13 @@ def test_members_are_detected_on_toy_features(nonmember_pool):
     u = pool[rng.choice(len(pool), 400, replace=False)]
     result = audit_test(p, u, directions=directions, permutations=0, alpha=0.01, seed=0)
     assert result.rejected and result.verdict_p < 0.01
+
+
+@pytest.mark.parametrize("n", [100, 300])
+def test_pooled_verdict_and_its_permutation_test_are_calibrated_on_toy_features(nonmember_pool, n):
+    """The verdict (pooled protocol) and its permutation test: 300 null audits at n per side."""
+    pool, directions = nonmember_pool
+    result = null_calibration(pool, sizes=((n, n),), audits=300, permutations=199, directions=directions,
+                              protocol="pooled", seed=10 + n)
+    assert set(result.pvalues) == {"pooled t+F", "permutation"}
+    assert result.calibrated, result.summary()

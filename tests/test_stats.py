@@ -12,14 +12,14 @@ from sklearn.metrics import roc_auc_score
 
 from cdi.errors import CDIError
 from cdi.scoring import CrossFit, check_features, normal_scores, z_from_t
+from cdi.calibration import null_calibration
+from cdi.sample_size import sample_size_curve
 from cdi.stats import (
     audit_test,
     auc,
     hedges_g,
-    null_calibration,
     permutation_pvalue,
     protocol_statistic,
-    sample_size_curve,
     welch_one_sided,
 )
 
@@ -128,7 +128,7 @@ def test_normal_scores_are_rank_based_and_label_free():
 def test_audit_test_record_is_consistent_and_json_able():
     rng = np.random.default_rng(1)
     P, U = audit_like_features(90, rng, shift=0.4), audit_like_features(130, rng)
-    res = audit_test(P, U, directions=DIRECTIONS, permutations=60, alpha=0.01, seed=3)
+    res = audit_test(P, U, directions=DIRECTIONS, permutations=60, alpha=0.01, seed=3, protocol="sequential")
     assert res.verdict_test == "t-test" and res.verdict_p == res.ttest_p
     assert res.rejected == (res.verdict_p < 0.01)
     assert (res.n_published, res.n_unpublished) == (90, 130)
@@ -148,10 +148,10 @@ def test_audit_test_record_is_consistent_and_json_able():
 def test_same_inputs_and_seed_give_identical_results():
     rng = np.random.default_rng(2)
     P, U = audit_like_features(60, rng, shift=0.3), audit_like_features(60, rng)
-    a = audit_test(P, U, directions=DIRECTIONS, permutations=50, seed=11)
-    b = audit_test(P, U, directions=DIRECTIONS, permutations=50, seed=11)
+    a = audit_test(P, U, directions=DIRECTIONS, permutations=50, seed=11, protocol="sequential")
+    b = audit_test(P, U, directions=DIRECTIONS, permutations=50, seed=11, protocol="sequential")
     assert json.dumps(a.to_dict()) == json.dumps(b.to_dict())
-    c = audit_test(P, U, directions=DIRECTIONS, permutations=50, seed=12)
+    c = audit_test(P, U, directions=DIRECTIONS, permutations=50, seed=12, protocol="sequential")
     assert c.verdict_p != a.verdict_p  # another block assignment
 
 
@@ -159,7 +159,7 @@ def test_permutation_count_equals_rerunning_the_procedure_per_permutation():
     """The batched permutation test counts exactly what re-running the procedure per shuffle gives."""
     rng = np.random.default_rng(3)
     P, U = audit_like_features(40, rng, shift=0.2), audit_like_features(45, rng)
-    res = audit_test(P, U, directions=DIRECTIONS, permutations=40, seed=5)
+    res = audit_test(P, U, directions=DIRECTIONS, permutations=40, seed=5, protocol="sequential")
     X, y, _ = check_features(P, U)
     cf = CrossFit(X, y, directions=DIRECTIONS, seed=5)
     Y = cf.permuted_labels(np.random.default_rng([5, 0x9E57]), 40)
@@ -174,7 +174,7 @@ def test_strong_membership_gives_tiny_p_values_without_underflow():
     rng = np.random.default_rng(4)
     P = rng.standard_normal((1000, 31)) - 3.0 * (DIRECTIONS == -1) + 3.0 * (DIRECTIONS == 1)
     U = rng.standard_normal((1000, 31))
-    res = audit_test(P, U, directions=DIRECTIONS, permutations=20)
+    res = audit_test(P, U, directions=DIRECTIONS, permutations=20, protocol="sequential")
     assert res.verdict_log10_p < -300 and math.isfinite(res.verdict_log10_p)
     assert res.permutation_p == 1 / 21
     assert res.auc > 0.99 and res.effect_size > 3
@@ -194,14 +194,14 @@ def test_bad_arguments_are_user_errors():
     rng = np.random.default_rng(6)
     P, U = audit_like_features(30, rng), audit_like_features(30, rng)
     with pytest.raises(CDIError, match="alpha"):
-        audit_test(P, U, alpha=1.5)
+        audit_test(P, U, alpha=1.5, protocol="sequential")
     with pytest.raises(CDIError, match="permutations"):
-        audit_test(P, U, permutations=-1)
+        audit_test(P, U, permutations=-1, protocol="sequential")
     with pytest.raises(CDIError, match="at least 35 of each"):
-        audit_test(P, U, folds=7)
+        audit_test(P, U, folds=7, protocol="sequential")
     P[0, 3] = np.nan
     with pytest.raises(CDIError, match="feature_3"):
-        audit_test(P, U)
+        audit_test(P, U, protocol="sequential")
 
 
 # -- calibration under the null -----------------------------------------------
@@ -209,14 +209,14 @@ def test_bad_arguments_are_user_errors():
 
 def test_verdict_is_calibrated_under_the_null(null_pool):
     """200 audits with P and U from one distribution, 50 to 300 images per side, unequal sizes too."""
-    cal = null_calibration(null_pool, sizes=((50, 50), (120, 80), (60, 300), (300, 300), (80, 150)),
+    cal = null_calibration(null_pool, protocol="sequential", sizes=((50, 50), (120, 80), (60, 300), (300, 300), (80, 150)),
                            audits=200, directions=DIRECTIONS, seed=1)
     assert cal.calibrated, cal.summary()
 
 
 def test_permutation_test_is_calibrated_under_the_null(null_pool):
     """200 small audits, 100 permutations each; also checks the verdict at the smallest sizes."""
-    cal = null_calibration(null_pool, sizes=((30, 30), (45, 25), (25, 50), (60, 40)), audits=200,
+    cal = null_calibration(null_pool, protocol="sequential", sizes=((30, 30), (45, 25), (25, 50), (60, 40)), audits=200,
                            permutations=100, directions=DIRECTIONS, seed=2)
     assert cal.calibrated, cal.summary()
     assert set(cal.pvalues) == {"t-test", "permutation"}
@@ -240,8 +240,8 @@ def test_verdict_protocol_beats_the_half_split_baseline():
     ours, baseline = [], []
     for i in range(120):
         P, U = audit_like_features(100, rng, shift=0.2), audit_like_features(100, rng)
-        ours.append(audit_test(P, U, directions=DIRECTIONS, permutations=0, seed=i).verdict_p)
-        baseline.append(audit_test(P, U, folds=2, penalty=1.0, permutations=0, seed=i).verdict_p)
+        ours.append(audit_test(P, U, directions=DIRECTIONS, permutations=0, seed=i, protocol="sequential").verdict_p)
+        baseline.append(audit_test(P, U, folds=2, penalty=1.0, permutations=0, seed=i, protocol="sequential").verdict_p)
     ours, baseline = np.array(ours), np.array(baseline)
     power = {a: (np.mean(ours < a), np.mean(baseline < a)) for a in (0.05, 0.01)}
     assert power[0.05][0] >= power[0.05][1] + 0.10, power  # measured: 0.375 vs 0.200
@@ -254,7 +254,7 @@ def test_verdict_protocol_beats_the_half_split_baseline():
 def test_sample_size_curve_finds_the_needed_size():
     rng = np.random.default_rng(8)
     P, U = audit_like_features(160, rng, shift=0.3), audit_like_features(200, rng)
-    curve = sample_size_curve(P, U, directions=DIRECTIONS, alpha=0.01, resamples=12, seed=0)
+    curve = sample_size_curve(P, U, directions=DIRECTIONS, alpha=0.01, resamples=12, seed=0, protocol="sequential")
     assert curve.sizes[0] == 25 and curve.sizes[-1] == 160
     assert curve.unpublished_sizes[-1] == 200 and curve.unpublished_sizes[0] == round(25 * 200 / 160)
     shares = np.array(curve.share_significant)
@@ -262,7 +262,7 @@ def test_sample_size_curve_finds_the_needed_size():
     i = curve.sizes.index(curve.n_needed)
     assert np.all(shares[i:] >= 0.9) and (i == 0 or shares[i - 1] < 0.9)
     assert curve.median_p[-1] < curve.median_p[0] / 100
-    again = sample_size_curve(P, U, directions=DIRECTIONS, alpha=0.01, resamples=12, seed=0)
+    again = sample_size_curve(P, U, directions=DIRECTIONS, alpha=0.01, resamples=12, seed=0, protocol="sequential")
     assert again.to_dict() == curve.to_dict()
     json.dumps(curve.to_dict(), allow_nan=False)
 
@@ -275,6 +275,6 @@ def test_sample_size_curve_under_the_null_needs_no_size(null_pool):
 
 def test_sample_size_curve_rejects_impossible_sizes(null_pool):
     with pytest.raises(CDIError, match="between 25 and 100"):
-        sample_size_curve(null_pool[:100], null_pool[100:200], sizes=[10, 50], resamples=2)
+        sample_size_curve(null_pool[:100], null_pool[100:200], sizes=[10, 50], resamples=2, protocol="sequential")
     with pytest.raises(CDIError, match="too few images"):
-        sample_size_curve(null_pool[:20], null_pool[100:200], resamples=2)
+        sample_size_curve(null_pool[:20], null_pool[100:200], resamples=2, protocol="sequential")
