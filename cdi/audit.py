@@ -8,7 +8,7 @@
 3. extract per-image features of P and U (one encode per image, cached in
    the feature store when one is given);
 4. run the verdict test and the permutation test (``cdi.stats.audit_test``),
-   the sample-size curve (``cdi.stats.sample_size_curve``) and the shift
+   the sample-size curve (``cdi.sample_size.sample_size_curve``, with the forward estimate) and the shift
    guard (``cdi.shift_guard``) on model-free image descriptors;
 5. decide the verdict: ``inconclusive`` if the shift guard detects that P
    and U differ without the model (unless ``ignore_shift``), else ``used`` if

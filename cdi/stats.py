@@ -82,7 +82,7 @@ t-distribution) standard normal whatever happened before. The ``z_k`` form
 a martingale-difference sequence, they are uncorrelated, and ``Z`` with fixed
 weights is standard normal. ``tests/test_stats.py`` checks calibration by
 simulation (rejection rates at 0.05 and 0.01 inside their 99% binomial
-intervals, KS test of uniformity), and ``null_calibration`` repeats that
+intervals, KS test of uniformity), and ``cdi.calibration.null_calibration`` repeats that
 check on any pool of null feature rows (e.g. stored features of a real
 model).
 
