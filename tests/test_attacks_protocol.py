@@ -244,7 +244,7 @@ def test_blind_baseline_sees_a_shift_and_nothing_else():
 
 def test_scorer_registry_and_missing_columns():
     assert set(SCORERS) == {
-        "loss", "secmi", "secmi++", "pia", "pian", "pfami", "gsa1", "gsa2", "clid_th", "clid_vec", "cdi", "blind",
+        "loss", "secmi", "secmi++", "pia", "pian", "sima", "pfami", "gsa1", "gsa2", "clid_th", "clid_vec", "cdi", "blind",
     }
     for name in SCORERS:
         assert make_scorer(name).name == name
