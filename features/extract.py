@@ -303,6 +303,8 @@ class _Extraction:
         started = time.perf_counter()
         plan = self._plan()
         todo = sum(len(rows) for _, rows in plan)
+        if plan:  # text encoders encode every caption once, then may leave the device (flow models)
+            self.adapter.prepare_captions([self.records[i].caption for _, rows in plan for i in rows])
         if self.batch_size == "auto":
             first = self.records[plan[0][1][0]].caption if plan else None
             needed = list({f.name: f for fams, _ in plan for f in fams}.values())

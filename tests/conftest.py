@@ -61,3 +61,31 @@ def toy_sd_world(tmp_path_factory):
     from cdi.toy import build_world
 
     return build_world("sd", "overtrained", tmp_path_factory.mktemp("toy") / "world", progress=False)
+
+
+TINY_FLOW_FAMILIES = ("sd3", "sd3_no_t5", "flux_dev", "flux_schnell", "zimage")
+
+
+@pytest.fixture(scope="session")
+def tiny_flow_dirs(tmp_path_factory) -> dict[str, Path]:
+    """Tiny flow-matching pipelines (``cdi.models.tiny_flow``): SD3 with and without T5, FLUX.1 dev and
+    schnell, Z-Image."""
+    from cdi.models import tiny_flow
+
+    builders = {
+        "sd3": tiny_flow.save_tiny_sd3,
+        "sd3_no_t5": lambda folder: tiny_flow.save_tiny_sd3(folder, with_t5=False),
+        "flux_dev": tiny_flow.save_tiny_flux,
+        "flux_schnell": lambda folder: tiny_flow.save_tiny_flux(folder, guidance_embeds=False),
+        "zimage": tiny_flow.save_tiny_zimage,
+    }
+    root = tmp_path_factory.mktemp("tiny_flow_models")
+    return {family: builders[family](root / family) for family in TINY_FLOW_FAMILIES}
+
+
+@pytest.fixture(scope="session")
+def tiny_flow_adapters(tiny_flow_dirs):
+    """``load_model`` of each ``tiny_flow_dirs`` folder (CPU, float32); shared, do not modify."""
+    from cdi.models import load_model
+
+    return {family: load_model(str(folder), device="cpu", dtype="float32") for family, folder in tiny_flow_dirs.items()}

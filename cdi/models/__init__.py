@@ -3,7 +3,10 @@
 ``load_model(name)`` turns an alias, a Hugging Face hub id or a local
 diffusers pipeline folder into a ``DiffusionAdapter`` (see
 ``cdi.models.base``) of its family: ``sd`` (Stable Diffusion 1.x/2.x),
-``sdxl``, ``ldm``, ``dit`` or ``ddpm``.
+``sdxl``, ``ldm``, ``dit``, ``ddpm``, or the flow-matching ``sd3``
+(SD3/3.5), ``flux`` (FLUX.1) and ``zimage`` (Z-Image), which
+``cdi.models.flow_matching`` presents to the feature families as
+variance-preserving eps-models.
 """
 
 from cdi.models.base import Condition, DiffusionAdapter

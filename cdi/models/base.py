@@ -32,7 +32,7 @@ import torch
 from cdi.errors import CDIError
 
 Conditioning = Literal["text", "class", "none"]
-PredictionType = Literal["epsilon", "v_prediction", "sample"]
+PredictionType = Literal["epsilon", "v_prediction", "sample", "flow_prediction"]
 
 
 @dataclass
@@ -110,7 +110,7 @@ class DiffusionAdapter:
     ----------
     family : str
         Registry name of the family (``"sd"``, ``"sdxl"``, ``"ldm"``, ``"dit"``,
-        ``"ddpm"``).
+        ``"ddpm"``, and the flow-matching ``"sd3"``, ``"flux"``, ``"zimage"``).
     model_id : str
         What the user asked for (alias resolved to a hub id, or a folder path).
     revision : str or None
@@ -118,7 +118,9 @@ class DiffusionAdapter:
     fingerprint : str
         SHA-256 over the weight files (see ``cdi.models.loading``).
     conditioning : {"text", "class", "none"}
-    prediction_type : {"epsilon", "v_prediction", "sample"}
+    prediction_type : {"epsilon", "v_prediction", "sample", "flow_prediction"}
+        What the network outputs; ``"flow_prediction"`` (a rectified-flow
+        velocity) is converted by ``cdi.models.flow_matching.FlowMatchingAdapter``.
     resolution : int
         Pixel size of the square input the model expects.
     image_channels : int
@@ -231,6 +233,13 @@ class DiffusionAdapter:
     def null_condition(self, batch_size: int) -> Condition:
         """The unconditional input: empty prompt, null class, or nothing."""
         return self.conditions([None] * batch_size)
+
+    def prepare_captions(self, captions: Sequence[str | None]) -> None:
+        """Called with a collection's captions before its first batch; a hook for caching adapters.
+
+        The flow-matching adapters encode every caption here once, then move
+        their large text encoders off the device; the others need nothing.
+        """
 
     def class_id(self, caption: str | None) -> int:
         """The class index a caption names (class-conditional models only)."""

@@ -78,6 +78,9 @@ SUPPORTED_PIPELINES: dict[str, str] = {
     "DiTPipeline": "dit",
     "DDPMPipeline": "ddpm",
     "DDIMPipeline": "ddpm",
+    "StableDiffusion3Pipeline": "sd3",
+    "FluxPipeline": "flux",
+    "ZImagePipeline": "zimage",
 }
 
 #: family -> "module:class" of its adapter (imported on first use).
@@ -87,6 +90,9 @@ ADAPTERS: dict[str, str] = {
     "ldm": "cdi.models.ldm:LDMAdapter",
     "dit": "cdi.models.dit:DiTAdapter",
     "ddpm": "cdi.models.ddpm:DDPMAdapter",
+    "sd3": "cdi.models.sd3:SD3Adapter",
+    "flux": "cdi.models.flux:FluxAdapter",
+    "zimage": "cdi.models.zimage:ZImageAdapter",
 }
 
 #: Weight file stems written by diffusers (models) and transformers (text encoders).
@@ -95,7 +101,8 @@ _WEIGHT_STEMS = {"safetensors": ("diffusion_pytorch_model", "model"), "bin": ("d
 _ROOT_FILES = ("model_index.json", "labels.json")
 #: Configuration files read by from_pretrained of models, schedulers and CLIP tokenizers.
 _CONFIG_NAMES = ("config.json", "scheduler_config.json", "tokenizer_config.json", "special_tokens_map.json",
-                 "added_tokens.json", "vocab.json", "merges.txt", "tokenizer.json")
+                 "added_tokens.json", "vocab.json", "merges.txt", "tokenizer.json", "spiece.model",
+                 "chat_template.jinja")
 _TRUE = {"1", "on", "yes", "true"}
 _DTYPES = {
     "float32": torch.float32, "fp32": torch.float32,
@@ -256,6 +263,9 @@ def load_model(
     files: list[Path] = [folder / f for f in _ROOT_FILES if (folder / f).is_file()]
     components: dict[str, Any] = {}
     for component, kind in adapter_cls.components.items():
+        if _absent_optional(adapter_cls, index, component):
+            components[component] = None
+            continue
         module, used = _load_component(
             folder, component, kind,
             dtype=torch.float32 if component in adapter_cls.full_precision_components else torch_dtype,
@@ -359,14 +369,20 @@ def _resolve_folder(
             f"{name!r} is neither a local folder, a model alias nor a Hugging Face hub id (org/name); "
             "`cdi models` lists the aliases"
         )
-    folder = _hub_snapshot(hub_id, revision=revision, variant=variant, allow_pickle=allow_pickle, offline=offline)
+    folder = _hub_snapshot(hub_id, revision=revision, variant=variant, allow_pickle=allow_pickle, offline=offline,
+                           gated=alias is not None and alias.gated)
     return folder, hub_id, folder.name, hub_id
 
 
 # ---------------------------------------------------------------- the hub
-def _hub_snapshot(hub_id: str, *, revision: str | None, variant: str | None, allow_pickle: bool, offline: bool) -> Path:
-    """A local snapshot folder of ``hub_id`` holding every file the adapter needs."""
-    from huggingface_hub import snapshot_download
+def _hub_snapshot(hub_id: str, *, revision: str | None, variant: str | None, allow_pickle: bool, offline: bool,
+                  gated: bool = False) -> Path:
+    """A local snapshot folder of ``hub_id`` holding every file the adapter needs.
+
+    ``gated``: a known gated checkpoint; without a Hugging Face token, say so
+    before trying to download it.
+    """
+    from huggingface_hub import get_token, snapshot_download
 
     def fetch(patterns: list[str], local: bool) -> Path:
         return Path(snapshot_download(hub_id, revision=revision, allow_patterns=patterns, local_files_only=local))
@@ -377,6 +393,8 @@ def _hub_snapshot(hub_id: str, *, revision: str | None, variant: str | None, all
         except LocalEntryNotFoundError:
             if offline:
                 raise
+            if gated and get_token() is None:
+                raise CDIError(_gated_message(hub_id) + " (no Hugging Face token found)") from None
             folder = fetch(["model_index.json"], local=False)
         adapter_cls = adapter_class(detect_family(read_model_index(folder), hub_id))
         if offline or _is_complete(folder, adapter_cls, variant, allow_pickle):
@@ -401,7 +419,10 @@ def _download_patterns(adapter_cls: type, variant: str | None, extension: str) -
 
 
 def _is_complete(folder: Path, adapter_cls: type, variant: str | None, allow_pickle: bool) -> bool:
+    index = read_model_index(folder)
     for component, kind in adapter_cls.components.items():
+        if _absent_optional(adapter_cls, index, component):
+            continue
         path = _component_dir(folder, component)
         if not (path / _config_name(kind)).is_file():
             return False
@@ -421,6 +442,14 @@ def _hub_errors(hub_id: str, revision: str | None, offline: bool) -> Iterator[No
         raise CDIError(_hub_error_message(exc, hub_id, revision, offline)) from None
 
 
+def _gated_message(hub_id: str) -> str:
+    return (
+        f"model {hub_id!r} is gated: accept its licence on https://huggingface.co/{hub_id} with your Hugging Face "
+        "account, then log in with `hf auth login` (or set HF_TOKEN to a read token of that account), "
+        "or pass a local pipeline folder"
+    )
+
+
 def _hub_error_message(exc: Exception, hub_id: str, revision: str | None, offline: bool) -> str:
     fetch = (
         f"fetch it on a connected machine with `hf download {hub_id}` (or `huggingface-cli download "
@@ -428,10 +457,7 @@ def _hub_error_message(exc: Exception, hub_id: str, revision: str | None, offlin
     )
     at = f" at revision {revision!r}" if revision else ""
     if isinstance(exc, GatedRepoError):
-        return (
-            f"model {hub_id!r} is gated: accept its licence on https://huggingface.co/{hub_id} and log in "
-            "with `hf auth login`, or pass a local pipeline folder"
-        )
+        return _gated_message(hub_id)
     if isinstance(exc, RepositoryNotFoundError):
         return (
             f"model {hub_id!r} does not exist on the Hugging Face Hub (or it is private: log in with "
@@ -473,12 +499,21 @@ def _config_name(kind: type) -> str:
 
 
 def _check_components(adapter_cls: type, index: dict, folder: Path) -> None:
-    missing = [c for c in adapter_cls.components if not (isinstance(index.get(c), list) and index[c][0] is not None)]
+    missing = [c for c in adapter_cls.components
+               if not (isinstance(index.get(c), list) and index[c][0] is not None)
+               and c not in getattr(adapter_cls, "optional_components", ())]
     if missing:
         raise CDIError(
             f"the pipeline in {folder} has no {', '.join(missing)} component(s), which a "
             f"{index.get('_class_name')} needs; check model_index.json"
         )
+
+
+def _absent_optional(adapter_cls: type, index: dict, component: str) -> bool:
+    """True for a component the family can do without (SD3's T5) that model_index.json leaves null."""
+    entry = index.get(component)
+    return component in getattr(adapter_cls, "optional_components", ()) and not (
+        isinstance(entry, list) and entry[0] is not None)
 
 
 def _weight_globs(extension: str, variant: str | None) -> list[str]:
@@ -592,10 +627,10 @@ def _load_scheduler(path: Path):
     if not (isinstance(cls, type) and issubclass(cls, diffusers.SchedulerMixin)):
         raise CDIError(f"{config_path} names an unknown scheduler {config.get('_class_name')!r}")
     scheduler = cls.from_config(config)
-    if not hasattr(scheduler, "alphas_cumprod"):
+    if not hasattr(scheduler, "alphas_cumprod") and not isinstance(scheduler, diffusers.FlowMatchEulerDiscreteScheduler):
         raise CDIError(
             f"scheduler {config['_class_name']} of {path.parent} has no alphas_cumprod; cdi needs a "
-            "discrete-time (DDPM-style) noise schedule"
+            "discrete-time (DDPM-style) noise schedule or a flow-matching one (FlowMatchEulerDiscreteScheduler)"
         )
     return scheduler
 

@@ -7,12 +7,17 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class ModelAlias:
-    """A short name for a public checkpoint."""
+    """A short name for a public checkpoint.
+
+    ``gated``: the hub serves it only to logged-in users who accepted its
+    licence on the model page (``cdi.models.loading`` says so before trying).
+    """
 
     alias: str
     checkpoint: str
     family: str
     description: str
+    gated: bool = False
 
 
 ALIASES: dict[str, ModelAlias] = {
@@ -40,6 +45,21 @@ ALIASES: dict[str, ModelAlias] = {
                    "DiT-XL/2, ImageNet class-conditional, learned variance, 512 px"),
         ModelAlias("ddpm-cifar10", "google/ddpm-cifar10-32", "ddpm",
                    "Pixel-space DDPM, unconditional, CIFAR-10 32 px"),
+        ModelAlias("sd3-medium", "stabilityai/stable-diffusion-3-medium-diffusers", "sd3",
+                   "Stable Diffusion 3 Medium (2B MMDiT, CLIP-L + CLIP-G + T5-XXL), rectified flow, 1024 px",
+                   gated=True),
+        ModelAlias("sd35-medium", "stabilityai/stable-diffusion-3.5-medium", "sd3",
+                   "Stable Diffusion 3.5 Medium (2.5B MMDiT-X), rectified flow, 1024 px", gated=True),
+        ModelAlias("sd35-large", "stabilityai/stable-diffusion-3.5-large", "sd3",
+                   "Stable Diffusion 3.5 Large (8B MMDiT), rectified flow, 1024 px", gated=True),
+        ModelAlias("sd35-large-turbo", "stabilityai/stable-diffusion-3.5-large-turbo", "sd3",
+                   "Stable Diffusion 3.5 Large Turbo (few-step distilled), 1024 px", gated=True),
+        ModelAlias("flux-dev", "black-forest-labs/FLUX.1-dev", "flux",
+                   "FLUX.1 dev (12B, guidance-distilled), packed latents, T5-XXL, 1024 px", gated=True),
+        ModelAlias("flux-schnell", "black-forest-labs/FLUX.1-schnell", "flux",
+                   "FLUX.1 schnell (12B, timestep-distilled, Apache-2.0), 1024 px"),
+        ModelAlias("z-image-turbo", "Tongyi-MAI/Z-Image-Turbo", "zimage",
+                   "Z-Image Turbo (6B single-stream DiT, Qwen3-4B text encoder, Apache-2.0), 1024 px"),
     ]
 }
 
@@ -49,4 +69,7 @@ FAMILIES: dict[str, str] = {
     "ldm": "Latent diffusion with a VQ autoencoder (unconditional)",
     "dit": "Diffusion Transformer (class labels, learned variance)",
     "ddpm": "Pixel-space DDPM (UNet2DModel, optional class labels)",
+    "sd3": "Stable Diffusion 3 / 3.5 (MMDiT, three text encoders, pooled embeddings, rectified flow)",
+    "flux": "FLUX.1 dev / schnell (packed 2x2 latents, position ids, guidance embedding, rectified flow)",
+    "zimage": "Z-Image (single-stream DiT, Qwen3 text encoder, rectified flow)",
 }

@@ -119,7 +119,7 @@ def _save(pipeline: DiffusionPipeline, folder: str | Path, extra_json: dict[str,
     try:
         pipeline.save_pretrained(tmp, safe_serialization=True)
         for name in ("tokenizer", "tokenizer_2"):
-            if getattr(pipeline, name, None) is not None:
+            if isinstance(getattr(pipeline, name, None), CLIPTokenizer):
                 save_char_clip_tokenizer(tmp / name, pipeline.components[name].model_max_length)
         for name, content in (extra_json or {}).items():
             path = tmp / name

@@ -1,0 +1,268 @@
+"""Flow-matching (rectified-flow) models seen through the variance-preserving interface.
+
+SD3/3.5, FLUX, Z-Image and the other current open text-to-image models are
+trained on ``x_s = (1 - s) x0 + s eps`` with ``s`` in [0, 1] and predict the
+velocity ``v = eps - x0``. Every feature family of cdi is written for the
+variance-preserving (VP) process ``x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps``
+and an eps-prediction. The two are the same process after a rescaling
+(REFERENCE.md section 10): with ``c(s) = sqrt((1 - s)^2 + s^2)``,
+
+* ``abar(s) = (1 - s)^2 / c(s)^2``, so ``x_s = c(s) x_t``;
+* the network sees ``c(s) x_t`` at sigma ``s`` (in its own timestep
+  convention: ``1000 s`` for SD3, ``s`` for FLUX, ``1 - s`` for Z-Image);
+* its velocity becomes ``eps = x_s + (1 - s) v`` (since ``x0 = x_s - s v``).
+
+``FlowMatchingAdapter`` does this once, so every family (loss, SecMI,
+PIA/PIAN, multiple loss, noise optimisation, gradient masking, CLiD, SimA,
+PFAMI, GSA) runs unchanged; a family adapter only encodes images and
+captions and calls its network on ``x_s`` (``_velocity``).
+
+**Which ``s`` a discrete ``t`` means (the timestep grid).** Default
+``grid="model"``: the model's own shifted training sigmas, read from its
+scheduler configuration (``FlowMatchEulerDiscreteScheduler``): ``t`` in
+0..N-1 is ``u = (t + 1) / N`` (the scheduler's unshifted sigmas), shifted by
+``shift * u / (1 + (shift - 1) u)`` (SD3: shift 3.0), or, with
+``use_dynamic_shifting`` (FLUX.1, Z-Image), by the exponential time shift at
+the resolution-dependent ``mu`` that the pipeline computes for the model's
+native image size (``calculate_shift`` of its latent token count), then
+stretched to ``shift_terminal`` where the config has one. This is the grid
+the model was trained and is sampled on (diffusers' SD3/FLUX training scripts
+draw an index and take ``scheduler.sigmas`` at it), and it is what the other
+adapters do: every model's ``t`` is its own training schedule (SD's
+scaled-linear, DDPM's linear betas). At the low ``t`` where membership
+features live, SD3's shift 3.0 lands close to SD 1.5 anyway (``t = 100``:
+``abar`` 0.898 against 0.894; they part at higher t: ``t = 300``, 0.375
+against 0.590). ``grid="sd15"`` instead takes, for each ``t``,
+the ``s`` that gives SD 1.5's ``abar_t`` (``s = sqrt(1 - abar) / (sqrt(abar)
++ sqrt(1 - abar))``), so that ``t`` means the same noise level on every
+model; choose it to compare feature values across model families.
+Either way ``s`` stays inside (0, 1], where rectified-flow models are trained
+(logit-normal or uniform densities over the whole interval).
+
+**Captions.** Large text encoders (T5-XXL, Qwen3) encode each distinct
+caption once into a cache in host memory (``prepare_captions`` encodes a whole
+collection's captions before its first denoiser call, then moves the text
+encoders off the accelerator when ``offload_text_encoders`` is on, the
+default on CUDA). A caption met later (CLiD's reduced captions) brings the
+encoders back for that one encoding, then off again. The cache holds the
+embeddings in the compute dtype: FLUX's 512 x 4096 T5 tokens are 4 MiB per
+caption in bfloat16.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Iterator, Sequence
+
+import torch
+
+from cdi.errors import CDIError
+from cdi.models.base import Condition, DiffusionAdapter
+
+logger = logging.getLogger("cdi")
+
+GRIDS = ("model", "sd15")
+
+
+def _check_flow_scheduler(scheduler) -> None:
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    if not isinstance(scheduler, FlowMatchEulerDiscreteScheduler):
+        raise CDIError(
+            f"a flow-matching pipeline needs a FlowMatchEulerDiscreteScheduler, but its scheduler is "
+            f"{type(scheduler).__name__}; restore the scheduler folder of the original checkpoint"
+        )
+
+
+def training_sigmas(scheduler, mu: float | None = None) -> torch.Tensor:
+    """The model's sigma for each discrete timestep ``t = 0..N-1`` (ascending), float32.
+
+    ``u = (t + 1) / N``; then the scheduler's static shift, or with
+    ``use_dynamic_shifting`` its time shift at ``mu`` (required then); then
+    its ``shift_terminal`` stretch. The same arithmetic as
+    ``FlowMatchEulerDiscreteScheduler.set_timesteps`` over all N steps.
+    """
+    _check_flow_scheduler(scheduler)
+    config = scheduler.config
+    n = int(config.num_train_timesteps)
+    u = torch.arange(n, 0, -1, dtype=torch.float64) / n  # descending, as the scheduler orders them
+    if config.use_dynamic_shifting:
+        if mu is None:
+            raise CDIError("this scheduler shifts its timesteps by resolution (use_dynamic_shifting): mu is needed")
+        sigmas = scheduler.time_shift(float(mu), 1.0, u)
+    else:
+        shift = float(config.shift)
+        sigmas = shift * u / (1 + (shift - 1) * u)
+    if config.shift_terminal:
+        sigmas = scheduler.stretch_shift_to_terminal(sigmas)
+    return torch.as_tensor(sigmas, dtype=torch.float64).flip(0).float()
+
+
+def sd15_alphas_cumprod(num_train_timesteps: int = 1000) -> torch.Tensor:
+    """SD 1.5's abar: 1000 scaled-linear betas from 0.00085 to 0.012."""
+    betas = torch.linspace(0.00085**0.5, 0.012**0.5, num_train_timesteps, dtype=torch.float64) ** 2
+    return torch.cumprod(1.0 - betas, dim=0).float()
+
+
+def abar_of_sigma(sigmas: torch.Tensor) -> torch.Tensor:
+    """``abar = (1 - s)^2 / ((1 - s)^2 + s^2)``: the VP signal level of flow sigma ``s``."""
+    s = sigmas.double()
+    return ((1 - s) ** 2 / ((1 - s) ** 2 + s**2)).float()
+
+
+def sigma_of_abar(alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """``s = sqrt(1 - abar) / (sqrt(abar) + sqrt(1 - abar))``: the inverse of ``abar_of_sigma``."""
+    a = alphas_cumprod.double()
+    return ((1 - a).sqrt() / (a.sqrt() + (1 - a).sqrt())).float()
+
+
+class FlowMatchingAdapter(DiffusionAdapter):
+    """Base adapter of rectified-flow models (see the module docstring).
+
+    Subclasses set ``family``, ``components``, ``denoiser_name`` and
+    ``text_encoder_names``, and implement ``_encode``, ``_encode_prompts``
+    (the pipeline's own prompt encoding for a list of prompts, returning one
+    tensor per condition name with the batch on dim 0) and ``_velocity``
+    (the network's velocity at ``x_s`` and flow sigma ``s``).
+
+    Parameters
+    ----------
+    scheduler
+        The pipeline's ``FlowMatchEulerDiscreteScheduler``.
+    resolution, image_channels
+        The model's native pixel size and image channels.
+    mu : float, optional
+        The resolution-dependent shift, for schedulers with ``use_dynamic_shifting``.
+    grid : {"model", "sd15"}
+        Which sigma each discrete timestep means (module docstring).
+    offload_text_encoders : bool or None
+        Move the text encoders off the device between caption encodings;
+        None: on CUDA only.
+    model_id, revision, fingerprint, device, dtype
+        As in ``DiffusionAdapter``.
+    """
+
+    conditioning = "text"
+    prediction_type = "flow_prediction"
+    full_precision_components = ("vae",)
+    #: Components holding text encoders (moved off the device when offloading).
+    text_encoder_names: tuple[str, ...] = ()
+
+    def __init__(
+        self,
+        *,
+        scheduler,
+        resolution: int,
+        image_channels: int,
+        mu: float | None = None,
+        grid: str = "model",
+        offload_text_encoders: bool | None = None,
+        model_id: str,
+        revision: str | None,
+        fingerprint: str,
+        device: torch.device | str,
+        dtype: torch.dtype,
+    ) -> None:
+        if grid not in GRIDS:
+            raise CDIError(f"unknown timestep grid {grid!r}; choose one of {', '.join(GRIDS)}")
+        self.scheduler = scheduler
+        self.grid = grid
+        self.mu = None if mu is None else float(mu)
+        n = int(scheduler.config.num_train_timesteps)
+        if grid == "model":
+            sigmas = training_sigmas(scheduler, self.mu)
+            alphas_cumprod = abar_of_sigma(sigmas)
+        else:
+            _check_flow_scheduler(scheduler)
+            alphas_cumprod = sd15_alphas_cumprod(n)
+            sigmas = sigma_of_abar(alphas_cumprod)
+        super().__init__(
+            model_id=model_id, revision=revision, fingerprint=fingerprint, resolution=resolution,
+            image_channels=image_channels, alphas_cumprod=alphas_cumprod, device=device, dtype=dtype,
+        )
+        # Re-derived from the float32 abar the families use, so that x_s = c(s) x_t holds to float32
+        # rounding (near t = 0, 1 - abar ~ 1e-5 keeps only a few float32 digits: s moves by up to 0.3%).
+        self.sigmas = sigma_of_abar(self.alphas_cumprod.cpu()).to(self.device)
+        self.offload_text_encoders = (self.device.type == "cuda") if offload_text_encoders is None \
+            else bool(offload_text_encoders)
+        self._caption_cache: dict[str, dict[str, torch.Tensor]] = {}
+
+    def describe(self) -> dict:
+        return {**super().describe(), "timestep_grid": self.grid, "shift_mu": self.mu,
+                "scheduler_shift": float(self.scheduler.config.shift)}
+
+    # ------------------------------------------------------------- prediction
+    def sigma(self, t: torch.Tensor, ndim: int = 1) -> torch.Tensor:
+        """The flow sigma ``s`` of discrete timesteps ``t``, shaped for broadcasting over ``ndim`` dims."""
+        t = torch.as_tensor(t, device=self.device, dtype=torch.long)
+        return self.sigmas[t].view(-1, *([1] * (ndim - 1)))
+
+    def _predict(self, x_t: torch.Tensor, t: torch.Tensor, cond: Condition) -> torch.Tensor:
+        s = self.sigma(t, x_t.dim())
+        x_s = x_t * ((1 - s) ** 2 + s**2).sqrt().to(x_t.dtype)
+        return self._velocity(x_s, s.flatten(), cond)
+
+    def to_eps(self, output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """``eps = x_s + (1 - s) v`` with ``x_s = c(s) x_t`` (module docstring)."""
+        s = self.sigma(t, x_t.dim())
+        return x_t * ((1 - s) ** 2 + s**2).sqrt() + (1 - s) * output
+
+    def _velocity(self, x_s: torch.Tensor, s: torch.Tensor, cond: Condition) -> torch.Tensor:
+        """The network's velocity at ``x_s`` (in ``self.dtype``) and sigmas ``s`` (float32, shape (B,))."""
+        raise NotImplementedError
+
+    # --------------------------------------------------------------- captions
+    def prepare_captions(self, captions: Sequence[str | None], batch_size: int = 16) -> None:
+        """Encode every distinct caption not cached yet, then offload the text encoders.
+
+        Called by the extraction engine before a collection's first batch, so
+        large text encoders leave the accelerator before the denoiser runs.
+        """
+        prompts = sorted({"" if c is None else c for c in captions} - self._caption_cache.keys())
+        if prompts:
+            with self._text_encoders_on_device():
+                for start in range(0, len(prompts), batch_size):
+                    self._cache_prompts(prompts[start:start + batch_size])
+        self._offload()
+
+    def _text_conditions(self, prompts: list[str]) -> Condition:
+        missing = sorted(set(prompts) - self._caption_cache.keys())
+        if missing:
+            with self._text_encoders_on_device():
+                self._cache_prompts(missing)
+            self._offload()
+        names = self._caption_cache[prompts[0]].keys()
+        stacked = {name: torch.stack([self._caption_cache[p][name] for p in prompts]) for name in names}
+        return Condition(len(prompts), {
+            name: value.to(self.device, torch.float32 if value.is_floating_point() else value.dtype)
+            for name, value in stacked.items()
+        })
+
+    @torch.no_grad()
+    def _cache_prompts(self, prompts: list[str]) -> None:
+        encoded = self._encode_prompts(prompts)
+        for i, prompt in enumerate(prompts):
+            self._caption_cache[prompt] = {
+                k: v[i].detach().to("cpu", self.dtype if v.is_floating_point() else v.dtype)
+                for k, v in encoded.items()
+            }
+
+    def _encode_prompts(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def _text_encoders(self) -> list[torch.nn.Module]:
+        return [m for m in (getattr(self, n, None) for n in self.text_encoder_names) if m is not None]
+
+    @contextlib.contextmanager
+    def _text_encoders_on_device(self) -> Iterator[None]:
+        for module in self._text_encoders():
+            module.to(self.device)
+        yield
+
+    def _offload(self) -> None:
+        if self.offload_text_encoders and self.device.type != "cpu":
+            for module in self._text_encoders():
+                module.to("cpu")
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
