@@ -337,7 +337,7 @@ app.add_typer(toy_app, name="toy")
 
 @toy_app.command("build")
 def toy_build_command(
-    kind: str = typer.Option("sd", "--kind", help="sd (tiny text-to-image latent model) or ddpm (tiny class-conditional pixel DDPM)."),
+    kind: str = typer.Option("sd", "--kind", help="sd (tiny text-to-image latent model), ddpm (tiny class-conditional pixel DDPM) or flow (tiny SD3-style flow-matching transformer)."),
     strength: str = typer.Option("overtrained", "--strength", help="light (weak per-image membership) or overtrained (clear per-image membership)."),
     out: str = typer.Option(None, "--out", help="World folder (default: $CDI_CACHE/toy/KIND-STRENGTH-seedSEED or ~/.cache/cdi/toy/...)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the member split and of training (shipped weights: seed 0 only)."),
@@ -477,7 +477,7 @@ def demo_command(
     null: bool = typer.Option(False, "--null", help="Draw the published images from non-members: the audit must not detect use."),
     member_fraction: float = typer.Option(1.0, "--member-fraction", help="Share of the published images drawn from the members (partial use)."),
     n: int = typer.Option(None, "--n", help="Images per collection (default: 150)."),
-    kind: str = typer.Option("sd", "--kind", help="Toy model: sd (text-to-image latent model) or ddpm (class-conditional pixel model)."),
+    kind: str = typer.Option("sd", "--kind", help="Toy model: sd (text-to-image latent model), ddpm (class-conditional pixel model) or flow (SD3-style flow-matching transformer)."),
     strength: str = typer.Option("overtrained", "--strength", help="Toy training strength: light or overtrained."),
     seed: int = typer.Option(0, "--seed", help="Seed of the draw and of the audit."),
     permutations: int = typer.Option(1000, "--permutations", help="Permutations of the permutation test."),

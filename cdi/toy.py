@@ -19,7 +19,10 @@ Everything in cdi runs end to end on a small CPU machine against this world:
   ``StableDiffusionPipeline`` folder. ``kind="ddpm"``: a tiny
   class-conditional pixel DDPM (UNet2DModel with 11 class embeddings: ten
   digits plus the null class 10), saved as a ``DDPMPipeline`` folder with a
-  ``labels.json``. Both are RGB, 32x32, eps-prediction.
+  ``labels.json``. Both are RGB, 32x32, eps-prediction. ``kind="flow"``
+  (``cdi.toy_flow``): a tiny SD3-architecture rectified-flow model (the toy
+  SD's VAE and CLIP text encoder, a second CLIP and a tiny T5, an
+  ``SD3Transformer2DModel``), saved as a ``StableDiffusion3Pipeline`` folder.
 * **Strengths.** ``light``: per-image membership is weak while a test over
   hundreds of images detects it (the situation CDI is for). ``overtrained``:
   more epochs, a stronger per-image signal (see the table: on a 2-core CPU
@@ -53,6 +56,7 @@ file is identical to the shipped one)::
     python -m cdi.toy train-shipped --kind sd --strength light
     python -m cdi.toy train-shipped --kind ddpm --strength overtrained
     python -m cdi.toy train-shipped --kind ddpm --strength light
+    python -m cdi.toy train-shipped --kind flow --strength overtrained
 
 ``cdi toy build --retrain`` trains from scratch instead, and records in
 ``world.json`` whether the result is identical to the shipped weights.
@@ -83,7 +87,7 @@ from cdi import __version__
 from cdi.errors import CDIError
 from cdi.io import sha256_file
 
-KINDS = ("sd", "ddpm")
+KINDS = ("sd", "ddpm", "flow")
 STRENGTHS = ("light", "overtrained")
 IMAGE_SIZE = 32
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
@@ -92,6 +96,7 @@ TRAIN_THREADS = 1
 WEIGHTS_ROOT = Path(__file__).resolve().parent / "toy_weights"
 LAYOUT_VERSION = 1
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+_PIPELINES = {"sd": "StableDiffusionPipeline", "ddpm": "DDPMPipeline", "flow": "StableDiffusion3Pipeline"}
 
 # The shift applied to ``nonmembers_shifted``: a blur, then a warm tint that
 # also lifts the black background to dark brown. Members are grey (R = G = B),
@@ -149,6 +154,9 @@ TRAIN_CONFIGS: dict[tuple[str, str], TrainConfig] = {
     ("sd", "overtrained"): TrainConfig(epochs=300, lr=1e-3, batch_size=64, vae_epochs=10),
     ("ddpm", "light"): TrainConfig(epochs=160, lr=1e-3, batch_size=32),
     ("ddpm", "overtrained"): TrainConfig(epochs=400, lr=1e-3, batch_size=32),
+    # cdi.toy_flow: a tiny SD3 transformer, rectified-flow objective, the toy SD's VAE stage.
+    ("flow", "light"): TrainConfig(epochs=60, lr=1e-3, batch_size=16, vae_epochs=10),
+    ("flow", "overtrained"): TrainConfig(epochs=80, lr=2e-3, batch_size=8, vae_epochs=10),
 }
 
 
@@ -475,15 +483,22 @@ def _train_vae(vae, pixels: torch.Tensor, config: TrainConfig, seed: int, report
 def _fit_denoiser(
     unet, scheduler, x0: torch.Tensor, cond_of: Callable[[torch.Tensor, torch.Tensor], dict],
     config: TrainConfig, seed: int, report: ProgressFn, on_epoch: EpochHook | None = None,
+    loss_of: Callable[..., torch.Tensor] | None = None,
 ) -> None:
-    """Standard eps-prediction training: uniform t, MSE between eps and prediction.
+    """Denoiser training: uniform t, by default MSE between eps and the eps-prediction.
 
     ``cond_of(idx, drop)`` returns the network's conditioning keyword
     arguments for the samples ``idx``, with the null condition where ``drop``
-    is True. All draws (order, t, noise, dropout) come from one seeded
-    generator in a fixed order and the learning rate is constant, so the
-    first k epochs of a longer run are exactly a k-epoch run.
+    is True. ``loss_of(net, x0, t, noise, cond)`` replaces the eps objective
+    (``cdi.toy_flow`` passes the rectified-flow one). All draws (order, t,
+    noise, dropout) come from one seeded generator in a fixed order and the
+    learning rate is constant, so the first k epochs of a longer run are
+    exactly a k-epoch run.
     """
+    if loss_of is None:
+        def loss_of(net, x, t, noise, cond):
+            return F.mse_loss(net(scheduler.add_noise(x, noise, t), t, **cond).sample, noise)
+
     gen = _generator(seed, "denoiser")
     opt = torch.optim.AdamW(unet.parameters(), lr=config.lr, weight_decay=0.0)
     num_t = scheduler.config.num_train_timesteps
@@ -496,14 +511,13 @@ def _fit_denoiser(
             t = torch.randint(0, num_t, (len(idx),), generator=gen)
             noise = torch.randn(x.shape, generator=gen)
             drop = torch.rand(len(idx), generator=gen) < config.caption_dropout
-            pred = unet(scheduler.add_noise(x, noise, t), t, **cond_of(idx, drop)).sample
-            loss = F.mse_loss(pred, noise)
+            loss = loss_of(unet, x, t, noise, cond_of(idx, drop))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             total += float(loss.detach()) * len(idx)
         if (epoch + 1) % max(1, config.epochs // 20) == 0 or epoch + 1 == config.epochs:
-            report(f"unet epoch {epoch + 1}/{config.epochs}: loss {total / len(x0):.5f} "
+            report(f"epoch {epoch + 1}/{config.epochs}: loss {total / len(x0):.5f} "
                    f"({time.time() - start:.0f} s)")
         if on_epoch is not None:
             unet.eval()
@@ -569,6 +583,10 @@ def train_toy_model(
     pixels = _to_pixels(images)
     labels_t = torch.as_tensor(np.asarray(labels), dtype=torch.long)
     with _training_threads():
+        if kind == "flow":
+            from cdi.toy_flow import train_flow_model
+
+            return train_flow_model(images, labels, config, seed, report, on_epoch)
         if kind == "sd":
             parts = sd_components(seed)
             vae, text_encoder, unet = parts["vae"], parts["text_encoder"], parts["unet"]
@@ -673,6 +691,10 @@ def save_pipeline(weights: ToyWeights, model_dir: Path) -> None:
     (``id2label`` for the ten digits and ``null_class_id`` 10).
     """
     model_dir = Path(model_dir)
+    if weights.kind == "flow":
+        from cdi.toy_flow import save_flow_pipeline
+
+        return save_flow_pipeline(weights, model_dir)
     if weights.kind == "sd":
         from diffusers import StableDiffusionPipeline
 
@@ -880,8 +902,8 @@ def build_world(
                      "caption_template": "a handwritten digit <word>"},
             "shift": {"folder": "nonmembers_shifted", "blur_radius": SHIFT_BLUR_RADIUS,
                       "gain_rgb": list(SHIFT_GAIN), "offset_rgb": list(SHIFT_OFFSET)},
-            "model": {"folder": "model", "pipeline": "StableDiffusionPipeline" if kind == "sd" else "DDPMPipeline",
-                      "conditioning": "text" if kind == "sd" else "class",
+            "model": {"folder": "model", "pipeline": _PIPELINES[kind],
+                      "conditioning": "class" if kind == "ddpm" else "text",
                       "null_class_id": NULL_CLASS_ID if kind == "ddpm" else None,
                       "scaling_factor": weights.scaling_factor},
             "weights_sha256": sha,

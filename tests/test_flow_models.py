@@ -125,7 +125,7 @@ def test_flow_gradients_reach_the_input_only(tiny_flow_adapters, key):
     assert all(p.grad is None for p in adapter.denoiser.parameters())
 
 
-@pytest.mark.parametrize("key", FLOW)
+@pytest.mark.parametrize("key", [k for k in FLOW if k != "sd3_no_t5"])  # one run per family
 def test_every_feature_family_is_finite_on_flow_models(tiny_flow_adapters, key):
     from features.base import EncodedBatch
     from features.registry import FAMILIES

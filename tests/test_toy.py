@@ -191,6 +191,26 @@ def test_ddpm_world_builds(tmp_path):
     assert not torch.equal(conditional, null)
 
 
+def test_flow_world_builds(tmp_path):
+    from diffusers import StableDiffusion3Pipeline
+
+    from cdi.models import load_model
+
+    result = CliRunner().invoke(app, ["toy", "build", "--kind", "flow", "--out", str(tmp_path / "flow"), "--quiet"])
+    assert result.exit_code == 0, result.output
+    info = json.loads((tmp_path / "flow" / "world.json").read_text())
+    assert info["model"]["pipeline"] == "StableDiffusion3Pipeline" and info["model"]["conditioning"] == "text"
+    model_dir = tmp_path / "flow" / "model"
+    StableDiffusion3Pipeline.from_pretrained(model_dir, local_files_only=True)  # an ordinary SD3 folder
+    adapter = load_model(str(model_dir), device="cpu", dtype="float32")
+    assert adapter.family == "sd3" and adapter.resolution == 32 and adapter.describe()["scheduler_shift"] == 3.0
+    x0 = adapter.encode(torch.zeros(2, 3, 32, 32))
+    assert x0.shape == (2, 4, 8, 8)
+    t = torch.tensor([100, 100])
+    conditional = adapter.eps(x0, t, adapter.conditions(["a handwritten digit seven"] * 2))
+    assert not torch.equal(conditional, adapter.eps(x0, t, adapter.null_condition(2)))
+
+
 def test_user_errors(tmp_path):
     runner = CliRunner()
     result = runner.invoke(app, ["toy", "build", "--seed", "1", "--out", str(tmp_path / "w")])
@@ -231,4 +251,5 @@ def test_training_is_deterministic(kind):
         for key, value in state.items():
             assert torch.equal(value, second.state_dicts[name][key]), (name, key)
     assert first.scaling_factor == second.scaling_factor
-    assert any(not torch.equal(v, other.state_dicts["unet"][k]) for k, v in first.state_dicts["unet"].items())
+    denoiser = "transformer" if kind == "flow" else "unet"
+    assert any(not torch.equal(v, other.state_dicts[denoiser][k]) for k, v in first.state_dicts[denoiser].items())
