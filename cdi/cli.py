@@ -71,7 +71,8 @@ def models_command() -> None:
     table.add_column("checkpoint")
     table.add_column("description")
     for alias in ALIASES.values():
-        table.add_row(alias.alias, alias.family, alias.checkpoint, alias.description)
+        gated = "; gated: accept its licence on the Hub, then `hf auth login`" if alias.gated else ""
+        table.add_row(alias.alias, alias.family, alias.checkpoint, alias.description + gated)
     console.print(table)
     families = Table(title="Families")
     families.add_column("family", style="bold")

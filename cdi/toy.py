@@ -155,8 +155,7 @@ TRAIN_CONFIGS: dict[tuple[str, str], TrainConfig] = {
     ("ddpm", "light"): TrainConfig(epochs=160, lr=1e-3, batch_size=32),
     ("ddpm", "overtrained"): TrainConfig(epochs=400, lr=1e-3, batch_size=32),
     # cdi.toy_flow: a tiny SD3 transformer, rectified-flow objective, the toy SD's VAE stage.
-    ("flow", "light"): TrainConfig(epochs=60, lr=1e-3, batch_size=16, vae_epochs=10),
-    ("flow", "overtrained"): TrainConfig(epochs=80, lr=2e-3, batch_size=8, vae_epochs=10),
+    ("flow", "overtrained"): TrainConfig(epochs=60, lr=1e-3, batch_size=16, vae_epochs=10),
 }
 
 
@@ -165,6 +164,9 @@ def _check_kind_strength(kind: str, strength: str) -> None:
         raise CDIError(f"unknown toy model kind {kind!r}; choose one of {', '.join(KINDS)}")
     if strength not in STRENGTHS:
         raise CDIError(f"unknown toy strength {strength!r}; choose one of {', '.join(STRENGTHS)}")
+    if (kind, strength) not in TRAIN_CONFIGS:
+        offered = ", ".join(s for k, s in TRAIN_CONFIGS if k == kind)
+        raise CDIError(f"the {kind} toy model comes in the strength(s) {offered} only, not {strength!r}")
 
 
 # ----------------------------------------------------------------------- data

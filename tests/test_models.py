@@ -420,8 +420,8 @@ def test_variant_weights(tiny_model_dirs, tmp_path):
 def test_unknown_pipeline_class(tiny_model_dirs, tmp_path):
     folder = _copy(tiny_model_dirs["ddpm_uncond"], tmp_path)
     index = json.loads((folder / "model_index.json").read_text())
-    (folder / "model_index.json").write_text(json.dumps({**index, "_class_name": "FluxPipeline"}))
-    with pytest.raises(CDIError, match="FluxPipeline, which cdi does not support.*StableDiffusionXLPipeline"):
+    (folder / "model_index.json").write_text(json.dumps({**index, "_class_name": "QwenImagePipeline"}))
+    with pytest.raises(CDIError, match="QwenImagePipeline, which cdi does not support.*StableDiffusionXLPipeline"):
         load_model(str(folder), device="cpu")
 
 
