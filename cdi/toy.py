@@ -39,6 +39,7 @@ draws of 300 + 300)::
     sd overtrained        300  0.639  0.011      1.9e-25        4.9e-10
     ddpm light            160  0.549  0.014      4.1e-05        6.3e-03
     ddpm overtrained      400  0.662  0.022      7.8e-36        6.4e-14
+    flow overtrained       60  0.527  0.017      9.1e-03        4.4e-02
 
 Training times on one CPU thread (``train_seconds`` in each
 ``training.json``): ddpm light 12 min, ddpm overtrained 29 min.
