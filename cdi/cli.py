@@ -33,6 +33,12 @@ BATCH_SIZE_HELP = (
     "elsewhere 32; `cdi speed`: the fastest). Halved when the GPU runs out of memory; recorded in the result."
 )
 COMPILE_HELP = "Compile the denoiser with torch.compile: slow first calls (minutes), faster after; for long runs."
+#: Help of the Ray options, shared by extract and audit.
+RAY_HELP = ("Compute on Ray: local (start a Ray instance on this machine), auto (the cluster this machine is in) "
+            "or HOST:PORT. One model replica per GPU (or per --ray-threads CPUs); this process writes the store. "
+            "Needs pip install 'cdi[ray]'.")
+RAY_WORKERS_HELP = "Ray workers (default: one per GPU of the cluster; without GPUs, its CPUs / --ray-threads)."
+RAY_THREADS_HELP = "torch threads (and Ray CPUs) of each CPU worker."
 
 
 @contextlib.contextmanager
@@ -240,6 +246,9 @@ def extract_command(
     compile_model: bool = typer.Option(False, "--compile", help=COMPILE_HELP),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Leave unreadable or oversized image files out instead of failing."),
     workers: int = typer.Option(None, "--workers", help="Image-decoding worker processes (default: min(4, CPUs - 1))."),
+    ray: str = typer.Option(None, "--ray", help=RAY_HELP),
+    ray_workers: int = typer.Option(None, "--ray-workers", help=RAY_WORKERS_HELP),
+    ray_threads: int = typer.Option(1, "--ray-threads", help=RAY_THREADS_HELP),
 ) -> None:
     """Compute feature values for a folder of images and write them to a CSV file.
 
@@ -253,6 +262,7 @@ def extract_command(
     from cdi.data import ImageCollection
     from cdi.models import load_model
     from cdi.models.loading import resolve_device, resolve_dtype
+    from cdi.distributed import check_ray_options, ray_runner
     from cdi.store import FeatureStore
     from cdi.batching import parse_batch_size
     from features.extract import extract_features, parse_shard
@@ -268,6 +278,7 @@ def extract_command(
         if not 0 <= seed < 2**63:
             raise CDIError(f"--seed must be between 0 and 2**63 - 1, got {seed}")
         shard_spec = parse_shard(shard)
+        check_ray_options(ray, ray_workers, ray_threads, device, dtype)
         families = resolve_features(features) if features is not None else None
         resolve_dtype(dtype, resolve_device(device))
         collection = ImageCollection.from_folder(images, skip_bad=skip_bad)
@@ -276,12 +287,19 @@ def extract_command(
                               highlight=False, soft_wrap=True)
         with contextlib.ExitStack() as stack:
             cache = stack.enter_context(FeatureStore(store)) if store is not None else None
-            adapter = load_model(model, revision=revision, variant=variant, dtype=dtype, device=device,
-                                 allow_pickle=allow_pickle, compile=compile_model)
+            options = dict(name=model, revision=revision, variant=variant, dtype=dtype, allow_pickle=allow_pickle,
+                           compile=compile_model)
+            runner = ray_runner(ray, workers=ray_workers, threads=ray_threads, device=device, **options)
+            if runner is not None:
+                stack.enter_context(runner)
+            # with --ray this process only derives the store key and the columns: a CPU copy of the model
+            adapter = load_model(**{**options, "compile": compile_model and runner is None},
+                                 device="cpu" if runner is not None else device)
             if families is None:
                 families = resolve_features(default_feature_set(adapter))
             table = extract_features(adapter, collection, families, seed=seed, batch_size=batch_size,
-                                     store=cache, shard=shard_spec, num_workers=workers, progress=True)
+                                     store=cache, shard=shard_spec, num_workers=workers, progress=True,
+                                     runner=runner)
         path = table.to_csv(out_path)
         info = table.meta["extraction"]
         computed = sum(info["computed"].values())

@@ -498,23 +498,37 @@ class CollectionDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         position = self.positions[i]
+        data, where = self.read(position)
+        record = self.collection.records[position]
+        return decode_checked(data, record.sha256, self.preprocess, self.collection.max_pixels, where), position
+
+    def read(self, position: int) -> tuple[bytes, str]:
+        """The file bytes of ``collection.records[position]`` and the words naming it in errors."""
         record = self.collection.records[position]
         where = f"{self.collection.name} image {record.path} (in {self.collection.root})"
         try:
-            data = (self.collection.root / record.path).read_bytes()
+            return (self.collection.root / record.path).read_bytes(), where
         except OSError as exc:
             raise CDIError(f"cannot read the {where} any more: {exc.strerror or exc}; "
                            "restore it, or scan the folder again") from None
-        digest = hashlib.sha256(data).hexdigest()
-        if digest != record.sha256:
-            raise CDIError(
-                f"the {where} changed since the folder was scanned (SHA-256 {record.sha256[:12]}... then, "
-                f"{digest[:12]}... now); scan the folder again so the recorded hashes match the images used"
-            )
-        with _pillow_limits(self.collection.max_pixels):
-            image = Image.open(io.BytesIO(data), formats=_decodable_formats())
-            image.load()
-        return preprocess_image(image, self.preprocess), position
+
+
+def decode_checked(data: bytes, sha256: str, pre: Preprocess, max_pixels: int, where: str) -> torch.Tensor:
+    """Preprocess an image file's bytes, after checking they still hash to ``sha256`` (``CDIError`` if not).
+
+    ``where`` names the image in the error message. Used by the loader here
+    and by Ray workers, which receive the bytes from the driver.
+    """
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != sha256:
+        raise CDIError(
+            f"the {where} changed since the folder was scanned (SHA-256 {sha256[:12]}... then, "
+            f"{digest[:12]}... now); scan the folder again so the recorded hashes match the images used"
+        )
+    with _pillow_limits(max_pixels):
+        image = Image.open(io.BytesIO(data), formats=_decodable_formats())
+        image.load()
+    return preprocess_image(image, pre)
 
 
 def default_num_workers() -> int:

@@ -67,7 +67,7 @@ from cdi.table import FeatureTable
 from features.base import EncodedBatch, FeatureFamily
 
 if TYPE_CHECKING:
-    from cdi.data import ImageCollection
+    from cdi.data import ImageCollection, ImageRecord
 
 logger = logging.getLogger("cdi")
 
@@ -159,6 +159,7 @@ def extract_features(
     shard: tuple[int, int] | str | None = None,
     num_workers: int | None = None,
     progress: bool = True,
+    runner=None,
 ) -> FeatureTable:
     """Compute the features of ``families`` for the images of ``collection``.
 
@@ -190,6 +191,11 @@ def extract_features(
         Image-decoding worker processes (None: ``cdi.data``'s default).
     progress : bool
         Show a progress bar (images/s, ETA) on stderr.
+    runner : cdi.distributed.RayRunner or None
+        Who computes the batches: None, this process; a ``RayRunner``, its
+        Ray workers (one model replica each), the values streamed back here
+        and written to the store by this process alone. Values do not
+        depend on it.
 
     Returns
     -------
@@ -208,7 +214,7 @@ def extract_features(
     store = FeatureStore(store) if owned else store
     try:
         return _Extraction(adapter, collection, families, seed, batch_size, store, shard,
-                           num_workers, progress).run()
+                           num_workers, progress, runner).run()
     finally:
         if owned:
             store.close()
@@ -237,16 +243,103 @@ class _RateColumn(ProgressColumn):
         return Text("-- img/s" if speed is None else f"{speed:.2f} img/s", style="progress.data.speed")
 
 
+class BatchComputer:
+    """The feature values of image batches on one adapter: the step every way of running the engine shares.
+
+    ``compute`` encodes a batch once, builds its conditions once and runs
+    every family on the same ``EncodedBatch``, in model batches of at most
+    ``chunk`` images; on CUDA out-of-memory it halves ``chunk`` (calling
+    ``warn``), frees the cache and goes on, values unchanged. The local loop
+    of ``extract_features`` and each Ray worker of ``cdi.distributed`` call
+    it; only the driver writes the store.
+
+    Parameters
+    ----------
+    adapter : DiffusionAdapter
+    columns : dict
+        Family name -> its column names (for the shape check).
+    seed : int
+        Global seed of every noise draw.
+    chunk : int
+        Images per model batch and most samples per network call.
+    warn : callable, optional
+        Called with the message when out of memory halves the batch.
+    """
+
+    def __init__(self, adapter: DiffusionAdapter, columns: dict[str, list[str]], seed: int, chunk: int | None,
+                 warn=logger.warning) -> None:
+        self.adapter, self.columns, self.seed, self.chunk, self.warn = adapter, columns, seed, chunk, warn
+
+    def compute(self, pixels: torch.Tensor, records: Sequence["ImageRecord"], families: Sequence[FeatureFamily]):
+        """Yield ``(start, stop, {family name: (stop - start, n_columns) float64})`` over the batch."""
+        start = 0
+        with torch.no_grad():
+            while start < len(records):
+                size = min(self.chunk, len(records) - start)
+                out_of_memory = False
+                try:
+                    results = self.compute_one(pixels[start : start + size], records[start : start + size], families)
+                except torch.cuda.OutOfMemoryError:
+                    out_of_memory = True
+                if out_of_memory:  # outside the except block, so the failed batch's tensors are freed
+                    self._shrink(size)
+                    continue
+                yield start, start + size, results
+                start += size
+
+    def compute_one(self, pixels: torch.Tensor, records: Sequence["ImageRecord"],
+                    families: Sequence[FeatureFamily]) -> dict[str, np.ndarray]:
+        """One model batch: ``{family name: (B, n_columns) float64}``."""
+        captions = [r.caption for r in records]
+        x0 = self.adapter.encode(pixels)
+        batch = EncodedBatch(
+            x0=x0, hashes=[r.sha256 for r in records], captions=captions,
+            cond=self.adapter.conditions(captions), seed=self.seed, pixels=pixels, max_chunk=self.chunk,
+        )
+        results = {}
+        for family in families:
+            out = family.extract(self.adapter, batch)
+            expected = (len(records), len(self.columns[family.name]))
+            if tuple(out.shape) != expected:
+                raise RuntimeError(
+                    f"feature family {family.name!r} returned shape {tuple(out.shape)}, expected {expected}"
+                )
+            values = out.detach().float().cpu().numpy().astype(np.float64)
+            bad = ~np.isfinite(values).all(axis=1)
+            if bad.any():
+                names = [records[k].path for k in np.flatnonzero(bad)[:5]]
+                raise CDIError(
+                    f"feature family {family.name!r} gave non-finite values for {int(bad.sum())} image(s), "
+                    f"e.g. {names}, with the model in {str(self.adapter.dtype).replace('torch.', '')}; "
+                    f"this is usually overflow in reduced precision: use --dtype float32"
+                )
+            results[family.name] = values
+        return results
+
+    def _shrink(self, size: int) -> None:
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        if size <= 1:
+            raise CDIError(
+                "out of GPU memory with a batch of one image; try --dtype bfloat16 (or float16 on GPU), "
+                "a GPU with more memory, fewer or cheaper feature families, or --device cpu"
+            )
+        self.chunk = max(1, size // 2)
+        self.warn(f"out of GPU memory with {size} images per batch; going on with {self.chunk}")
+
+
 class _Extraction:
     """One call of ``extract_features`` (state shared by its steps)."""
 
-    def __init__(self, adapter, collection, families, seed, batch_size, store, shard, num_workers, progress):
+    def __init__(self, adapter, collection, families, seed, batch_size, store, shard, num_workers, progress,
+                 runner=None):
         self.adapter = adapter
         self.collection = collection
         self.families = families
         self.seed = seed
         self.batch_size = batch_size  # an int, or "auto" until run() needs it
-        self.chunk = batch_size  # current model batch, halved on OOM
+        self.runner = runner  # None: this process computes; else e.g. cdi.distributed.RayRunner
+        self.computer: BatchComputer | None = None
         self.store = store
         self.shard = shard
         self.num_workers = num_workers
@@ -308,8 +401,9 @@ class _Extraction:
         if self.batch_size == "auto":
             first = self.records[plan[0][1][0]].caption if plan else None
             needed = list({f.name: f for fams, _ in plan for f in fams}.values())
-            self.batch_size = auto_batch_size(self.adapter, needed, first) if plan else None  # nothing to compute
-            self.chunk = self.batch_size
+            choose = auto_batch_size if self.runner is None else self.runner.auto_batch_size
+            self.batch_size = choose(self.adapter, needed, first) if plan else None  # nothing to compute
+        self.computer = BatchComputer(self.adapter, self.columns, self.seed, self.batch_size, self._warn)
         if self.store is not None:
             for family in {f.name: f for fams, _ in plan for f in fams}.values():
                 self.run_ids[family.name] = self.store.record_provenance(
@@ -319,6 +413,8 @@ class _Extraction:
                 )
         cached = len(self.rows) - todo
         description = "extracting features" + (f" ({cached} images already in the store)" if cached else "")
+        if self.runner is not None:
+            description += f" on {self.runner.describe()['workers']} Ray workers"
         self.progress = Progress(
             TextColumn("[progress.description]{task.description}"),
             BarColumn(),
@@ -332,6 +428,9 @@ class _Extraction:
         )
         with self.progress:
             task = self.progress.add_task(description, total=todo)
+            if self.runner is not None:
+                self.runner.run(self, plan, lambda n: self.progress.advance(task, n))
+                return self._table(time.perf_counter() - started)
             with torch.no_grad():
                 for families, rows in plan:
                     for pixels, positions in image_batches(
@@ -342,60 +441,13 @@ class _Extraction:
         return self._table(time.perf_counter() - started)
 
     def _process(self, pixels: torch.Tensor, positions: list[int], families: list[FeatureFamily], task) -> None:
-        """One loader batch, in model batches of ``self.chunk`` images (halved on OOM)."""
-        start = 0
-        while start < len(positions):
-            size = min(self.chunk, len(positions) - start)
-            out_of_memory = False
-            try:
-                results = self._compute(pixels[start : start + size], positions[start : start + size], families)
-            except torch.cuda.OutOfMemoryError:
-                out_of_memory = True
-            if out_of_memory:  # outside the except block, so the failed batch's tensors are freed
-                self._shrink(size)
-                continue
-            self._save(positions[start : start + size], families, results)
-            self.progress.advance(task, size)
-            start += size
-
-    def _compute(self, pixels: torch.Tensor, positions: list[int], families: list[FeatureFamily]) -> dict[str, np.ndarray]:
+        """One loader batch: compute it (in model batches, halved on OOM) and save each part."""
         records = [self.records[i] for i in positions]
-        captions = [r.caption for r in records]
-        x0 = self.adapter.encode(pixels)
-        batch = EncodedBatch(
-            x0=x0, hashes=[r.sha256 for r in records], captions=captions,
-            cond=self.adapter.conditions(captions), seed=self.seed, pixels=pixels, max_chunk=self.chunk,
-        )
-        results = {}
-        for family in families:
-            out = family.extract(self.adapter, batch)
-            expected = (len(records), len(self.columns[family.name]))
-            if tuple(out.shape) != expected:
-                raise RuntimeError(
-                    f"feature family {family.name!r} returned shape {tuple(out.shape)}, expected {expected}"
-                )
-            values = out.detach().float().cpu().numpy().astype(np.float64)
-            bad = ~np.isfinite(values).all(axis=1)
-            if bad.any():
-                names = [records[k].path for k in np.flatnonzero(bad)[:5]]
-                raise CDIError(
-                    f"feature family {family.name!r} gave non-finite values for {int(bad.sum())} image(s), "
-                    f"e.g. {names}, with the model in {str(self.adapter.dtype).replace('torch.', '')}; "
-                    f"this is usually overflow in reduced precision: use --dtype float32"
-                )
-            results[family.name] = values
-        return results
+        for start, stop, results in self.computer.compute(pixels, records, families):
+            self._save(positions[start:stop], families, results)
+            self.progress.advance(task, stop - start)
 
-    def _shrink(self, size: int) -> None:
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        if size <= 1:
-            raise CDIError(
-                "out of GPU memory with a batch of one image; try --dtype bfloat16 (or float16 on GPU), "
-                "a GPU with more memory, fewer or cheaper feature families, or --device cpu"
-            )
-        self.chunk = max(1, size // 2)
-        message = f"out of GPU memory with {size} images per batch; going on with {self.chunk}"
+    def _warn(self, message: str) -> None:
         logger.warning(message)
         if self.progress is not None and self.progress_enabled:
             self.progress.console.print(f"[yellow]warning:[/] {message}")
@@ -449,7 +501,8 @@ class _Extraction:
                 "computed": dict(self.computed),
                 "from_store": dict(self.from_store),
                 "batch_size": self.batch_size,
-                "final_batch_size": self.chunk,
+                "final_batch_size": self.computer.chunk,
+                "distributed": None if self.runner is None else self.runner.describe(),
                 "seconds": round(seconds, 3),
             },
             "environment": {"python": platform.python_version(), "torch": torch.__version__},
