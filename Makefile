@@ -20,7 +20,7 @@ $(VENV)/.installed: $(VENV)/.torch pyproject.toml
 	touch $@
 
 $(VENV)/.installed-test: $(VENV)/.installed pyproject.toml
-	$(PIP) install -q -e ".[test]" "$(TORCH_PIN)"
+	$(PIP) install -q -e ".[test,ray]" "$(TORCH_PIN)"
 	touch $@
 
 install: $(VENV)/.installed

@@ -23,6 +23,7 @@ tables, so stored features can be re-tested without the model.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import shlex
 import time
@@ -85,9 +86,20 @@ class AuditConfig:
     workers: int | None = None
     force: bool = False
     extra: dict[str, Any] = field(default_factory=dict)  # e.g. how the demo drew P and U
+    published_features: str | None = None  # audit from `cdi extract` tables instead of a model
+    unpublished_features: str | None = None
+    ray: str | None = None  # compute on Ray: "local", "auto" or a cluster address
+    ray_workers: int | None = None
+    ray_threads: int = 1
+
+    @property
+    def from_features(self) -> bool:
+        """Whether this audit reads stored feature tables instead of running a model."""
+        return self.published_features is not None or self.unpublished_features is not None
 
     def validate(self) -> None:
         """Check the options that need no file access; raise ``CDIError``."""
+        self._validate_sources()
         if not 0.0 < self.alpha < 0.5:
             raise CDIError(f"--alpha must be between 0 and 0.5 (got {self.alpha}); 0.01 is the usual choice")
         if not 0.0 < self.shift_alpha < 1.0:
@@ -108,14 +120,42 @@ class AuditConfig:
 
         check_out_folder(self.out, force=self.force)
 
+    def _validate_sources(self) -> None:
+        """Images and a model, or two feature tables (images then optional, for the shift guard)."""
+        from cdi.distributed import check_ray_options
+
+        if not self.from_features:
+            if not (self.published and self.unpublished and self.model):
+                raise CDIError(
+                    "an audit needs --published, --unpublished and --model (or --published-features and "
+                    "--unpublished-features: the feature tables of both collections made by `cdi extract`)"
+                )
+            check_ray_options(self.ray, self.ray_workers, self.ray_threads, self.device, self.dtype)
+            return
+        if not (self.published_features and self.unpublished_features):
+            raise CDIError("--published-features and --unpublished-features go together: give the `cdi extract` "
+                           "CSV of each collection")
+        if self.model:
+            raise CDIError("--model with --published-features: the model is the one the feature tables were "
+                           "extracted with (recorded in them); drop --model")
+        if self.ray:
+            raise CDIError("--ray with --published-features: an audit from feature tables computes no feature")
+        if (self.published is None) != (self.unpublished is None):
+            raise CDIError("with --published-features, give both image folders (--published and --unpublished, "
+                           "for the shift guard) or neither (the shift guard is then recorded as not run)")
+
 
 def reproduce_command(config: AuditConfig) -> str:
     """The ``cdi audit`` command line that repeats this audit."""
     defaults = AuditConfig(config.published, config.unpublished, config.model, config.out)
-    parts = ["cdi", "audit", "--published", config.published, "--unpublished", config.unpublished,
-             "--model", config.model, "--out", config.out]
+    sources = ("published", "unpublished", "published_features", "unpublished_features", "model")
+    parts = ["cdi", "audit"]
+    for name in sources:
+        if getattr(config, name) is not None:
+            parts += ["--" + name.replace("_", "-"), str(getattr(config, name))]
+    parts += ["--out", config.out]
     for name, value in asdict(config).items():
-        if name in {"published", "unpublished", "model", "out", "extra", "force"}:
+        if name in {*sources, "out", "extra", "force"}:
             continue
         if value == getattr(defaults, name) or value is None:
             continue
@@ -301,14 +341,19 @@ def _protocol_description(name: str) -> str:
 
 def run_audit(config: AuditConfig, *, progress: bool = True) -> AuditResult:
     """Run a whole audit and write its files into ``config.out``; see the module docstring."""
-    from cdi.batching import resolve_batch_size
+    from cdi.batching import parse_batch_size, resolve_batch_size
     from cdi.models import load_model
     from cdi.shift_guard import image_embeddings
     from features.extract import extract_features
     from features.registry import default_feature_set, directions_of, resolve_features
 
+    from cdi.distributed import ray_runner
     from cdi.evidence import write_evidence
 
+    if config.from_features:
+        from cdi.audit_features import run_audit_from_features
+
+        return run_audit_from_features(config)
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
     t0 = time.perf_counter()
     config.validate()
@@ -319,21 +364,33 @@ def run_audit(config: AuditConfig, *, progress: bool = True) -> AuditResult:
     if config.features is not None:
         resolve_features(config.features)  # fail on a bad name before loading the model
 
-    adapter = load_model(config.model, revision=config.revision, variant=config.variant, dtype=config.dtype,
-                         device=config.device, allow_pickle=config.allow_pickle, compile=config.compile)
-    feature_spec = config.features or default_feature_set(adapter)
-    families = resolve_features(feature_spec)
-    for family in families:
-        family.check_applicable(adapter)
-    directions = directions_of(families, adapter)
-    t_loaded = time.perf_counter()
+    options = dict(name=config.model, revision=config.revision, variant=config.variant, dtype=config.dtype,
+                   allow_pickle=config.allow_pickle, compile=config.compile)
+    with contextlib.ExitStack() as stack:
+        runner = ray_runner(config.ray, workers=config.ray_workers, threads=config.ray_threads,
+                            device=config.device, **options)
+        if runner is not None:  # Ray workers compute; this process keeps a CPU copy for keys and columns
+            stack.enter_context(runner)
+            options.update(compile=False)
+        adapter = load_model(**options, device="cpu" if runner is not None else config.device)
+        feature_spec = config.features or default_feature_set(adapter)
+        families = resolve_features(feature_spec)
+        for family in families:
+            family.check_applicable(adapter)
+        directions = directions_of(families, adapter)
+        t_loaded = time.perf_counter()
 
-    batch_size = resolve_batch_size(config.batch_size, adapter, families, published.records[0].caption)
-    tables = [
-        extract_features(adapter, collection, families, seed=config.seed, batch_size=batch_size,
-                         store=config.store, num_workers=config.workers, progress=progress)
-        for collection in (published, unpublished)
-    ]
+        caption = published.records[0].caption
+        if runner is None:
+            batch_size = resolve_batch_size(config.batch_size, adapter, families, caption)
+        else:
+            batch_size = parse_batch_size(config.batch_size)
+            batch_size = runner.auto_batch_size(adapter, families, caption) if batch_size == "auto" else batch_size
+        tables = [
+            extract_features(adapter, collection, families, seed=config.seed, batch_size=batch_size,
+                             store=config.store, num_workers=config.workers, progress=progress, runner=runner)
+            for collection in (published, unpublished)
+        ]
     t_extracted = time.perf_counter()
 
     emb_p, encoder = image_embeddings(published, encoder=config.shift_encoder)

@@ -443,9 +443,11 @@ def _format_option(fmt: str) -> str:
 
 @app.command("audit")
 def audit_command(
-    published: str = typer.Option(..., "--published", help="Folder of the published images (suspected training data)."),
-    unpublished: str = typer.Option(..., "--unpublished", help="Folder of comparable images that were never published."),
-    model: str = typer.Option(..., "--model", help="Model alias (`cdi models`), Hugging Face hub id, or local pipeline folder."),
+    published: str = typer.Option(None, "--published", help="Folder of the published images (suspected training data)."),
+    unpublished: str = typer.Option(None, "--unpublished", help="Folder of comparable images that were never published."),
+    model: str = typer.Option(None, "--model", help="Model alias (`cdi models`), Hugging Face hub id, or local pipeline folder."),
+    published_features: str = typer.Option(None, "--published-features", help="Audit from this `cdi extract` CSV of the published images instead of a model (with --unpublished-features; --published/--unpublished then only feed the shift guard)."),
+    unpublished_features: str = typer.Option(None, "--unpublished-features", help="The `cdi extract` CSV of the unpublished images (same model and features)."),
     out: str = typer.Option(..., "--out", help="Folder for result.json, features.csv and report.html."),
     features: str = typer.Option(None, "--features", help="cdi, cdi+clid or a comma-separated list of families (default: cdi+clid for conditional models, cdi otherwise)."),
     alpha: float = typer.Option(0.01, "--alpha", help="Significance level of the verdict."),
@@ -469,6 +471,9 @@ def audit_command(
     compile_model: bool = typer.Option(False, "--compile", help=COMPILE_HELP),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip unreadable images (recorded in the result) instead of stopping."),
     workers: int = typer.Option(None, "--workers", help="Image decoding worker processes."),
+    ray: str = typer.Option(None, "--ray", help=RAY_HELP),
+    ray_workers: int = typer.Option(None, "--ray-workers", help=RAY_WORKERS_HELP),
+    ray_threads: int = typer.Option(1, "--ray-threads", help=RAY_THREADS_HELP),
     force: bool = typer.Option(False, "--force", help="Replace an earlier audit in --out."),
     fmt: str = typer.Option("text", "--format", help="text or json."),
 ) -> None:
@@ -485,9 +490,35 @@ def audit_command(
             shift_encoder=shift_encoder,
             batch_size=batch_size, device=device, dtype=dtype, store=store, revision=revision, variant=variant,
             allow_pickle=allow_pickle, compile=compile_model, skip_bad=skip_bad, workers=workers, force=force,
+            published_features=published_features, unpublished_features=unpublished_features, ray=ray,
+            ray_workers=ray_workers, ray_threads=ray_threads,
         )
         result = run_audit(config, progress=fmt == "text")
         _print_result(result, fmt, out)
+
+
+store_app = typer.Typer(name="store", help="Feature stores (the --store caches of extract and audit).",
+                        no_args_is_help=True)
+app.add_typer(store_app, name="store")
+
+
+@store_app.command("merge")
+def store_merge_command(
+    out: str = typer.Argument(..., help="Store to merge into (.sqlite file or folder; created if missing)."),
+    sources: list[str] = typer.Argument(..., help="Stores to merge into OUT, e.g. the shard stores of several machines."),
+) -> None:
+    """Join feature stores made on different machines (e.g. with --shard I/N) into OUT.
+
+    A value stored twice must be identical (otherwise nothing of that store is
+    merged and the conflict is named). Then `cdi extract --store OUT` (or
+    `cdi audit --store OUT`) reads every value without computing any.
+    """
+    from cdi.store import merge_stores
+
+    with _user_errors():
+        counts = merge_stores(out, sources)
+        console.print(f"merged {counts['sources']} store(s) into {escape(out)}: {counts['values_added']} values "
+                      f"added, {counts['values_present']} already there", highlight=False, soft_wrap=True)
 
 
 @app.command("demo")

@@ -426,6 +426,83 @@ class FeatureStore:
 
         return self._write(insert)
 
+    def merge_from(self, source: str | os.PathLike) -> tuple[int, int]:
+        """Copy every value of the store file ``source`` into this one (see ``merge_stores``).
+
+        Returns ``(values added, values already present)``.
+        """
+        conn = self._conn
+        if not Path(source).is_file():
+            raise CDIError(f"feature store {source} does not exist")
+        conn.execute("ATTACH DATABASE ? AS src", (str(source),))
+        try:
+            try:
+                version = conn.execute("SELECT value FROM src.meta WHERE key='schema_version'").fetchone()
+            except sqlite3.DatabaseError as exc:
+                raise CDIError(f"{source} is not a cdi feature store ({exc})") from None
+            if version is None or int(version[0]) != SCHEMA_VERSION:
+                raise CDIError(f"{source} has feature-store schema {version and version[0]}, this cdi reads "
+                               f"{SCHEMA_VERSION}; merge stores made by the same cdi version")
+            with self.transaction():
+                return self._merge_attached(source)
+        finally:
+            conn.execute("DETACH DATABASE src")
+
+    def _merge_attached(self, source: str | os.PathLike) -> tuple[int, int]:
+        conn = self._conn
+        clash = conn.execute(
+            "SELECT s.model_key, s.family_key, s.columns, m.columns FROM src.families s JOIN main.families m "
+            "USING (model_key, family_key) WHERE s.columns != m.columns LIMIT 1"
+        ).fetchone()
+        if clash:
+            raise CDIError(
+                f"cannot merge {source}: family {clash[1]} of model {clash[0]} has columns {clash[2]} there and "
+                f"{clash[3]} in {self.path}; these stores come from incompatible cdi versions"
+            )
+        conflict = conn.execute(
+            "SELECT s.model_key, s.family_key, s.seed, s.image_sha256, s.condition FROM src.features s "
+            "JOIN main.features m USING (model_key, family_key, seed, image_sha256, condition) "
+            "WHERE s.value != m.value OR s.ncols != m.ncols LIMIT 1"
+        ).fetchone()
+        if conflict:
+            model, family, seed, sha, condition = conflict
+            raise CDIError(
+                f"cannot merge {source}: it holds another value than {self.path} for image {sha[:16]}... "
+                f"(family {family}, model {model}, seed {seed}, condition {condition or 'none'}); values of "
+                f"one key must be identical (were the shards computed on different hardware or dtypes? "
+                f"float32 on GPU and CPU round differently); nothing of {source} was merged"
+            )
+        present = conn.execute(
+            "SELECT COUNT(*) FROM src.features s JOIN main.features m "
+            "USING (model_key, family_key, seed, image_sha256, condition)"
+        ).fetchone()[0]
+        conn.execute("INSERT OR IGNORE INTO main.families SELECT * FROM src.families")
+        runs = {}
+        for row in conn.execute(
+            "SELECT run_id, model_key, model, family_key, family, seed, cdi_version, created, host, pid "
+            "FROM src.provenance ORDER BY run_id"
+        ).fetchall():
+            same = conn.execute(  # merged before: keep one provenance row per run
+                "SELECT run_id FROM main.provenance WHERE model_key=? AND model=? AND family_key=? AND family=? "
+                "AND seed=? AND cdi_version=? AND created=? AND host=? AND pid=?", row[1:],
+            ).fetchone()
+            if same is None:
+                same = (conn.execute(
+                    "INSERT INTO main.provenance (model_key, model, family_key, family, seed, cdi_version, "
+                    "created, host, pid) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", row[1:],
+                ).lastrowid,)
+            runs[row[0]] = same[0]
+        conn.execute("CREATE TEMP TABLE IF NOT EXISTS run_map (old INTEGER PRIMARY KEY, new INTEGER)")
+        conn.execute("DELETE FROM temp.run_map")
+        conn.executemany("INSERT INTO temp.run_map VALUES (?, ?)", runs.items())
+        before = conn.total_changes
+        conn.execute(
+            "INSERT OR IGNORE INTO main.features (model_key, family_key, seed, image_sha256, condition, ncols, "
+            "value, run_id, created) SELECT s.model_key, s.family_key, s.seed, s.image_sha256, s.condition, "
+            "s.ncols, s.value, r.new, s.created FROM src.features s LEFT JOIN temp.run_map r ON r.old = s.run_id"
+        )
+        return conn.total_changes - before, int(present)
+
     def _keys(self, hashes: Sequence[str], conditions: Sequence[str] | None) -> list[tuple[str, str]]:
         hashes = list(hashes)
         if conditions is None:
@@ -455,3 +532,33 @@ def _from_blob(blob: bytes, ncols: int, path: Path) -> np.ndarray:
     if len(blob) != 8 * ncols:
         raise CDIError(f"feature store {path} holds a damaged value ({len(blob)} bytes for {ncols} columns)")
     return np.frombuffer(blob, dtype="<f8").astype(np.float64)
+
+
+def merge_stores(out: str | os.PathLike, sources: Sequence[str | os.PathLike]) -> dict[str, int]:
+    """Join feature stores (e.g. shard stores made on different machines) into ``out``.
+
+    Every value of every source is copied into ``out`` (created if needed;
+    values already there are kept), with its provenance row (renumbered: run
+    ids are local to a store). The same key (model, family, seed, image,
+    condition) in two stores must hold the same bytes, and a (model, family)
+    the same columns: otherwise a ``CDIError`` names the first conflict and
+    nothing of that source is written. Each source is merged in one
+    transaction. Returns ``{"sources", "values_added", "values_present"}``.
+    """
+    out_path = resolve_store_path(out)
+    paths = [Path(p).expanduser() for p in sources]
+    if not paths:
+        raise CDIError("cdi store merge needs at least one store to merge into OUT")
+    for path in paths:
+        source = resolve_store_path(path)
+        if not source.is_file():
+            raise CDIError(f"feature store {path} does not exist (expected a .sqlite file or a folder holding "
+                           f"{STORE_FILENAME})")
+        if source.resolve() == (out_path.resolve() if out_path.exists() else None):
+            raise CDIError(f"{path} is the output store itself; name OUT first, then the stores to merge into it")
+    added = present = 0
+    with FeatureStore(out_path) as store:
+        for path in paths:
+            a, p = store.merge_from(resolve_store_path(path))
+            added, present = added + a, present + p
+    return {"sources": len(paths), "values_added": added, "values_present": present}

@@ -24,6 +24,12 @@ cover every image exactly once. Give them one store (one machine) or merge
 their tables with ``FeatureTable.concat``; a final unsharded run against a
 shared store reads everything back without computing anything.
 
+Who computes: by default this process, batch after batch (``BatchComputer``:
+one encode, every family, values to the host once). With a runner
+(``cdi.distributed.RayRunner``) the same plan's batches go to Ray workers,
+each holding a model replica and calling the same ``BatchComputer``; their
+values stream back here, and this process alone writes the store.
+
 Out of GPU memory (``torch.cuda.OutOfMemoryError``): the batch is halved, a
 warning goes to the ``cdi`` logger and the progress console, the CUDA cache is
 freed and extraction goes on; values do not change. If a single image does
