@@ -168,7 +168,10 @@ KILLED_DRIVER = """
     images, store, model, address, log, hang_on, hanging = sys.argv[1:]
     runner = RayRunner(functools.partial(load_float64, model), address=address, workers=2, threads=1,
                        device="cpu")
-    extract_features(load_float64(model), ImageCollection.from_folder(images),
+    adapter = load_float64(model)
+    runner.start(adapter)
+    print("workers ready", flush=True, file=sys.stderr)
+    extract_features(adapter, ImageCollection.from_folder(images),
                      logged(Path(log), hang_on=hang_on, hanging=Path(hanging)), seed=3, batch_size={batch},
                      store=store, progress=False, runner=runner)
 """
