@@ -48,7 +48,15 @@ def main() -> None:
     families = resolve_features(args.features)
     torch.set_num_threads(2)
     adapter = load_model(str(world.model_dir), device="cpu")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    for attempt in range(5):  # Ray gives its raylet 30 s to register: not always enough on a busy machine
+        try:
+            ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+            break
+        except Exception as exc:  # noqa: BLE001 (Ray raises a bare Exception)
+            print(f"ray.init failed ({exc}); retrying", flush=True)
+            ray.shutdown()
+    else:
+        raise SystemExit("could not start a local Ray instance")
     started = time.perf_counter()
     runner = RayRunner(functools.partial(load_model, str(world.model_dir), device="cpu"), workers=2, threads=1,
                        device="cpu")

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from cdi.cli import app
@@ -24,14 +23,6 @@ runner = CliRunner()
 N = 40  # images per collection
 FEATURES = "denoising_loss,multiple_loss,pia"
 STATS = ["--permutations", "100", "--sample-size-resamples", "0", "--shift-encoder", "builtin", "--seed", "0"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")

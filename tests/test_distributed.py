@@ -20,18 +20,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from cdi.cli import app
-from cdi.data import ImageCollection
 from cdi.distributed import RayRunner, check_ray_options
 from cdi.errors import CDIError
 from cdi.store import FeatureStore
 from cdi.table import FeatureTable
 from features.extract import extract_features
 from features.registry import resolve_features
-from test_extract import CHEAP, N_IMAGES, load_float64, write_images
+from test_extract import CHEAP, N_IMAGES, load_float64
+from test_extract import adapter, collection, images  # noqa: F401 (the same module fixtures)
 
 REPO = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
@@ -54,21 +53,6 @@ def ray_instance():
         os.environ.pop("PYTHONPATH", None)
     else:
         os.environ["PYTHONPATH"] = previous
-
-
-@pytest.fixture(scope="module")
-def images(tmp_path_factory) -> Path:
-    return write_images(tmp_path_factory.mktemp("ray") / "images")
-
-
-@pytest.fixture(scope="module")
-def collection(images) -> ImageCollection:
-    return ImageCollection.from_folder(images)
-
-
-@pytest.fixture(scope="module")
-def adapter(tiny_model_dirs):
-    return load_float64(tiny_model_dirs["sd"])
 
 
 @pytest.fixture(scope="module")
@@ -158,8 +142,7 @@ def test_two_workers_match_one_process_even_when_one_dies(ray_instance, adapter,
 KILLED_DRIVER = """
     import functools, sys
     sys.path[:0] = [{repo!r}, {tests!r}]
-    from cdi.data import ImageCollection
-    from cdi.distributed import RayRunner
+        from cdi.distributed import RayRunner
     from features.extract import extract_features
     from test_distributed import logged
     from test_extract import load_float64
