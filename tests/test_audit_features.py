@@ -120,7 +120,7 @@ def test_tables_that_do_not_belong_together_are_refused(folders, extracted, tmp_
 # --------------------------------------------------------------------------
 def _fill(path: Path, hashes: list[str], offset: float = 0.0) -> None:
     with FeatureStore(path) as store:
-        run = store.record_provenance("m", {"model_id": "toy"}, "f-1", {"name": "f"}, 0)
+        run = store.record_provenance("m", {"model_id": "toy", "machine": path.stem}, "f-1", {"name": "f"}, 0)
         store.put_many("m", "f-1", 0, {h: np.array([float(int(h, 16)) + offset, 1.0]) for h in hashes},
                        ["a", "b"], run_id=run)
 
