@@ -142,7 +142,8 @@ def test_two_workers_match_one_process_even_when_one_dies(ray_instance, adapter,
 KILLED_DRIVER = """
     import functools, sys
     sys.path[:0] = [{repo!r}, {tests!r}]
-        from cdi.distributed import RayRunner
+    from cdi.data import ImageCollection
+    from cdi.distributed import RayRunner
     from features.extract import extract_features
     from test_distributed import logged
     from test_extract import load_float64
