@@ -81,6 +81,9 @@ class AuditConfig:
     variant: str | None = None
     allow_pickle: bool = False
     compile: bool = False
+    local_files_only: bool | None = None  # None: follow HF_HUB_OFFLINE
+    cache_dir: str | None = None  # None: HF_HUB_CACHE
+    token: str | None = field(default=None, repr=False)  # never recorded in result.json
     skip_bad: bool = False
     max_pixels: int = DEFAULT_MAX_PIXELS
     workers: int | None = None
@@ -155,7 +158,7 @@ def reproduce_command(config: AuditConfig) -> str:
             parts += ["--" + name.replace("_", "-"), str(getattr(config, name))]
     parts += ["--out", config.out]
     for name, value in asdict(config).items():
-        if name in {*sources, "out", "extra", "force"}:
+        if name in {*sources, "out", "extra", "force", "token"}:
             continue
         if value == getattr(defaults, name) or value is None:
             continue
@@ -324,7 +327,7 @@ def build_result(
             "columns": list(published.columns),
             "directions": None if directions is None else [int(d) for d in directions],
         },
-        parameters={k: v for k, v in asdict(config).items() if k != "force"},
+        parameters={k: v for k, v in asdict(config).items() if k not in ("force", "token")},
         seed=config.seed,
         command=reproduce_command(config),
         environment=environment_report(),
@@ -372,7 +375,8 @@ def run_audit(config: AuditConfig, *, progress: bool = True) -> AuditResult:
         if runner is not None:  # Ray workers compute; this process keeps a CPU copy for keys and columns
             stack.enter_context(runner)
             options.update(compile=False)
-        adapter = load_model(**options, device="cpu" if runner is not None else config.device)
+        adapter = load_model(**options, device="cpu" if runner is not None else config.device,
+                             local_files_only=config.local_files_only, cache_dir=config.cache_dir, token=config.token)
         feature_spec = config.features or default_feature_set(adapter)
         families = resolve_features(feature_spec)
         for family in families:

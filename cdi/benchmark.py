@@ -47,7 +47,7 @@ import json
 import os
 import tempfile
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Sequence
@@ -174,6 +174,14 @@ class BenchmarkConfig:
     batch_size: int | str = "auto"  # resolved to the number used before extraction
     device: str = "auto"
     dtype: str = "float32"
+    revision: str | None = None
+    variant: str | None = None
+    allow_pickle: bool = False
+    compile: bool = False
+    local_files_only: bool | None = None  # None: follow HF_HUB_OFFLINE
+    cache_dir: str | None = None
+    token: str | None = field(default=None, repr=False)  # never written to benchmark.json
+    alpha: float = 0.01  # significance level of the audit beside the attacks
     store: str | None = None  # None: <out>/features.sqlite
     mix: str | None = None  # e.g. "0,0.25,0.5,0.75,1"
     folds: int = 5
@@ -213,6 +221,8 @@ class BenchmarkConfig:
             raise CDIError(f"--calibration-fraction must lie strictly between 0 and 1, got {self.calibration_fraction}")
         if self.folds < 2:
             raise CDIError(f"--folds must be at least 2 (got {self.folds})")
+        if not 0.0 < self.alpha < 0.5:
+            raise CDIError(f"--alpha must be between 0 and 0.5 (got {self.alpha}); 0.01 is the usual choice")
         from cdi.batching import parse_batch_size
 
         parse_batch_size(self.batch_size)
@@ -345,7 +355,7 @@ def _audit(data: _Data, split, config: BenchmarkConfig, cdi_families, families, 
                            f"{config.folds} folds needs at least {needed} of each (use more images or fewer folds)"}
     directions = directions_of([families[n] for n in cdi_families], adapter)
     audit_config = AuditConfig(published=paths[0], unpublished=paths[1], model=paths[2], out=config.out,
-                               seed=config.seed, folds=config.folds, permutations=config.permutations,
+                               seed=config.seed, folds=config.folds, permutations=config.permutations, alpha=config.alpha,
                                sample_size_resamples=0, shift_encoder=data.encoder)
     emb_m, emb_n = data.embeddings
     analysis = analyse_tables(p, u, directions=directions, config=audit_config,
@@ -441,7 +451,9 @@ def run_benchmark(config: BenchmarkConfig, *, progress: bool = True) -> dict[str
     split = split_calibration_test(len(members), len(nonmembers), calibration_fraction=config.calibration_fraction,
                                    seed=config.seed)
 
-    adapter = load_model(model, dtype=config.dtype, device=config.device)
+    adapter = load_model(model, dtype=config.dtype, device=config.device, revision=config.revision,
+                         variant=config.variant, allow_pickle=config.allow_pickle, compile=config.compile,
+                         local_files_only=config.local_files_only, cache_dir=config.cache_dir, token=config.token)
     families = _families_for(methods, config.quick)
     for family in families.values():
         family.check_applicable(adapter)
@@ -470,7 +482,7 @@ def run_benchmark(config: BenchmarkConfig, *, progress: bool = True) -> dict[str
     result = {
         "kind": "cdi.benchmark",
         "started_at": started,
-        "config": asdict(config),
+        "config": {k: v for k, v in asdict(config).items() if k != "token"},
         "setup": None if setup is None else asdict(setup),
         "data": {"members": members_dir, "nonmembers": nonmembers_dir, "model": model,
                  "n_members": len(members), "n_nonmembers": len(nonmembers),

@@ -1,12 +1,18 @@
 """The ``cdi`` command line: parse, call the API, print.
 
-Every command body runs inside ``_user_errors``: a ``CDIError`` prints its
-message (no traceback) and exits with status 2.
+Exit status: 0 when the command did its work, whatever an audit's verdict;
+2 for a usage or input error (a ``CDIError`` or a malformed option: one
+message, no traceback); 1 for an internal error (one line on stderr, the
+traceback written to a file whose path the line gives).
 """
 
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
+import sys
+import tempfile
+import traceback
 from typing import Iterator
 
 import typer
@@ -15,24 +21,54 @@ from rich.markup import escape
 from rich.table import Table
 
 from cdi import __version__
+from cdi.cli_options import BATCH_SIZE_HELP, LoaderOptions, choice, format_option, with_loader_options
 from cdi.errors import CDIError
 
-app = typer.Typer(
+EXIT_CODES_HELP = (
+    "Exit status: 0 success (whatever the verdict), 2 usage or input error, 1 internal error "
+    "(the traceback is saved to a file named on stderr) or, for `cdi verify`, a failed check."
+)
+
+
+class _Typer(typer.Typer):
+    """The app: an unexpected exception becomes one line on stderr and exit status 1."""
+
+    def __call__(self, *args, **kwargs):
+        try:
+            return super().__call__(*args, **kwargs)
+        except (SystemExit, KeyboardInterrupt):
+            raise
+        except Exception as exc:  # noqa: BLE001 - the last resort of the command line
+            sys.exit(_internal_error(exc))
+
+
+def _internal_error(exc: BaseException) -> int:
+    """Save the traceback to a temporary file, print where it went, return exit status 1."""
+    with tempfile.NamedTemporaryFile("w", prefix="cdi-error-", suffix=".txt", delete=False,
+                                     encoding="utf-8") as handle:
+        handle.write(f"cdi {__version__}: {' '.join(sys.argv)}\n")
+        handle.write("".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
+    Console(stderr=True).print(
+        f"[bold red]internal error:[/] {escape(type(exc).__name__)}: {escape(str(exc))}\n"
+        f"This is a bug in cdi or its environment. The traceback is in {escape(handle.name)}; please attach it "
+        "and the output of `cdi env` to a bug report.",
+        highlight=False, soft_wrap=True,
+    )
+    return 1
+
+
+app = _Typer(
     name="cdi",
-    help="Find out, with a statistical guarantee, whether images were used to train a diffusion model.",
+    help="Find out, with a statistical guarantee, whether images were used to train a diffusion model.\n\n"
+         + EXIT_CODES_HELP,
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
 console = Console()
 err_console = Console(stderr=True)
 
-#: Help of the options shared by extract, audit, speed and benchmark.
-BATCH_SIZE_HELP = (
-    "Images per batch and most samples per network call, or auto (CUDA: the largest that fits in memory; "
-    "elsewhere 32; `cdi speed`: the fastest). Halved when the GPU runs out of memory; recorded in the result."
-)
-COMPILE_HELP = "Compile the denoiser with torch.compile: slow first calls (minutes), faster after; for long runs."
 #: Help of the Ray options, shared by extract and audit.
 RAY_HELP = ("Compute on Ray: local (start a Ray instance on this machine), auto (the cluster this machine is in) "
             "or HOST:PORT. One model replica per GPU (or per --ray-threads CPUs); this process writes the store. "
@@ -60,16 +96,26 @@ def _version_callback(value: bool) -> None:
 @app.callback()
 def main(
     version: bool = typer.Option(
-        False, "--version", callback=_version_callback, is_eager=True, help="Print the version and exit."
+        False, "--version", "-V", callback=_version_callback, is_eager=True, help="Print the version and exit."
     ),
 ) -> None:
     """cdi: copyrighted data identification in diffusion models."""
 
 
 @app.command("models")
-def models_command() -> None:
+def models_command(fmt: str = format_option()) -> None:
     """List the model aliases, their family and the checkpoint they load."""
+    import json
+
     from cdi.models.registry import ALIASES, FAMILIES
+
+    if fmt == "json":
+        print(json.dumps({
+            "aliases": [{"alias": a.alias, "family": a.family, "checkpoint": a.checkpoint,
+                         "description": a.description} for a in ALIASES.values()],
+            "families": dict(FAMILIES),
+        }, indent=2))
+        return
 
     table = Table(title="Model aliases (any hub id or local pipeline folder also works)")
     table.add_column("alias", style="bold")
@@ -125,6 +171,7 @@ def inspect_command(
     out: str = typer.Option(None, "--out", help="Write the manifest (every image's path, SHA-256, size, mode, caption) here as JSON."),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Leave unreadable or oversized files out (listed as skipped) instead of failing."),
     max_pixels: int = typer.Option(None, "--max-pixels", help="Largest accepted image in pixels (default 64,000,000)."),
+    fmt: str = format_option(),
 ) -> None:
     """Validate image folders exactly as an audit will, and summarise them."""
     from pathlib import Path
@@ -143,9 +190,21 @@ def inspect_command(
         else:
             collections = list(load_audit_collections(published, unpublished, skip_bad=skip_bad,
                                                       max_pixels=limit))
+        summaries = [c.summary() for c in collections]
+        if fmt == "json":
+            import json
+
+            if out is not None:
+                write_manifest(out, collections)
+            print(json.dumps({
+                c.name: {"folder": str(c.root), **s,
+                         "skipped_files": [{"path": k.path, "reason": k.reason} for k in c.skipped],
+                         "duplicate_files": [{"path": d, "same_as": k} for d, k in c.duplicates]}
+                for c, s in zip(collections, summaries)
+            }, indent=2, default=list))
+            return
         table = Table(title="Image collections")
         table.add_column("", style="bold")
-        summaries = [c.summary() for c in collections]
         for c in collections:
             table.add_column(c.name)
         rows = [
@@ -208,7 +267,7 @@ def verify_command(
     unpublished: str = typer.Option(None, "--unpublished", help="Re-hash the unpublished images against the manifest."),
     model: str = typer.Option(None, "--model", help="Re-fingerprint this model (alias, hub id or folder) against the record."),
     quick: bool = typer.Option(False, "--quick", help="Do not re-run the sample-size curve (the slowest part)."),
-    fmt: str = typer.Option("text", "--format", help="text or json."),
+    fmt: str = format_option(),
 ) -> None:
     """Check an audit folder: files belong together, features match the manifest, p-values re-run exactly.
 
@@ -217,7 +276,6 @@ def verify_command(
     from cdi.verify import verification_json, verify_audit
 
     with _user_errors():
-        fmt = _format_option(fmt)
         verification = verify_audit(folder, published=published, unpublished=unpublished, model=model,
                                     curve=not quick)
     if fmt == "json":
@@ -229,6 +287,7 @@ def verify_command(
 
 
 @app.command("extract")
+@with_loader_options
 def extract_command(
     images: str = typer.Option(..., "--images", help="Folder of images (searched recursively; captions from metadata.jsonl or NAME.txt)."),
     model: str = typer.Option(..., "--model", help="Model alias (`cdi models`), Hugging Face hub id, or local pipeline folder."),
@@ -238,17 +297,13 @@ def extract_command(
     seed: int = typer.Option(0, "--seed", help="Seed of every noise draw."),
     store: str = typer.Option(None, "--store", help="Feature cache (a .sqlite file, or a folder for features.sqlite): makes the run resumable and reuses values across runs. Default: no cache."),
     shard: str = typer.Option(None, "--shard", help="I/N: handle only the images with int(sha256, 16) % N == I (0 <= I < N)."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
-    dtype: str = typer.Option("float32", "--dtype", help="Compute dtype of the model: float32, bfloat16 or float16 (GPU only)."),
-    revision: str = typer.Option(None, "--revision", help="Branch, tag or commit of a hub model."),
-    variant: str = typer.Option(None, "--variant", help="Weight variant, e.g. fp16."),
-    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Also accept pickle (.bin) weights (unpickling can run arbitrary code)."),
-    compile_model: bool = typer.Option(False, "--compile", help=COMPILE_HELP),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Leave unreadable or oversized image files out instead of failing."),
     workers: int = typer.Option(None, "--workers", help="Image-decoding worker processes (default: min(4, CPUs - 1))."),
     ray: str = typer.Option(None, "--ray", help=RAY_HELP),
     ray_workers: int = typer.Option(None, "--ray-workers", help=RAY_WORKERS_HELP),
     ray_threads: int = typer.Option(1, "--ray-threads", help=RAY_THREADS_HELP),
+    fmt: str = format_option(),
+    loader: LoaderOptions = None,
 ) -> None:
     """Compute feature values for a folder of images and write them to a CSV file.
 
@@ -260,8 +315,6 @@ def extract_command(
     from rich.markup import escape
 
     from cdi.data import ImageCollection
-    from cdi.models import load_model
-    from cdi.models.loading import resolve_device, resolve_dtype
     from cdi.distributed import check_ray_options, ray_runner
     from cdi.store import FeatureStore
     from cdi.batching import parse_batch_size
@@ -278,23 +331,23 @@ def extract_command(
         if not 0 <= seed < 2**63:
             raise CDIError(f"--seed must be between 0 and 2**63 - 1, got {seed}")
         shard_spec = parse_shard(shard)
-        check_ray_options(ray, ray_workers, ray_threads, device, dtype)
+        check_ray_options(ray, ray_workers, ray_threads, loader.device, loader.dtype)
         families = resolve_features(features) if features is not None else None
-        resolve_dtype(dtype, resolve_device(device))
+        loader.check()
         collection = ImageCollection.from_folder(images, skip_bad=skip_bad)
         for skipped in collection.skipped:
             err_console.print(f"[yellow]skipped[/] {escape(skipped.path)}: {escape(skipped.reason)}",
                               highlight=False, soft_wrap=True)
         with contextlib.ExitStack() as stack:
             cache = stack.enter_context(FeatureStore(store)) if store is not None else None
-            options = dict(name=model, revision=revision, variant=variant, dtype=dtype, allow_pickle=allow_pickle,
-                           compile=compile_model)
-            runner = ray_runner(ray, workers=ray_workers, threads=ray_threads, device=device, **options)
+            options = dict(name=model, revision=loader.revision, variant=loader.variant, dtype=loader.dtype,
+                           allow_pickle=loader.allow_pickle, compile=loader.compile)
+            runner = ray_runner(ray, workers=ray_workers, threads=ray_threads, device=loader.device, **options)
             if runner is not None:
                 stack.enter_context(runner)
             # with --ray this process only derives the store key and the columns: a CPU copy of the model
-            adapter = load_model(**{**options, "compile": compile_model and runner is None},
-                                 device="cpu" if runner is not None else device)
+            adapter = LoaderOptions(**{**loader.as_config(), "compile": loader.compile and runner is None,
+                                       "device": "cpu" if runner is not None else loader.device}).load(model)
             if families is None:
                 families = resolve_features(default_feature_set(adapter))
             table = extract_features(adapter, collection, families, seed=seed, batch_size=batch_size,
@@ -304,6 +357,12 @@ def extract_command(
         info = table.meta["extraction"]
         computed = sum(info["computed"].values())
         reused = sum(info["from_store"].values())
+        if fmt == "json":
+            import json
+
+            print(json.dumps({"csv": str(path), "provenance": f"{path}.json", "images": len(table),
+                              "columns": list(table.columns), "extraction": info}, indent=2, default=str))
+            return
         console.print(
             f"{len(table)} images x {len(table.columns)} features written to {escape(str(path))} "
             f"(provenance: {escape(path.name)}.json); {computed} family values computed, "
@@ -319,8 +378,8 @@ def extract_command(
 def shift_command(
     a: str = typer.Option(..., "--a", help="First image folder (e.g. the members)."),
     b: str = typer.Option(..., "--b", help="Second image folder (e.g. the non-members)."),
-    encoder: str = typer.Option("auto", "--encoder", help="auto (CLIP if cached locally, else built-in), builtin or clip."),
-    output_format: str = typer.Option("text", "--format", help="text or json."),
+    encoder: str = choice("auto", "--encoder", ("auto", "builtin", "clip"), "auto (CLIP if cached locally, else built-in), builtin or clip."),
+    output_format: str = format_option(),
     seed: int = typer.Option(0, "--seed", help="Seed of the Wasserstein subsample and the probe's folds."),
 ) -> None:
     """Measure the dataset shift between two image folders, without any diffusion model.
@@ -335,10 +394,6 @@ def shift_command(
     from attacks.shift import shift_between_folders
 
     with _user_errors():
-        if encoder not in ("auto", "builtin", "clip"):
-            raise CDIError(f"--encoder must be auto, builtin or clip, got {encoder!r}")
-        if output_format not in ("text", "json"):
-            raise CDIError(f"--format must be text or json, got {output_format!r}")
         result = shift_between_folders(a, b, encoder=encoder, seed=seed)
         if output_format == "json":
             print(json.dumps(result.to_dict(), indent=2))
@@ -404,7 +459,8 @@ def _print_result(result, fmt: str, out: str) -> None:
         f"published: {result.n_published}   unpublished: {result.n_unpublished}   "
         f"effect size (Hedges' g): {result.effect_size:.3f}   AUC: {result.auc:.3f}",
     ]
-    lines += _verdict_lines(result)
+    if result.verdict != "inconclusive":  # no verdict: no figures about detecting one
+        lines += _verdict_lines(result)
     if result.shift_guard is not None:
         guard = result.shift_guard
         lines.append(f"shift guard ({escape(guard.encoder)}): p = {guard.p_value:.3g}, "
@@ -435,13 +491,8 @@ def _verdict_lines(result) -> list[str]:
     return lines
 
 
-def _format_option(fmt: str) -> str:
-    if fmt not in ("text", "json"):
-        raise CDIError(f"--format must be text or json (got {fmt!r})")
-    return fmt
-
-
-@app.command("audit")
+@app.command("audit", epilog=EXIT_CODES_HELP)
+@with_loader_options
 def audit_command(
     published: str = typer.Option(None, "--published", help="Folder of the published images (suspected training data)."),
     unpublished: str = typer.Option(None, "--unpublished", help="Folder of comparable images that were never published."),
@@ -454,44 +505,36 @@ def audit_command(
     seed: int = typer.Option(0, "--seed", help="Seed of every random draw (noise, folds, permutations)."),
     folds: int = typer.Option(5, "--folds", help="Blocks of the cross-fitted scoring protocol."),
     permutations: int = typer.Option(1000, "--permutations", help="Permutations of the exact permutation test (0: off)."),
-    scorer: str = typer.Option("logistic", "--scorer", help="logistic or xgboost (sequential and crossfit protocols)."),
-    protocol: str = typer.Option("pooled", "--protocol", help="pooled (the verdict's default: no split, no seed), sequential or crossfit."),
-    verdict: str = typer.Option("parametric", "--verdict", help="parametric (the protocol's p-value) or permutation (the exact permutation p-value is the verdict)."),
+    scorer: str = choice("logistic", "--scorer", ("logistic", "xgboost"), "Scoring model: logistic (default) or xgboost (needs the xgboost package; sequential and crossfit protocols)."),
+    protocol: str = choice("pooled", "--protocol", ("pooled", "sequential", "crossfit"), "pooled (the verdict's default: no split, no seed), sequential or crossfit."),
+    verdict: str = choice("parametric", "--verdict", ("parametric", "permutation"), "parametric (the protocol's p-value) or permutation (the exact permutation p-value is the verdict)."),
     sample_size_resamples: int = typer.Option(50, "--sample-size-resamples", help="Resamples per size for the images-needed curve (0: off)."),
     ignore_shift: bool = typer.Option(False, "--ignore-shift", help="Give a verdict even if the shift guard finds that P and U differ without the model."),
     shift_alpha: float = typer.Option(0.05, "--shift-alpha", help="Significance level of the shift guard (higher = more cautious)."),
-    shift_encoder: str = typer.Option("auto", "--shift-encoder", help="auto (CLIP if cached locally, else built-in), clip or builtin."),
+    shift_encoder: str = choice("auto", "--shift-encoder", ("auto", "clip", "builtin"), "auto (CLIP if cached locally, else built-in), clip or builtin."),
     batch_size: str = typer.Option("auto", "--batch-size", help=BATCH_SIZE_HELP),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
-    dtype: str = typer.Option("float32", "--dtype", help="float32, bfloat16 or float16 (GPU)."),
     store: str = typer.Option(None, "--store", help="Feature store (folder or .sqlite file) to reuse and resume extraction."),
-    revision: str = typer.Option(None, "--revision", help="Hub revision (branch, tag or commit)."),
-    variant: str = typer.Option(None, "--variant", help="Weight variant, e.g. fp16."),
-    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow loading .bin (pickle) weights; only for checkpoints you trust."),
-    compile_model: bool = typer.Option(False, "--compile", help=COMPILE_HELP),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip unreadable images (recorded in the result) instead of stopping."),
     workers: int = typer.Option(None, "--workers", help="Image decoding worker processes."),
     ray: str = typer.Option(None, "--ray", help=RAY_HELP),
     ray_workers: int = typer.Option(None, "--ray-workers", help=RAY_WORKERS_HELP),
     ray_threads: int = typer.Option(1, "--ray-threads", help=RAY_THREADS_HELP),
     force: bool = typer.Option(False, "--force", help="Replace an earlier audit in --out."),
-    fmt: str = typer.Option("text", "--format", help="text or json."),
+    fmt: str = format_option(),
+    loader: LoaderOptions = None,
 ) -> None:
     """Audit: were the published images used to train the model? Writes result.json, features.csv and report.html."""
     with _user_errors():
         from cdi.audit import AuditConfig, run_audit
 
-        fmt = _format_option(fmt)
         config = AuditConfig(
             published=published, unpublished=unpublished, model=model, out=out, features=features, alpha=alpha,
             seed=seed, folds=folds, permutations=permutations, scorer=scorer, protocol=protocol.lower(),
             verdict=verdict.lower(),
             sample_size_resamples=sample_size_resamples, ignore_shift=ignore_shift, shift_alpha=shift_alpha,
-            shift_encoder=shift_encoder,
-            batch_size=batch_size, device=device, dtype=dtype, store=store, revision=revision, variant=variant,
-            allow_pickle=allow_pickle, compile=compile_model, skip_bad=skip_bad, workers=workers, force=force,
-            published_features=published_features, unpublished_features=unpublished_features, ray=ray,
-            ray_workers=ray_workers, ray_threads=ray_threads,
+            shift_encoder=shift_encoder, batch_size=batch_size, store=store, skip_bad=skip_bad, workers=workers,
+            force=force, published_features=published_features, unpublished_features=unpublished_features,
+            ray=ray, ray_workers=ray_workers, ray_threads=ray_threads, **loader.as_config(),
         )
         result = run_audit(config, progress=fmt == "text")
         _print_result(result, fmt, out)
@@ -527,18 +570,17 @@ def demo_command(
     null: bool = typer.Option(False, "--null", help="Draw the published images from non-members: the audit must not detect use."),
     member_fraction: float = typer.Option(1.0, "--member-fraction", help="Share of the published images drawn from the members (partial use)."),
     n: int = typer.Option(None, "--n", help="Images per collection (default: 150)."),
-    kind: str = typer.Option("sd", "--kind", help="Toy model: sd (text-to-image latent model), ddpm (class-conditional pixel model) or flow (SD3-style flow-matching transformer)."),
-    strength: str = typer.Option("overtrained", "--strength", help="Toy training strength: light or overtrained."),
+    kind: str = choice("sd", "--kind", ("sd", "ddpm", "flow"), "Toy model: sd (text-to-image latent model), ddpm (class-conditional pixel model) or flow (SD3-style flow-matching transformer)."),
+    strength: str = choice("overtrained", "--strength", ("light", "overtrained"), "Toy training strength: light or overtrained."),
     seed: int = typer.Option(0, "--seed", help="Seed of the draw and of the audit."),
     permutations: int = typer.Option(1000, "--permutations", help="Permutations of the permutation test."),
     store: str = typer.Option(None, "--store", help="Feature store to reuse between demo runs."),
-    fmt: str = typer.Option("text", "--format", help="text or json."),
+    fmt: str = format_option(),
 ) -> None:
     """Build (or load) the embedded toy world and audit it."""
     with _user_errors():
         from cdi.demo import DEFAULT_DEMO_SIZE, run_demo
 
-        fmt = _format_option(fmt)
         result = run_demo(out, null=null, member_fraction=member_fraction, n=n or DEFAULT_DEMO_SIZE, kind=kind,
                           strength=strength, seed=seed, permutations=permutations, store=store,
                           progress=fmt == "text")
@@ -546,41 +588,37 @@ def demo_command(
 
 
 @app.command("speed")
+@with_loader_options
 def speed_command(
     model: str = typer.Option(..., "--model", help="Model alias (`cdi models`), Hugging Face hub id, or local pipeline folder."),
     features: str = typer.Option(None, "--features", help="cdi, cdi+clid, or a comma-separated list of families (default: cdi+clid for conditional models, cdi otherwise)."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
-    dtype: str = typer.Option("float32", "--dtype", help="Compute dtype of the model: float32, bfloat16 or float16 (GPU only)."),
     batch_size: str = typer.Option("auto", "--batch-size", help=BATCH_SIZE_HELP),
     images: int = typer.Option(None, "--images", help="Images to time: synthetic ones (default two batches, at least 32), or the first N of --images-dir (default all)."),
     images_dir: str = typer.Option(None, "--images-dir", help="Time these images instead of synthetic ones."),
     audit_size: int = typer.Option(1000, "--audit-size", help="Images per collection of the audit whose duration is estimated."),
-    compile_model: bool = typer.Option(False, "--compile", help=COMPILE_HELP),
-    fmt: str = typer.Option("text", "--format", help="text or json."),
+    fmt: str = format_option(),
+    loader: LoaderOptions = None,
 ) -> None:
     """Time feature extraction: images/s, model calls, peak memory, and efficiency against the bare network."""
     from cdi.data import ImageCollection
-    from cdi.models import load_model
-    from cdi.models.loading import resolve_device, resolve_dtype
     from cdi.batching import parse_batch_size
     from cdi.speed import measure_speed, speed_table, to_json
     from features.registry import default_feature_set, resolve_features
 
     with _user_errors():
-        fmt = _format_option(fmt)
         batch = parse_batch_size(batch_size)
         if images is not None and images < 1:
             raise CDIError(f"--images must be at least 1, got {images}")
         if audit_size < 1:
             raise CDIError(f"--audit-size must be at least 1, got {audit_size}")
         families = resolve_features(features) if features is not None else None
-        resolve_dtype(dtype, resolve_device(device))
+        loader.check()
         collection = None
         if images_dir is not None:
             collection = ImageCollection.from_folder(images_dir)
             if images is not None:
                 collection = collection.subset(range(min(images, len(collection))))
-        adapter = load_model(model, dtype=dtype, device=device, compile=compile_model)
+        adapter = loader.load(model)
         if families is None:
             families = resolve_features(default_feature_set(adapter))
         report = measure_speed(adapter, families, collection=collection, images=images, batch_size=batch,
@@ -592,6 +630,7 @@ def speed_command(
 
 
 @app.command("benchmark")
+@with_loader_options
 def benchmark_command(
     out: str = typer.Option(..., "--out", help="Folder for benchmark.json, benchmark.html and the feature store."),
     setup: str = typer.Option(None, "--setup", help="A named setup from examples/setups (toy-defective, toy-realistic, copymark-*, sd15-laion-mi)."),
@@ -603,12 +642,13 @@ def benchmark_command(
     quick: bool = typer.Option(False, "--quick", help="Small sizes: 60 images of each class, cheap methods, fewer PFAMI/GSA calls."),
     seed: int = typer.Option(0, "--seed", help="Seed of the subset, split, noise, folds and bootstrap."),
     batch_size: str = typer.Option("auto", "--batch-size", help=BATCH_SIZE_HELP),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
-    dtype: str = typer.Option("float32", "--dtype", help="float32, bfloat16 or float16 (GPU)."),
     store: str = typer.Option(None, "--store", help="Feature store (default: <out>/features.sqlite)."),
     mix: str = typer.Option(None, "--mix", help="Mixing experiment: shifted shares of non-members, e.g. 0,0.25,0.5,0.75,1."),
     permutations: int = typer.Option(1000, "--permutations", help="Permutations of the audit's permutation test."),
     folds: int = typer.Option(5, "--folds", help="Folds of cross-fitting for trained methods and of the audit."),
+    alpha: float = typer.Option(0.01, "--alpha", help="Significance level of the audit run beside the attacks."),
+    fmt: str = format_option(),
+    loader: LoaderOptions = None,
 ) -> None:
     """Benchmark single-image membership inference attacks (CopyMark protocol) beside the CDI audit."""
     with _user_errors():
@@ -617,9 +657,14 @@ def benchmark_command(
         config = BenchmarkConfig(
             out=out, setup=setup, members=members, nonmembers=nonmembers, model=model, methods=methods,
             calibration_fraction=calibration_fraction, quick=quick, seed=seed, batch_size=batch_size,
-            device=device, dtype=dtype, store=store, mix=mix, permutations=permutations, folds=folds,
+            store=store, mix=mix, permutations=permutations, folds=folds, alpha=alpha, **loader.as_config(),
         )
-        result = run_benchmark(config, progress=True)
+        result = run_benchmark(config, progress=fmt == "text")
+        if fmt == "json":
+            from cdi.benchmark import BENCHMARK_FILE
+
+            print((Path(out) / BENCHMARK_FILE).read_text(encoding="utf-8"))
+            return
         typer.echo(format_table(result))
         typer.echo(f"wrote {out}/benchmark.json and {out}/benchmark.html")
 

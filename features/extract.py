@@ -51,7 +51,6 @@ from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 import torch
-from rich.console import Console
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -68,6 +67,7 @@ from cdi.batching import auto_batch_size, parse_batch_size
 from cdi.data import Preprocess, image_batches
 from cdi.errors import CDIError
 from cdi.models.base import DiffusionAdapter
+from cdi.progress import progress_bar
 from cdi.store import FeatureStore
 from cdi.table import FeatureTable
 from features.base import EncodedBatch, FeatureFamily
@@ -421,15 +421,9 @@ class _Extraction:
         description = "extracting features" + (f" ({cached} images already in the store)" if cached else "")
         if self.runner is not None:
             description += f" on {self.runner.describe()['workers']} Ray workers"
-        self.progress = Progress(
-            TextColumn("[progress.description]{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            _RateColumn(),
-            TimeElapsedColumn(),
-            TextColumn("ETA"),
-            TimeRemainingColumn(),
-            console=Console(stderr=True),
+        self.progress = progress_bar(
+            (TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
+             _RateColumn(), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn()),
             disable=not self.progress_enabled,
         )
         with self.progress:

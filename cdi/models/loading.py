@@ -150,19 +150,29 @@ def _mps_available() -> bool:
     return bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
 
 
+def auto_dtype(device: torch.device | str) -> torch.dtype:
+    """bfloat16 on a CUDA device that supports it (compute capability 8.0 and up), else float32."""
+    device = torch.device(device)
+    if device.type == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False):
+        return torch.bfloat16
+    return torch.float32
+
+
 def resolve_dtype(name: str | torch.dtype, device: torch.device | str) -> torch.dtype:
     """The compute dtype for ``name`` on ``device``.
 
-    Accepts ``"float32"``/``"fp32"``, ``"bfloat16"``/``"bf16"``,
+    Accepts ``"auto"`` (``auto_dtype``), ``"float32"``/``"fp32"``, ``"bfloat16"``/``"bf16"``,
     ``"float16"``/``"fp16"`` or a ``torch.dtype``. float16 on the CPU is
     refused: many CPU kernels lack it and the rest are slow and inexact.
     """
     if isinstance(name, torch.dtype):
         dtype = name
+    elif str(name).strip().lower() == "auto":
+        dtype = auto_dtype(device)
     else:
         dtype = _DTYPES.get(str(name).strip().lower())
         if dtype is None:
-            raise CDIError(f"unknown dtype {name!r}; use float32, bfloat16 or float16 (fp32, bf16, fp16)")
+            raise CDIError(f"unknown dtype {name!r}; use auto, float32, bfloat16 or float16 (fp32, bf16, fp16)")
     if dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise CDIError(f"unsupported dtype {dtype}; use float32, bfloat16 or float16")
     if dtype == torch.float16 and torch.device(device).type == "cpu":
@@ -213,6 +223,8 @@ def load_model(
     allow_pickle: bool = False,
     local_files_only: bool | None = None,
     compile: bool = False,
+    cache_dir: str | os.PathLike | None = None,
+    token: str | None = None,
 ) -> "DiffusionAdapter":
     """Load a diffusion model into the adapter of its family.
 
@@ -238,6 +250,11 @@ def load_model(
         Never touch the network. None (default) follows ``HF_HUB_OFFLINE``.
     compile : bool
         Compile the denoiser with ``torch.compile`` (step 5 above).
+    cache_dir : path, optional
+        Hugging Face cache folder for hub models (default: ``HF_HUB_CACHE``).
+    token : str, optional
+        Hugging Face access token for gated or private hub models (default:
+        ``HF_TOKEN`` or the stored login).
 
     Returns
     -------
@@ -255,7 +272,8 @@ def load_model(
         check_compile_supported(torch_device)
     offline = _offline(local_files_only)
     folder, model_id, resolved_revision, hub_id = _resolve_folder(
-        name, revision=revision, variant=variant, allow_pickle=allow_pickle, offline=offline
+        name, revision=revision, variant=variant, allow_pickle=allow_pickle, offline=offline,
+        hub={"cache_dir": cache_dir, "token": token},
     )
     index = read_model_index(folder)
     adapter_cls = adapter_class(detect_family(index, folder))
@@ -348,7 +366,8 @@ def _offline(local_files_only: bool | None) -> bool:
 
 
 def _resolve_folder(
-    name: str, *, revision: str | None, variant: str | None, allow_pickle: bool, offline: bool
+    name: str, *, revision: str | None, variant: str | None, allow_pickle: bool, offline: bool,
+    hub: dict | None = None,
 ) -> tuple[Path, str, str | None, str | None]:
     """(pipeline folder, model id, resolved revision, hub id or None) for what the user named."""
     path = Path(name).expanduser()
@@ -370,22 +389,23 @@ def _resolve_folder(
             "`cdi models` lists the aliases"
         )
     folder = _hub_snapshot(hub_id, revision=revision, variant=variant, allow_pickle=allow_pickle, offline=offline,
-                           gated=alias is not None and alias.gated)
+                           gated=alias is not None and alias.gated, **(hub or {}))
     return folder, hub_id, folder.name, hub_id
 
 
 # ---------------------------------------------------------------- the hub
 def _hub_snapshot(hub_id: str, *, revision: str | None, variant: str | None, allow_pickle: bool, offline: bool,
-                  gated: bool = False) -> Path:
+                  gated: bool = False, cache_dir: str | os.PathLike | None = None, token: str | None = None) -> Path:
     """A local snapshot folder of ``hub_id`` holding every file the adapter needs.
 
     ``gated``: a known gated checkpoint; without a Hugging Face token, say so
-    before trying to download it.
+    before trying to download it. ``cache_dir`` and ``token`` go to ``snapshot_download``.
     """
     from huggingface_hub import get_token, snapshot_download
 
     def fetch(patterns: list[str], local: bool) -> Path:
-        return Path(snapshot_download(hub_id, revision=revision, allow_patterns=patterns, local_files_only=local))
+        return Path(snapshot_download(hub_id, revision=revision, allow_patterns=patterns, local_files_only=local,
+                                      cache_dir=cache_dir, token=token))
 
     with _hub_errors(hub_id, revision, offline):
         try:
@@ -393,7 +413,7 @@ def _hub_snapshot(hub_id: str, *, revision: str | None, variant: str | None, all
         except LocalEntryNotFoundError:
             if offline:
                 raise
-            if gated and get_token() is None:
+            if gated and token is None and get_token() is None:
                 raise CDIError(_gated_message(hub_id) + " (no Hugging Face token found)") from None
             folder = fetch(["model_index.json"], local=False)
         adapter_cls = adapter_class(detect_family(read_model_index(folder), hub_id))
