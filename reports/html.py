@@ -35,7 +35,7 @@ from cdi import __version__
 from cdi.errors import CDIError
 from cdi.io import atomic_write_text
 from cdi.result import REPORT_FILE, RESULT_FILE, AuditResult
-from reports import plots
+from reports import plots, text
 
 TEMPLATES = Path(__file__).parent / "templates"
 TEMPLATE = "report.html.j2"
@@ -104,7 +104,15 @@ def render_report(
         in_test={c: sum(s.collection == c and s.in_test for s in result.scores) for c in COLLECTIONS},
         figures=figures,
         families=_family_weights(result),
-        protocol_details={k: v for k, v in result.protocol.items() if k not in ("name", "description")},
+        measured=_measured_families(result),
+        shift_fallback=_shift_fallback(result),
+        shift_encoder_words=_shift_encoder_words(result),
+        settings=text.settings_rows(result.parameters),
+        timings=text.timing_rows(result.timings),
+        software=_software(result.environment),
+        raw_protocol=text.raw_json({"protocol": result.protocol, "features": result.features}),
+        raw_result=text.raw_json({k: v for k, v in result.to_dict().items() if k != "scores"}),
+        glossary=text.GLOSSARY,
         thumbnails=_thumbnail_uris(thumbnails or {}),
         script=Markup(script),
         script_hash=script_hash,
@@ -263,7 +271,6 @@ def _environment() -> Environment:
     env.filters["scalar"] = format_scalar
     env.filters["percent"] = lambda x: "n/a" if not _is_number(x) else f"{100 * x:.0f}%"
     env.tests["number"] = _is_number
-    env.tests["flat"] = lambda items: all(not isinstance(x, (Mapping, list, tuple)) for x in items)
     return env
 
 
@@ -348,6 +355,8 @@ def _family_weights(result: AuditResult) -> list[dict[str, Any]]:
         total = sum(abs(w.weight) for w in weights if _is_number(w.weight))
         rows.append({
             "family": family,
+            "label": text.family_name(family),
+            "about": text.family_about(family),
             "total": total,
             "share": total / grand_total if grand_total > 0 else None,
             "columns": [
@@ -364,6 +373,44 @@ def _family_weights(result: AuditResult) -> list[dict[str, Any]]:
         row["width"] = 100 * row["total"] / largest_total if largest_total > 0 else 0
     rows.sort(key=lambda row: -row["total"])
     return rows
+
+
+def _measured_families(result: AuditResult) -> list[tuple[str, int, str]]:
+    """(name for people, values per image, what it measures) of every feature family of the run."""
+    rows = []
+    for family in result.features.get("families") or []:
+        name = family.get("name", "") if isinstance(family, Mapping) else str(family)
+        columns = family.get("columns") or [] if isinstance(family, Mapping) else []
+        rows.append((text.family_name(name), len(columns), text.family_about(name)))
+    return rows
+
+
+def _shift_fallback(result: AuditResult) -> bool:
+    """True when the shift guard was meant to use CLIP (``auto``) but fell back to the built-in descriptors."""
+    guard = result.shift_guard
+    return (guard is not None and guard.encoder == "builtin"
+            and result.parameters.get("shift_encoder", "auto") == "auto")
+
+
+def _shift_encoder_words(result: AuditResult) -> str:
+    encoder = result.shift_guard.encoder if result.shift_guard is not None else ""
+    return {
+        "clip": "CLIP image embeddings (a general-purpose image model)",
+        "builtin": "cdi's built-in colour, contrast, texture and layout descriptors",
+    }.get(encoder, f"{encoder} image descriptors")
+
+
+def _software(environment: Mapping[str, Any]) -> str:
+    """``cdi 0.1.0, Python 3.11, torch 2.3.0, diffusers 0.30.0, ...`` from the environment record."""
+    parts = [f"cdi {environment.get('cdi', '?')}"]
+    python = str(environment.get("python", "")).split(" ")[0]
+    if python:
+        parts.append(f"Python {python}")
+    packages = environment.get("packages") or {}
+    for name in ("torch", "diffusers", "transformers", "numpy", "scikit-learn"):
+        if packages.get(name):
+            parts.append(f"{name} {packages[name]}")
+    return ", ".join(parts)
 
 
 def _thumbnail_uris(thumbnails: Mapping[str, list[tuple[str, bytes]]]) -> dict[str, list[tuple[str, str]]]:

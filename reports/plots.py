@@ -38,7 +38,7 @@ P_FLOOR = 1e-300
 _STYLE = {
     "svg.fonttype": "path",
     "font.family": "DejaVu Sans",
-    "font.size": 9.0,
+    "font.size": 11.0,
     "axes.spines.top": False,
     "axes.spines.right": False,
     "axes.grid": True,
@@ -84,7 +84,7 @@ def score_distribution_svg(published: np.ndarray, unpublished: np.ndarray) -> st
     both = np.concatenate([published, unpublished])
     n_bins = int(np.clip(np.sqrt(both.size), 10, 40))
     edges = np.histogram_bin_edges(both, bins=n_bins)
-    fig = Figure(figsize=(6.4, 3.2))
+    fig = Figure(figsize=(5.4, 3.4))
     ax = fig.add_subplot()
     for values, color, label in [
         (unpublished, UNPUBLISHED_COLOR, f"unpublished U (n = {unpublished.size})"),
@@ -96,9 +96,9 @@ def score_distribution_svg(published: np.ndarray, unpublished: np.ndarray) -> st
         ax.hist(values, bins=edges, density=True, histtype="step", color=color, linewidth=1.4,
                 label=label)
         ax.axvline(values.mean(), color=color, linestyle="--", linewidth=1.2)
-    ax.set_xlabel("per-image score (higher = more like the published images); dashed lines: means")
+    ax.set_xlabel("per-image score (dashed lines: means)")
     ax.set_ylabel("density")
-    ax.legend(loc="upper left")
+    ax.legend(loc="upper left", fontsize=10)
     return _to_svg(fig, "scores")
 
 
@@ -122,7 +122,7 @@ def pvalue_curve_svg(
     sizes_arr = np.asarray(sizes, dtype=float)
     p = np.clip(np.asarray(median_p, dtype=float), P_FLOOR, 1.0)
     share = np.asarray(share_significant, dtype=float)
-    fig = Figure(figsize=(6.4, 4.6))
+    fig = Figure(figsize=(5.4, 4.6))
     top, bottom = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [2.2, 1]})
     top.plot(sizes_arr, p, marker="o", markersize=3.5, color="black", linewidth=1.4,
              label="median p-value of random subsets")
@@ -151,48 +151,46 @@ def pvalue_curve_svg(
             ax.axvline(n_needed, color=PUBLISHED_COLOR, linewidth=1.4)
         top.plot([], [], color=PUBLISHED_COLOR, linewidth=1.4,
                  label=f"about {n_needed} images needed")
-    top.legend(loc="lower left", fontsize=8)
+    top.legend(loc="lower left", fontsize=9.5)
     return _to_svg(fig, "pcurve")
 
 
 @_styled
 def roc_svg(published: np.ndarray, unpublished: np.ndarray) -> str:
-    """ROC curve of the scores, published images as the positive class.
+    """ROC curve of the scores, published images as the positive class, as two ``<svg>`` panels.
 
-    Left: linear axes with the chance diagonal. Right: log-log axes, which
+    First: linear axes with the chance diagonal. Second: log-log axes, which
     show the low false-positive region where single-image decisions would
-    have to work; a dotted line marks 1% false-positive rate.
+    have to work; a dashed line marks 1% false-positive rate. Two separate
+    figures, so that a narrow screen can stack them at a legible size.
     """
     published = _finite(published)
     unpublished = _finite(unpublished)
     labels = np.concatenate([np.ones(published.size), np.zeros(unpublished.size)])
     fpr, tpr, _ = roc_curve(labels, np.concatenate([published, unpublished]))
     area = float(np.trapezoid(tpr, fpr))
-    fig = Figure(figsize=(6.8, 3.3))
-    linear, loglog = fig.subplots(1, 2)
+    linear = Figure(figsize=(3.8, 3.9)).add_subplot()
+    loglog = Figure(figsize=(3.8, 3.9)).add_subplot()
     for ax in (linear, loglog):
-        ax.plot(fpr, tpr, color=PUBLISHED_COLOR, linewidth=1.5, drawstyle="default",
-                label=f"scores, AUC = {area:.3f}")
+        ax.plot(fpr, tpr, color=PUBLISHED_COLOR, linewidth=1.6, label=f"scores, AUC {area:.3f}")
     linear.plot([0, 1], [0, 1], color=REFERENCE_COLOR, linestyle=":", linewidth=1.0, label="chance")
     linear.set_xlim(0, 1)
     linear.set_ylim(0, 1)
     linear.set_aspect("equal")
-    linear.set_title("linear axes", fontsize=9)
+    linear.set_title("linear axes", fontsize=11)
     floor = 1.0 / max(unpublished.size, 1)
-    loglog.plot([floor, 1], [floor, 1], color=REFERENCE_COLOR, linestyle=":", linewidth=1.0,
-                label="chance")
+    loglog.plot([floor, 1], [floor, 1], color=REFERENCE_COLOR, linestyle=":", linewidth=1.0, label="chance")
     loglog.axvline(0.01, color=REFERENCE_COLOR, linestyle="--", linewidth=0.9, label="1% FPR")
     _log_log(loglog)
     loglog.set_xlim(floor / 1.5, 1.05)
     loglog.set_ylim(1.0 / max(published.size, 1) / 1.5, 1.05)
     loglog.set_aspect("equal")
-    loglog.set_title("log-log axes (low false-positive rates)", fontsize=9)
+    loglog.set_title("log-log axes (low FPR)", fontsize=11)
     for ax in (linear, loglog):
         ax.set_xlabel("false-positive rate (share of U)")
-    linear.set_ylabel("true-positive rate (share of P)")
-    linear.legend(loc="lower right", fontsize=8)
-    loglog.legend(loc="lower right", fontsize=8)
-    return _to_svg(fig, "roc")
+        ax.set_ylabel("true-positive rate (share of P)")
+        ax.legend(loc="lower right", fontsize=9.5)
+    return _to_svg(linear.figure, "roc-linear") + "\n" + _to_svg(loglog.figure, "roc-loglog")
 
 
 _SUPERSCRIPT = str.maketrans("-0123456789", "\u207b\u2070\u00b9\u00b2\u00b3\u2074\u2075\u2076\u2077\u2078\u2079")

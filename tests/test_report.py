@@ -26,6 +26,7 @@ from cdi.result import (
     ShiftGuard,
 )
 from reports import ReportWarning, render_report, write_report
+from reports.text import family_name
 from reports.html import format_p, load_thumbnails
 
 # Feature columns of the CDI set (26) plus CLiD (5), grouped by family.
@@ -178,7 +179,7 @@ def _parse(html: str) -> _Tags:
 def test_report_holds_every_section_in_order(example, example_html):
     html = example_html
     order = [html.index(f'<section id="{name}">') for name in
-             ["verdict", "numbers", "plots", "features", "shift", "method", "provenance", "manifest"]]
+             ["verdict", "numbers", "plots", "features", "shift", "method", "provenance", "manifest", "glossary"]]
     assert order == sorted(order)
     assert example.verdict == "used"
     assert "Evidence of use found" in html
@@ -187,17 +188,17 @@ def test_report_holds_every_section_in_order(example, example_html):
     assert f"p = {format_p(example.p_value)}" in html
     for value in [example.p_value_ttest, example.p_value_permutation]:
         assert str(format_p(value)) in html
-    for text in [f"{example.statistic:.3f}", f"{example.df:.1f}", f"{example.effect_size:.3f}",
+    for text in [f"{example.statistic:.2f}", f"{example.df:.0f}", f"{example.effect_size:.2f}",
                  f"{example.auc:.3f}", "permutation test"]:
         assert text in html
-    assert html.count("<svg") == 3
+    assert html.count("<svg") == 4  # scores, p-value curve, ROC on linear and on log-log axes
     assert f"About <strong>{example.sample_size_curve.n_needed} images per collection</strong>" in html
     assert example.protocol["description"] in html
     assert example.model["fingerprint"] in html and example.model["revision"] in html
     assert "CVPR 2025" in html and "NeurIPS 2024" in html and "WACV 2024" in html
     assert "<code id=\"command\">" + example.command + "</code>" in html
     for family in EXAMPLE_FAMILIES:
-        assert f"<td>{family}</td>" in html
+        assert f"({family})" in html and family_name(family) in html
     # every image: path, hash and score
     assert all(s.sha256 in html for s in example.scores)
     assert html.count('<td class="sha">') == len(example.scores)
@@ -286,7 +287,8 @@ def test_shift_guard_findings_are_explained(example, shift_detected, ignored, ve
     assert "2.00 &times; 10<sup>&minus;6</sup>" in html and "0.710" in html
     if verdict == "inconclusive":
         assert "Inconclusive" in html and "What the shift guard found" in html
-        assert "No conclusion is drawn" in html
+        assert 'id="verdict-why"' in html and "Why no verdict" in html
+        assert 'id="verdict-p"' not in html  # no big p-value beside an inconclusive verdict
         assert 'id="shift-ignored"' not in html
     else:
         assert 'id="shift-ignored"' in html
@@ -311,7 +313,7 @@ def test_missing_optional_parts_render(example):
     assert "This protocol reports no feature weights" in html
     assert "not run" in html and "n/a" in html
     assert "p = &lt; 10<sup>&minus;300</sup>" in html
-    assert html.count("<svg") == 2
+    assert html.count("<svg") == 3  # scores and the two ROC panels
 
 
 def test_format_p():
