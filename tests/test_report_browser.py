@@ -129,3 +129,140 @@ def test_screenshot_is_saved(report):
         top = image.convert("RGB").crop((0, 0, WINDOW[0], 800))
         badge = sum(count for count, color in top.getcolors(WINDOW[0] * 800) if color == (0xA1, 0x26, 0x0D))
         assert badge > 50_000  # the red "used" verdict badge is drawn near the top
+
+
+# ------------------------------------------------------------------ phone width
+PHONE = 390
+#: Measures the laid-out page after every <details> is opened: page width, the cells whose text
+#: breaks inside a word (more text lines than words), and the smallest rendered plot text.
+MEASURE = """
+<script>
+document.querySelectorAll("details").forEach(function (d) { d.open = true; });
+var out = {viewport: window.innerWidth, page: document.documentElement.scrollWidth, broken: [], plotScale: []};
+document.querySelectorAll("td, th, dt, dd").forEach(function (cell) {
+  if (cell.closest(".hash")) { return; }  /* fingerprints break anywhere on purpose */
+  var words = 0, tops = {};
+  var walker = document.createTreeWalker(cell, NodeFilter.SHOW_TEXT);
+  while (walker.nextNode()) {
+    var node = walker.currentNode;
+    words += node.textContent.trim().split(/\\s+/).filter(Boolean).length;
+    var range = document.createRange();
+    range.selectNodeContents(node);
+    Array.prototype.forEach.call(range.getClientRects(), function (r) {
+      if (r.width > 0) { tops[Math.round(r.top)] = true; }
+    });
+  }
+  var lines = Object.keys(tops).length;
+  if (words > 0 && lines > words) { out.broken.push(cell.textContent.trim().slice(0, 60) + " [" + lines + " lines]"); }
+});
+document.querySelectorAll("figure svg").forEach(function (svg) {
+  var intrinsic = parseFloat(svg.getAttribute("width"));  /* in pt */
+  out.plotScale.push(svg.getBoundingClientRect().width / (intrinsic * 4 / 3));
+});
+out.wide = [];
+document.querySelectorAll("body *").forEach(function (el) {
+  if (el.closest(".scroll") || el.closest("svg")) { return; }
+  if (el.getBoundingClientRect().right > window.innerWidth + 1) {
+    out.wide.push(el.tagName.toLowerCase() + "." + el.className + " " + Math.round(el.getBoundingClientRect().right));
+  }
+});
+var pre = document.createElement("pre");
+pre.id = "measured";
+pre.textContent = JSON.stringify(out);
+document.body.appendChild(pre);
+</script>
+"""
+
+
+def verdict_results() -> dict:
+    """One example result per verdict; the inconclusive one fell back to the built-in descriptors."""
+    from cdi.result import ShiftGuard
+
+    used = make_example_result(300, 300, seed=1)
+    not_detected = make_example_result(60, 60, seed=1, shift=0.0)
+    guard = ShiftGuard(encoder="builtin", p_value=3e-9, auc=0.81, detected=True, ignored=False, alpha=0.05,
+                       note="built-in colour/contrast/texture/layout descriptors (CLIP ViT-L/14 weights are not "
+                            "in the local Hugging Face cache), classifier two-sample test")
+    inconclusive = replace(used, verdict="inconclusive", shift_guard=guard,
+                           parameters={**used.parameters, "shift_encoder": "auto"})
+    return {"used": used, "not_detected": not_detected, "inconclusive": inconclusive}
+
+
+def phone_frame(page: Path, width: int, height: int) -> Path:
+    """An outer page that shows ``page`` in a ``width`` px frame (headless Chromium's window is at least 500 px)
+    and copies the frame's measures, if any, into its own DOM."""
+    outer = page.with_name(page.stem + "-frame.html")
+    outer.write_text(
+        '<!DOCTYPE html><html><head><meta charset="utf-8"><style>body{margin:0}iframe{border:0;display:block}'
+        f'</style></head><body><iframe id="f" src="{page.name}" width="{width}" height="{height}"></iframe>'
+        '<script>document.getElementById("f").addEventListener("load", function () {'
+        ' var m = this.contentDocument.getElementById("measured");'
+        ' var pre = document.createElement("pre"); pre.id = "measured";'
+        ' pre.textContent = m ? m.textContent : "null"; document.body.appendChild(pre); });</script>'
+        "</body></html>", encoding="utf-8")
+    return outer
+
+
+def measure_at(html_text: str, workdir: Path, width: int, screenshot: Path | None = None) -> dict:
+    """Open a report in a ``width`` px frame with the measuring script (CSP removed for it); return the measures."""
+    page = workdir / "measure.html"
+    html_text = re.sub(r'<meta http-equiv="Content-Security-Policy"[^>]*>', "", html_text)
+    page.write_text(html_text.replace("</body>", MEASURE + "</body>"), encoding="utf-8")
+    outer = phone_frame(page, width, 6000)
+    dom = open_in_chromium(outer, workdir, "--window-size=600,6000", "--hide-scrollbars",
+                           "--allow-file-access-from-files")["dom"]
+    found = re.search(r'<pre id="measured">(.*?)</pre>', dom, re.S)
+    assert found and found.group(1) != "null", "the measuring script did not run"
+    return json.loads(html.unescape(found.group(1)))
+
+
+@pytest.mark.parametrize("verdict", ["used", "not_detected", "inconclusive"])
+def test_report_reads_on_a_phone(verdict, tmp_path):
+    """At 390 px: the page is no wider than the screen, no cell breaks a word, plot text stays legible."""
+    result = verdict_results()[verdict]
+    measured = measure_at(render_report(result), tmp_path, PHONE)
+    assert measured["viewport"] == PHONE
+    assert measured["page"] <= PHONE, f"page is {measured['page']} px wide at a {PHONE} px viewport: {measured['wide'][:8]}"
+    assert measured["broken"] == [], f"cells that break words: {measured['broken'][:5]}"
+    # Plots are drawn with 11 pt text; at this scale it is at least ~9.5 px on screen.
+    assert measured["plotScale"] and min(measured["plotScale"]) * 11 * 4 / 3 >= 9.5, measured["plotScale"]
+
+
+def test_phone_check_catches_one_character_columns(tmp_path):
+    squeezed = ('<!DOCTYPE html><html><head><meta name="viewport" content="width=device-width">'
+                '<style>td{word-break:break-all}</style></head><body><table><tr>' + "<td>x</td>" * 30 +
+                "<td>evidence</td></tr></table></body></html>")
+    measured = measure_at(squeezed, tmp_path, PHONE)
+    assert any(text.startswith("evidence") for text in measured["broken"])
+
+
+def screenshot(html_text: str, workdir: Path, target: Path, width: int, height: int) -> Path:
+    """A PNG of the page at ``width`` px (narrow widths through a frame, then cropped)."""
+    from PIL import Image
+
+    page = workdir / f"{target.stem}.html"
+    page.write_text(html_text, encoding="utf-8")
+    if width >= 500:
+        open_in_chromium(page, workdir, f"--window-size={width},{height}", "--hide-scrollbars",
+                         f"--screenshot={target}")
+        return target
+    outer = phone_frame(page, width, height)
+    open_in_chromium(outer, workdir, f"--window-size=600,{height}", "--hide-scrollbars",
+                     "--allow-file-access-from-files", f"--screenshot={target}")
+    with Image.open(target) as image:
+        image.crop((0, 0, width, height)).save(target)
+    return target
+
+
+def save_screenshots(folder: Path, workdir: Path) -> list[Path]:
+    """Screenshots of the three verdicts at 1280 and 390 px (used to write /work/notes/screens)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    return [screenshot(render_report(result), workdir, folder / f"audit-{verdict}-{width}.png", width,
+                       5200 if width > 1000 else 9000)
+            for verdict, result in verdict_results().items() for width in (1280, PHONE)]
+
+
+@pytest.mark.skipif(not os.environ.get("CDI_SCREENSHOT_DIR"), reason="set CDI_SCREENSHOT_DIR to save screenshots")
+def test_save_verdict_screenshots(tmp_path):
+    saved = save_screenshots(Path(os.environ["CDI_SCREENSHOT_DIR"]), tmp_path)
+    assert all(path.stat().st_size > 10_000 for path in saved)
