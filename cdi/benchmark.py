@@ -580,32 +580,35 @@ def _line_style(i: int) -> dict[str, str]:
 
 
 def roc_plot_svg(result: dict[str, Any]) -> str:
-    """Log-log ROC curves of every method on the calibration and the test split (inline SVG)."""
+    """Log-log ROC curves of every method on the calibration and on the test split: two inline SVGs,
+    each with its own legend."""
     from matplotlib.figure import Figure
     from sklearn.metrics import roc_curve
 
-    from reports.plots import _log_log, _to_svg
+    from reports.plots import _log_log, _styled, _to_svg
 
-    fig = Figure(figsize=(7.5, 3.6))
-    axes = fig.subplots(1, 2)
-    for ax, split in zip(axes, ("calibration", "test")):
+    @_styled
+    def panel(split: str) -> str:
+        ax = Figure(figsize=(4.6, 5.6)).add_subplot()
         floor = 1.0
         for i, (name, r) in enumerate(result["methods"].items()):
             labels, scores = r["scores"][f"{split}_labels"], r["scores"][f"{split}_scores"]
             fpr, tpr, _ = roc_curve(labels, scores)
             floor = min(floor, 1.0 / max(1, labels.count(0)))
             keep = (fpr > 0) & (tpr > 0)
-            ax.plot(fpr[keep], tpr[keep], linewidth=1.2, label=name, **_line_style(i))
-        ax.plot([floor, 1], [floor, 1], color="#666666", linestyle=":", linewidth=1.0)
-        ax.axvline(0.01, color="#666666", linestyle="--", linewidth=0.8)
+            ax.plot(fpr[keep], tpr[keep], linewidth=1.3, label=name, **_line_style(i))
+        ax.plot([floor, 1], [floor, 1], color="#666666", linestyle=":", linewidth=1.0, label="chance")
+        ax.axvline(0.01, color="#666666", linestyle="--", linewidth=0.8, label="1% FPR")
         _log_log(ax)
         ax.set_xlim(floor / 1.5, 1.05)
         ax.set_ylim(floor / 1.5, 1.05)
-        ax.set_title(f"{split} split", fontsize=9)
+        ax.set_title(f"{split} split", fontsize=11)
         ax.set_xlabel("false-positive rate")
-    axes[0].set_ylabel("true-positive rate")
-    axes[1].legend(loc="lower right", fontsize=7)
-    return _to_svg(fig, "benchroc")
+        ax.set_ylabel("true-positive rate")
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=3, fontsize=9)
+        return _to_svg(ax.figure, f"benchroc-{split}")
+
+    return panel("calibration") + "\n" + panel("test")
 
 
 def mixing_plot_svg(result: dict[str, Any]) -> str:
@@ -630,73 +633,10 @@ def mixing_plot_svg(result: dict[str, Any]) -> str:
     return _to_svg(fig, "benchmix")
 
 
-_TEMPLATE = """<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8">
-<meta http-equiv="Content-Security-Policy" content="default-src 'none'; style-src 'unsafe-inline'; img-src data:">
-<title>cdi benchmark</title>
-<style>
-body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
-table{border-collapse:collapse;margin:1em 0}th,td{border:1px solid #ccc;padding:.25em .6em;text-align:right}
-th{background:#f2f2f2}td.l,th.l{text-align:left}.flag{color:#b00;font-weight:bold}
-svg{max-width:100%;height:auto}svg *{stroke-linejoin:round;stroke-linecap:butt}.small{font-size:.85em;color:#555}
-</style></head><body>
-<h1>Membership inference benchmark</h1>
-<p>Model <code>{{ data.model }}</code>; members <code>{{ data.members }}</code> ({{ data.n_members }} images),
-non-members <code>{{ data.nonmembers }}</code> ({{ data.n_nonmembers }} images){% if setup %};
-setup <b>{{ setup.name }}</b>: {{ setup.source }}{% endif %}.
-Calibration {{ split.calibration_members|length }}+{{ split.calibration_nonmembers|length }} images,
-test {{ split.test_members|length }}+{{ split.test_nonmembers|length }} (members+non-members), seed {{ config.seed }}.</p>
-<h2>Results (CopyMark Table 5 layout, percentages)</h2>
-<p class="small">Thresholds are chosen on the calibration split at FPR &le; 1% and &le; 0.1% and applied unchanged
-to the test split. <span class="flag">!</span> marks a test FPR above its bound: the threshold did not transfer.
-Trained methods are scored out-of-fold on calibration. Cost: denoiser calls per image (forward+backward) and
-seconds per image measured in this run (near zero for values read from the feature store).</p>
-<table><thead><tr><th class="l" rowspan="2">method</th><th colspan="3">calibration</th><th colspan="4">test</th>
-<th colspan="2">cost per image</th></tr><tr><th>TPR@1%FPR</th><th>TPR@0.1%FPR</th><th>AUC</th>
-<th>TPR@1%</th><th>FPR@1%</th><th>TPR@0.1%</th><th>FPR@0.1%</th><th>calls</th><th>s</th></tr></thead><tbody>
-{% for r in rows %}<tr><td class="l">{{ r.method }}</td><td>{{ r.cal_tpr_1 }}</td><td>{{ r.cal_tpr_01 }}</td>
-<td>{{ r.cal_auc }}</td><td>{{ r.test_tpr_1 }}</td><td{% if r.flag_1 %} class="flag"{% endif %}>{{ r.test_fpr_1 }}{% if r.flag_1 %} !{% endif %}</td>
-<td>{{ r.test_tpr_01 }}</td><td{% if r.flag_01 %} class="flag"{% endif %}>{{ r.test_fpr_01 }}{% if r.flag_01 %} !{% endif %}</td>
-<td>{{ r.calls }}</td><td>{{ r.seconds }}</td></tr>
-{% endfor %}</tbody></table>
-<p class="small">95% bootstrap intervals for every figure are in benchmark.json (<code>methods.*.intervals</code>).</p>
-<h2>ROC curves (log-log)</h2>
-{{ roc_svg }}
-<h2>Dataset shift between members and non-members</h2>
-<p>Embeddings: {{ shift.encoder }}. Frechet distance {{ '%.4f'|format(shift.frechet) }},
-Mahalanobis {{ '%.4f'|format(shift.mahalanobis) }}, normalised Wasserstein {{ '%.4f'|format(shift.wasserstein) }},
-linear probe AUC {{ '%.3f'|format(shift.probe.auc) }} (0.5 = no visible shift).
-A method that separates shifted sets may be detecting the shift, not membership.</p>
-{% for note in shift.notes %}<p class="small">{{ note }}</p>{% endfor %}
-<h2>Dataset inference on the same data</h2>
-{% if audit.skipped %}<p>Not run: {{ audit.skipped }}</p>{% else %}<p>CDI audit with P = test-split members ({{ audit.n_published }}), U = test-split non-members
-({{ audit.n_unpublished }}), CDI features: verdict <b>{{ audit.verdict }}</b>, p-value {{ '%.3g'|format(audit.p_value) }}
-(&alpha; = {{ audit.alpha }}){% if audit.shift_guard %}; shift guard p = {{ '%.3g'|format(audit.shift_guard.p_value) }}{% endif %}.</p>{% endif %}
-{% if mixing %}<h2>Mixing experiment</h2>
-<p class="small">Non-members replaced by copies in which a share of the images is shifted (seeded); calibration figures.</p>
-<table><thead><tr><th>shifted share</th><th>Frechet</th>{% for m in mixing[0].methods %}<th>{{ m }} AUC</th>
-<th>{{ m }} TPR@1%</th>{% endfor %}</tr></thead><tbody>
-{% for row in mixing %}<tr><td>{{ row.fraction }}</td><td>{{ '%.4f'|format(row.frechet) }}</td>
-{% for m, v in row.methods.items() %}<td>{{ pct(v.auc) }}</td><td>{{ pct(v.tpr_at_1fpr) }}</td>{% endfor %}</tr>
-{% endfor %}</tbody></table>
-{{ mix_svg }}{% endif %}
-<p class="small">cdi {{ environment.get('cdi', '') }}; started {{ started_at }}; {{ '%.1f'|format(total_seconds) }} s.</p>
-</body></html>
-"""
-
-
 def render_html(result: dict[str, Any]) -> str:
-    """The self-contained ``benchmark.html`` (autoescaped text, inline SVG plots, no external resource)."""
-    from jinja2 import Environment
-    from markupsafe import Markup
+    """The self-contained ``benchmark.html`` (``reports.benchmark``: autoescaped text, inline SVG plots)."""
+    from reports.benchmark import render_benchmark
 
-    env = Environment(autoescape=True)
-    template = env.from_string(_TEMPLATE)
     result = _jsonable(result)
-    return template.render(
-        **result,
-        rows=table_rows(result),
-        roc_svg=Markup(roc_plot_svg(result)),
-        mix_svg=Markup(mixing_plot_svg(result)) if result.get("mixing") else "",
-        pct=_pct,
-    )
+    return render_benchmark(result, table_rows(result), roc_plot_svg(result),
+                            mixing_plot_svg(result) if result.get("mixing") else "", _pct)

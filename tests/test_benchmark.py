@@ -80,7 +80,8 @@ def test_report_is_self_contained_and_escaped(bench_run):
     assert not re.search(r"https?://(?!www\.w3\.org/)", html)
     assert MALICIOUS not in html
     assert "&lt;img src=x onerror=alert(1)&gt;" in html
-    assert html.count("<svg") == 2  # ROC curves and the mixing plot
+    assert html.count("<svg") == 3  # ROC curves of both splits and the mixing plot
+    assert "cannot be resolved" in html and "95% bootstrap interval" in html
     assert "TPR@0.1%FPR" in html
     for method in ALL_METHODS:
         assert f">{method}<" in html
