@@ -263,6 +263,9 @@ class XGBoostScorer(Scorer):
         return list(columns)
 
     def fit(self, x: np.ndarray, y: np.ndarray) -> "XGBoostScorer":
+        from cdi.optional import require_xgboost
+
+        require_xgboost(f"the {self.name} scorer")
         from xgboost import XGBClassifier
 
         self.model_ = XGBClassifier(

@@ -114,6 +114,10 @@ class AuditConfig:
         if self.scorer not in SCORERS:
             raise CDIError(f"--scorer must be one of {', '.join(SCORERS)} (got {self.scorer!r})")
         _validate_verdict_options(self)
+        if self.scorer == "xgboost":
+            from cdi.optional import require_xgboost
+
+            require_xgboost("--scorer xgboost")
         from cdi.batching import parse_batch_size
 
         parse_batch_size(self.batch_size)

@@ -56,6 +56,7 @@ import numpy as np
 
 from cdi.errors import CDIError
 from cdi.io import atomic_write_text
+from cdi.optional import XGBOOST_METHODS, require_xgboost
 
 BENCHMARK_FILE = "benchmark.json"
 REPORT_FILE = "benchmark.html"
@@ -226,7 +227,9 @@ class BenchmarkConfig:
         from cdi.batching import parse_batch_size
 
         parse_batch_size(self.batch_size)
-        self.method_list()
+        needs_xgboost = [m for m in self.method_list() if m in XGBOOST_METHODS]
+        if needs_xgboost:
+            require_xgboost(f"the method(s) {', '.join(needs_xgboost)} (leave them out with --methods)")
         self.mix_fractions()
         out = Path(self.out)
         if out.exists() and not out.is_dir():

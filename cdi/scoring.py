@@ -767,6 +767,9 @@ class CrossFit:
         return out, weights
 
     def _xgboost_model(self, block: int):
+        from cdi.optional import require_xgboost
+
+        require_xgboost("scorer='xgboost'")
         import xgboost
 
         return xgboost.XGBClassifier(**XGBOOST_PARAMS, random_state=self.seed * 101 + block)

@@ -156,3 +156,16 @@ def test_extract_writes_progress_lines_to_a_log_before_it_finishes(tmp_path, tin
     assert lines[-1].startswith("extracting features: 16/16 images (100%)") and "done in" in lines[-1]
     assert "\r" not in text and "\x1b[" not in text  # no bar redraws, no terminal codes
     assert "16 images x" in text  # the summary follows
+
+
+def test_missing_xgboost_is_a_clear_input_error(monkeypatch, tmp_path):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "xgboost" else real(name, *a))
+    result = runner.invoke(app, ["audit", "--published", str(tmp_path), "--unpublished", str(tmp_path),
+                                 "--model", "m", "--out", str(tmp_path / "out"), "--scorer", "XGBoost"])
+    assert result.exit_code == 2 and "cdi[xgboost]" in result.stderr and "xgboost-cpu" in result.stderr
+    result = runner.invoke(app, ["benchmark", "--members", str(tmp_path), "--nonmembers", str(tmp_path),
+                                 "--model", "m", "--out", str(tmp_path / "b"), "--methods", "loss,gsa1"])
+    assert result.exit_code == 2 and "gsa1" in result.stderr and "cdi[xgboost]" in result.stderr
