@@ -33,7 +33,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from cdi.audit import AuditConfig, analyse_tables, build_result
+from cdi.audit import AuditConfig, analyse_tables, build_result, extraction_record
 from cdi.errors import CDIError
 from cdi.result import AuditResult
 
@@ -179,8 +179,10 @@ def _audit_images(published, unpublished, model, config: AuditConfig, progress: 
     directions = directions_of(families, adapter)
     analysis = analyse_tables(pair[0], pair[1], directions=directions, config=config,
                               shift_features=(emb_p, emb_u, encoder))
+    model = {**adapter.describe(), "files": dict(getattr(adapter, "files", {}))}
     result = build_result(analysis, pair[0], pair[1], families=families, feature_spec=spec, directions=directions,
-                          model=adapter.describe(), config=config, timings={})
+                          model=model, config=config, timings={})
+    result.extraction = extraction_record(config.batch_size, batch_size, adapter.device, pair)
     return result, pair
 
 
@@ -212,12 +214,7 @@ def _audit_tables(published, unpublished, model, config: AuditConfig, directions
 
 
 def _write(out: Path, result: AuditResult, pair) -> None:
-    """The files ``cdi audit`` writes: features.csv (+ sidecar), result.json, report.html."""
-    from cdi.audit import _combined_table
-    from cdi.result import FEATURES_FILE
-    from reports import write_report
+    """The evidence files ``cdi audit`` writes (``cdi.evidence.write_evidence``)."""
+    from cdi.evidence import write_evidence
 
-    out.mkdir(parents=True, exist_ok=True)
-    _combined_table(pair[0], pair[1]).to_csv(out / FEATURES_FILE)
-    result.save(out)
-    write_report(out, result)
+    write_evidence(out, result, pair)
