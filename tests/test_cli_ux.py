@@ -164,7 +164,8 @@ def test_missing_xgboost_is_a_clear_input_error(monkeypatch, tmp_path):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "xgboost" else real(name, *a))
     result = runner.invoke(app, ["audit", "--published", str(tmp_path), "--unpublished", str(tmp_path),
-                                 "--model", "m", "--out", str(tmp_path / "out"), "--scorer", "XGBoost"])
+                                 "--model", "m", "--out", str(tmp_path / "out"), "--scorer", "XGBoost",
+                                 "--protocol", "sequential"])
     assert result.exit_code == 2 and "cdi[xgboost]" in result.stderr and "xgboost-cpu" in result.stderr
     result = runner.invoke(app, ["benchmark", "--members", str(tmp_path), "--nonmembers", str(tmp_path),
                                  "--model", "m", "--out", str(tmp_path / "b"), "--methods", "loss,gsa1"])
