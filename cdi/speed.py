@@ -52,6 +52,7 @@ from cdi.data import ImageCollection, Preprocess
 from cdi.errors import CDIError
 from cdi.models.base import DiffusionAdapter
 from features.base import Cost, EncodedBatch, FeatureFamily
+from features.calls import planned_calls
 from features.extract import extract_features
 from features.registry import total_cost
 
@@ -112,6 +113,20 @@ class _TimedFamily:
         self.family.__dict__.pop("extract", None)
 
 
+def _sum_costs(costs) -> Cost:
+    total = Cost(0, 0)
+    for cost in costs:
+        total = total + cost
+    return total
+
+
+def _own_cost(family: FeatureFamily, adapter: DiffusionAdapter) -> Cost:
+    """The calls a family makes in its own ``extract`` when the engine makes its shared calls."""
+    shared = _sum_costs(call.cost for call in family.shared_calls(adapter))
+    cost = family.cost(adapter)
+    return Cost(cost.forward - shared.forward, cost.backward - shared.backward)
+
+
 def _entry(cost: Cost, images: int, measured: float, per_forward: float, per_backward: float) -> dict[str, Any]:
     per_image = (cost.forward - cost.backward) * per_forward + (cost.backward * per_backward if cost.backward else 0.0)
     roofline = images * per_image
@@ -170,8 +185,11 @@ def measure_speed(
         is None off CUDA), ``roofline_seconds``, ``measured_seconds``,
         ``families`` (name -> the same timing keys for that family alone),
         ``device``, ``dtype``, ``batch_size``, ``images``,
-        ``audit_size``, ``audit_estimate_seconds``, and ``roofline``
-        (seconds per sample and batch size of the forward and backward loops).
+        ``audit_size``, ``audit_estimate_seconds``, ``roofline``
+        (seconds per sample and batch size of the forward and backward loops)
+        and ``shared_calls`` (the timing keys for the network calls the
+        engine makes once for several families, ``features.calls``; a
+        family's entry counts only the calls of its own ``extract``).
     """
     families = list(families)
     if not families:
@@ -208,8 +226,8 @@ def measure_speed(
         try:
             sync(device)
             start = time.perf_counter()
-            extract_features(adapter, collection, families, seed=seed, batch_size=batch_size,
-                             num_workers=num_workers, progress=False)
+            table = extract_features(adapter, collection, families, seed=seed, batch_size=batch_size,
+                                     num_workers=num_workers, progress=False)
             sync(device)
             measured = time.perf_counter() - start
         finally:
@@ -226,9 +244,12 @@ def measure_speed(
     n = len(collection)
     report = _entry(total_cost(families, adapter), n, measured, per_forward, per_backward)
     report["families"] = {
-        timer.family.name: _entry(timer.family.cost(adapter), n, timer.seconds, per_forward, per_backward)
+        timer.family.name: _entry(_own_cost(timer.family, adapter), n, timer.seconds, per_forward, per_backward)
         for timer in timers
     }
+    shared = _sum_costs(call.cost for call in planned_calls(families, adapter))
+    report["shared_calls"] = _entry(shared, n, table.meta["extraction"]["shared_calls_seconds"], per_forward,
+                                    per_backward)
     report.update(
         peak_memory_bytes={"host": host_peak, "device": device_peak},
         device=str(device),
@@ -298,5 +319,7 @@ def speed_table(report: dict[str, Any]):
 
     for name, entry in report["families"].items():
         row(name, entry)
+    if report.get("shared_calls", {}).get("calls_per_image", {}).get("forward"):
+        row("shared calls", report["shared_calls"])
     row("all", report, style="bold")
     return table

@@ -11,7 +11,11 @@ A feature family is a small class with
   models have a single reduced condition);
 * ``directions(adapter)``: the member direction of each column, +1 when a
   higher value means member, -1 when a lower value does;
-* ``cost(adapter)``: model calls per image, forward and backward;
+* ``cost(adapter)``: model calls per image, forward and backward, when the
+  family runs alone;
+* ``shared_calls(adapter)``: the calls among those that other families make
+  too (``features.calls``); the engine evaluates each distinct one once per
+  batch;
 * ``extract(adapter, batch)``: a (B, len(columns)) float32 tensor for one
   ``EncodedBatch``, on the adapter's device.
 
@@ -39,13 +43,16 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from dataclasses import dataclass
-from typing import Any, ClassVar, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar, Sequence
 
 import torch
 
 from cdi.errors import CDIError
 from cdi.models.base import Condition, DiffusionAdapter
+
+if TYPE_CHECKING:
+    from features.calls import SharedCall
 
 
 @dataclass(frozen=True)
@@ -108,6 +115,10 @@ class EncodedBatch:
     max_chunk : int or None
         Most samples per network call for this batch (the extraction engine
         sets its batch size); None: no limit beyond the family's own.
+    shared : dict
+        The network calls shared by several families, evaluated once by the
+        engine before the families run (``features.calls``); empty when a
+        family is called on its own.
     """
 
     x0: torch.Tensor
@@ -117,6 +128,7 @@ class EncodedBatch:
     seed: int
     pixels: torch.Tensor | None = None
     max_chunk: int | None = None
+    shared: dict = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.hashes)
@@ -158,7 +170,12 @@ class FeatureFamily:
         raise NotImplementedError
 
     def cost(self, adapter: DiffusionAdapter) -> Cost:
+        """Model calls per image when the family runs alone (its shared calls included)."""
         raise NotImplementedError
+
+    def shared_calls(self, adapter: DiffusionAdapter) -> list["SharedCall"]:
+        """The calls of ``cost`` that other families may share (``features.calls``); none by default."""
+        return []
 
     def extract(self, adapter: DiffusionAdapter, batch: EncodedBatch) -> torch.Tensor:
         raise NotImplementedError

@@ -63,7 +63,7 @@ from rich.progress import (
 from rich.text import Text
 
 from cdi import __version__
-from cdi.batching import auto_batch_size, parse_batch_size
+from cdi.batching import auto_batch_size, parse_batch_size, sync
 from cdi.data import Preprocess, image_batches
 from cdi.errors import CDIError
 from cdi.models.base import DiffusionAdapter
@@ -71,6 +71,7 @@ from cdi.progress import progress_bar
 from cdi.store import FeatureStore
 from cdi.table import FeatureTable
 from features.base import EncodedBatch, FeatureFamily
+from features.calls import evaluate as evaluate_shared_calls, planned_calls
 
 if TYPE_CHECKING:
     from cdi.data import ImageCollection, ImageRecord
@@ -275,6 +276,7 @@ class BatchComputer:
     def __init__(self, adapter: DiffusionAdapter, columns: dict[str, list[str]], seed: int, chunk: int | None,
                  warn=logger.warning) -> None:
         self.adapter, self.columns, self.seed, self.chunk, self.warn = adapter, columns, seed, chunk, warn
+        self.shared_seconds = 0.0  # wall time of the shared network calls (features.calls)
 
     def compute(self, pixels: torch.Tensor, records: Sequence["ImageRecord"], families: Sequence[FeatureFamily]):
         """Yield ``(start, stop, {family name: (stop - start, n_columns) float64})`` over the batch."""
@@ -302,6 +304,11 @@ class BatchComputer:
             x0=x0, hashes=[r.sha256 for r in records], captions=captions,
             cond=self.adapter.conditions(captions), seed=self.seed, pixels=pixels, max_chunk=self.chunk,
         )
+        # The calls several families need, made once for all of them (features.calls).
+        started = time.perf_counter()
+        evaluate_shared_calls(self.adapter, batch, planned_calls(families, self.adapter))
+        sync(self.adapter.device)
+        self.shared_seconds += time.perf_counter() - started
         results = {}
         for family in families:
             out = family.extract(self.adapter, batch)
@@ -504,6 +511,7 @@ class _Extraction:
                 "final_batch_size": self.computer.chunk,
                 "distributed": None if self.runner is None else self.runner.describe(),
                 "seconds": round(seconds, 3),
+                "shared_calls_seconds": round(self.computer.shared_seconds, 3),  # local runs only
             },
             "environment": {"python": platform.python_version(), "torch": torch.__version__},
         }

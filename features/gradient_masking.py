@@ -17,6 +17,13 @@ recovers exactly the corruption that was inserted where its loss is most
 sensitive. (Noising ``x~`` to t would make the target a mixture of ``eps`` and
 ``x0`` that the formula's ``eps - x0`` no longer describes.) 10 forward +
 backward and 10 forward calls per image; lower = member.
+
+The noise is the image's one shared noise (``features.calls.IMAGE_NOISE``):
+the first pass (forward + backward) at each t is then the call whose norm is
+Multiple Loss's feature_t, and at t = 100 also Noise Optimisation's starting
+point and a Denoising Loss repetition, so the engine makes it once for all of
+them (``features.calls``). Version 2: before, Gradient Masking drew its own
+noise; the reference defines it with one noise per image, which this still is.
 """
 
 from __future__ import annotations
@@ -33,8 +40,8 @@ from features.base import (
     per_sample_norm,
     predict_eps,
     require,
-    residual_norm_and_grad,
 )
+from features.calls import SharedCall, image_noise, noised_residuals
 
 
 @dataclass(frozen=True)
@@ -74,6 +81,7 @@ class GradientMasking(FeatureFamily):
     """Error of the model on the inputs its loss gradient points at, per timestep."""
 
     name = "gradient_masking"
+    version = 2  # the image's shared noise (features.calls) instead of its own
     config_class = GradientMaskingConfig
 
     def columns(self, adapter: DiffusionAdapter | None = None) -> list[str]:
@@ -89,20 +97,21 @@ class GradientMasking(FeatureFamily):
     def timesteps(self) -> list[int]:
         return list(self.config.timesteps)
 
+    def shared_calls(self, adapter: DiffusionAdapter) -> list[SharedCall]:
+        return [SharedCall("noised", t, grad=True) for t in self.config.timesteps]
+
     @torch.no_grad()
     def extract(self, adapter: DiffusionAdapter, batch: EncodedBatch) -> torch.Tensor:
         """Both passes run on all B * T samples at once (in chunks of ``chunk_for(batch)``)."""
         cfg = self.config
         b, n_t = len(batch), len(cfg.timesteps)
-        eps = batch.noise(self.name).repeat_interleave(n_t, dim=0)  # image-major: i * T + k
+        eps = image_noise(batch).repeat_interleave(n_t, dim=0)  # image-major: i * T + k
         x0 = batch.x0.repeat_interleave(n_t, dim=0)
         t = torch.tensor(cfg.timesteps, dtype=torch.long, device=x0.device).repeat(b)
         cond = batch.cond.repeat_interleave(n_t)
 
-        _, grad = residual_norm_and_grad(
-            adapter, adapter.add_noise(x0, eps, t), t, cond, eps, self.chunk_for(batch)
-        )
-        flat = grad.flatten(1)
+        _, grad = noised_residuals(adapter, batch, cfg.timesteps, grad=True, chunk=self.chunk_for(batch))
+        flat = grad.flatten(2).flatten(0, 1)  # (B * T, n), image-major
         top = flat.abs().topk(masked_count(cfg.mask_fraction, flat.shape[1]), dim=1).indices
         mask = torch.zeros_like(flat, dtype=torch.bool).scatter_(1, top, True).view_as(x0)
 

@@ -4,6 +4,12 @@ One noise ``eps`` per image, shared by every timestep; feature_t =
 ``||eps_theta(x_t, t, c) - eps||_2`` with ``x_t = sqrt(abar[t]) x0 +
 sqrt(1 - abar[t]) eps`` for t in {0, 100, ..., 900}: one column per timestep.
 Lower = member.
+
+The noise is the image's one shared noise (``features.calls.IMAGE_NOISE``),
+the same that Gradient Masking and Noise Optimisation use, so each of these
+calls is the forward pass Gradient Masking makes anyway (the engine makes it
+once; ``features.calls``). Version 2: before, Multiple Loss drew its own
+noise; the reference defines it with one noise per image, which this still is.
 """
 
 from __future__ import annotations
@@ -13,7 +19,8 @@ from dataclasses import dataclass
 import torch
 
 from cdi.models.base import DiffusionAdapter
-from features.base import Cost, EncodedBatch, FeatureFamily, per_sample_norm, predict_eps, require
+from features.base import Cost, EncodedBatch, FeatureFamily, require
+from features.calls import SharedCall, noised_residuals
 
 
 @dataclass(frozen=True)
@@ -41,6 +48,7 @@ class MultipleLoss(FeatureFamily):
     """Denoising error at several timesteps with one shared noise per image."""
 
     name = "multiple_loss"
+    version = 2  # the image's shared noise (features.calls) instead of its own
     config_class = MultipleLossConfig
 
     def columns(self, adapter: DiffusionAdapter | None = None) -> list[str]:
@@ -55,14 +63,11 @@ class MultipleLoss(FeatureFamily):
     def timesteps(self) -> list[int]:
         return list(self.config.timesteps)
 
+    def shared_calls(self, adapter: DiffusionAdapter) -> list[SharedCall]:
+        return [SharedCall("noised", t) for t in self.config.timesteps]
+
     @torch.no_grad()
     def extract(self, adapter: DiffusionAdapter, batch: EncodedBatch) -> torch.Tensor:
-        """All B * T noised samples go through the network together (in chunks)."""
-        steps = self.config.timesteps
-        b, n_t = len(batch), len(steps)
-        eps = batch.noise(self.name).repeat_interleave(n_t, dim=0)  # image-major: i * T + k
-        x0 = batch.x0.repeat_interleave(n_t, dim=0)
-        t = torch.tensor(steps, dtype=torch.long, device=x0.device).repeat(b)
-        x_t = adapter.add_noise(x0, eps, t)
-        pred = predict_eps(adapter, x_t, t, batch.cond.repeat_interleave(n_t), self.chunk_for(batch))
-        return per_sample_norm(pred - eps).view(b, n_t)
+        """Every value is a shared call: all B * T samples together (in chunks) unless the engine made them."""
+        norms, _ = noised_residuals(adapter, batch, self.config.timesteps, chunk=self.chunk_for(batch))
+        return norms

@@ -11,7 +11,9 @@ at t = 200 and
   no-op; this is the normalisation the PIA paper describes).
 
 Three network calls per image (one at t = 0, then the PIA and PIAN queries
-together); both columns: lower = member.
+together); both columns: lower = member. The call at t = 0 is SecMI's first
+inversion step too (and SimA's score at t = 0): a shared call
+(``features.calls``) that the engine makes once.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import torch
 
 from cdi.models.base import DiffusionAdapter
 from features.base import Cost, EncodedBatch, FeatureFamily, per_sample_norm, predict_eps, require
+from features.calls import SharedCall, clean_eps
 
 
 @dataclass(frozen=True)
@@ -62,12 +65,14 @@ class PIA(FeatureFamily):
     def timesteps(self) -> list[int]:
         return [0, self.config.timestep]
 
+    def shared_calls(self, adapter: DiffusionAdapter) -> list[SharedCall]:
+        return [SharedCall("clean", 0)]
+
     @torch.no_grad()
     def extract(self, adapter: DiffusionAdapter, batch: EncodedBatch) -> torch.Tensor:
         cfg = self.config
         b, x0 = len(batch), batch.x0
-        t0 = torch.zeros(b, dtype=torch.long, device=x0.device)
-        e0 = predict_eps(adapter, x0, t0, batch.cond, self.chunk_for(batch))
+        e0 = clean_eps(adapter, batch, [0], self.chunk_for(batch))[:, 0]
         scale = math.sqrt(2.0 / math.pi) / e0.abs().flatten(1).mean(dim=1).clamp_min(1e-12)
         e0n = e0 * scale.view(-1, *([1] * (e0.dim() - 1)))
         # PIA's and PIAN's queries in one call: samples [0, B) are PIA, [B, 2B) PIAN.

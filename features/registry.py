@@ -3,7 +3,9 @@
 ``cdi`` is the 26-feature set of the CDI paper (REFERENCE.md section 1):
 Denoising Loss (1), SecMI_stat (1), PIA and PIAN (2), Multiple Loss (10),
 Noise Optimisation (2) and Gradient Masking (10): 56 forward and 15 backward
-model calls per image. ``cdi+clid`` appends CLiD's ``[L(c), D_1..D_k]``
+model calls per image as the reference counts them, 43 forward and 14
+backward here, because the calls that several families make are made once
+(``features.calls``). ``cdi+clid`` appends CLiD's ``[L(c), D_1..D_k]``
 (REFERENCE.md section 2), an addition of this toolkit, for conditional models.
 """
 
@@ -14,6 +16,7 @@ from typing import Sequence
 from cdi.errors import CDIError
 from cdi.models.base import DiffusionAdapter
 from features.base import Cost, FeatureFamily
+from features.calls import shared_savings
 from features.clid import CLiD
 from features.denoising_loss import DenoisingLoss
 from features.gradient_masking import GradientMasking
@@ -86,8 +89,9 @@ def directions_of(families: Sequence[FeatureFamily], adapter: DiffusionAdapter |
 
 
 def total_cost(families: Sequence[FeatureFamily], adapter: DiffusionAdapter) -> Cost:
-    """Model calls per image for all families together."""
+    """Model calls per image for all families together, each shared call counted once."""
     total = Cost(0, 0)
     for family in families:
         total = total + family.cost(adapter)
-    return total
+    saved = shared_savings(families, adapter)
+    return Cost(total.forward - saved.forward, total.backward - saved.backward)

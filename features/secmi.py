@@ -10,6 +10,9 @@ t_sec (t_sec = 100, interval = 10: 10 calls) and gives ``x_det``. One more
 inversion step t_sec -> t_sec + interval and one denoising step back
 (2 calls) give ``x_step``. Feature: ``||x_det - x_step||_2`` (L2 norm over the
 sample, not squared). 12 calls per image; lower = member.
+
+The first step's ``e = eps_theta(x0, 0, c)`` is PIA's ``e0``: a shared call
+(``features.calls``) that the engine makes once for both.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import torch
 
 from cdi.models.base import DiffusionAdapter
 from features.base import Cost, EncodedBatch, FeatureFamily, per_sample_norm, predict_eps, require
+from features.calls import SharedCall, clean_eps
 
 
 @dataclass(frozen=True)
@@ -71,6 +75,9 @@ class SecMI(FeatureFamily):
         cfg = self.config
         return list(range(0, cfg.timestep + cfg.interval + 1, cfg.interval))
 
+    def shared_calls(self, adapter: DiffusionAdapter) -> list[SharedCall]:
+        return [SharedCall("clean", 0)]
+
     @torch.no_grad()
     def extract(self, adapter: DiffusionAdapter, batch: EncodedBatch) -> torch.Tensor:
         """Sequential in time; each step is one network call on the B images."""
@@ -79,8 +86,11 @@ class SecMI(FeatureFamily):
         b = len(batch)
 
         def step(x: torch.Tensor, s_from: int, s_to: int) -> torch.Tensor:
-            t = torch.full((b,), s_from, dtype=torch.long, device=x.device)
-            e = predict_eps(adapter, x, t, batch.cond, self.chunk_for(batch))
+            if s_from == 0 and x is batch.x0:  # eps_theta(x0, 0, c): PIA's e0, a shared call
+                e = clean_eps(adapter, batch, [0], self.chunk_for(batch))[:, 0]
+            else:
+                t = torch.full((b,), s_from, dtype=torch.long, device=x.device)
+                e = predict_eps(adapter, x, t, batch.cond, self.chunk_for(batch))
             return ddim_step(x, e, abar[s_from], abar[s_to])
 
         x = batch.x0
