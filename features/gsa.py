@@ -14,27 +14,45 @@ these vectors (``attacks.scorers``).
 * **GSA1**: one backward of ``sum_t L_t``; feature = norm of that gradient.
 * **GSA2**: one backward per t; feature = ``sum_t`` of the per-t norms.
 
-Per-image gradients: parameter gradients add up over a batch, so each image
-gets its own backward passes. GSA1 sends an image's 20 timesteps through the
-network as one batch (chunks of ``chunk_for(batch)`` add their gradients)
-and runs one backward; GSA2 runs one forward and one backward per (image, t), which is
-linear in the number of timesteps. Neither differentiates a whole-batch
-graph once per image (CopyMark's quadratic cost), and an image's values never
-depend on which images share its batch.
+Per-sample gradients without one backward per sample: parameter gradients
+add up over a batch, so a plain backward of a batch gives one sum, not one
+gradient per image. Here ``torch.func`` computes them batched:
+``vmap(grad(loss))`` over the samples with the parameters passed in by
+``functional_call``, which runs one forward and one backward of the whole
+chunk and keeps each sample's own gradient (the per-sample weight gradients
+are batched outer products instead of sums). The norms are taken inside the
+vmapped function, so each chunk's per-sample gradients are reduced to one
+number per parameter tensor as soon as they exist.
+
+* GSA1: one sample per *image* (its T noised copies go through the network
+  together, as the batch of the vmapped function), loss ``sum_t L_t``;
+* GSA2: one sample per *(image, t)*, loss ``L_t``, norms summed over t.
+
+Chunks: ``torch.func.vmap(..., chunk_size=k)`` with ``k = chunk_for(batch) //
+G`` samples (G = T for GSA1, 1 for GSA2; at least 1), so at most about
+``chunk_for(batch)`` network samples and k per-sample gradients (k times the
+denoiser's parameters) are in memory at once; on CUDA out-of-memory the
+engine halves the batch and with it k. An image's values never depend on
+which images share its batch (no whole-batch graph is differentiated per
+image, CopyMark's quadratic cost, and nothing is summed across images).
+Attention kernels without a vmap batching rule (PyTorch 2.x's fused
+scaled-dot-product attention on CPU, for one) fall back to a loop inside the
+kernel, with a warning; the rest of the network is batched.
 
 The denoiser network comes from the adapter's ``denoiser`` attribute (a
-``torch.nn.Module``). Its parameters are switched to ``requires_grad`` for
-the duration of the call and restored afterwards; nothing else is changed.
-Cost per image: 20 forward and 20 backward network evaluations.
+``torch.nn.Module``); its parameters are read, never changed (not even their
+``requires_grad``). Cost per image: 20 forward and 20 backward network
+evaluations (samples), made in batched calls.
 """
 
 from __future__ import annotations
 
-import contextlib
+import warnings
 from dataclasses import dataclass
-from typing import Iterator
+from typing import ClassVar
 
 import torch
+from torch.func import functional_call, grad, vmap
 
 from cdi.errors import CDIError
 from cdi.models.base import Condition, DiffusionAdapter
@@ -71,21 +89,61 @@ def denoiser_parameters(adapter: DiffusionAdapter) -> list[tuple[str, torch.nn.P
     return list(network.named_parameters())
 
 
-@contextlib.contextmanager
-def _gradients_enabled(params: list[torch.nn.Parameter]) -> Iterator[None]:
-    before = [p.requires_grad for p in params]
-    try:
-        with torch.inference_mode(False), torch.enable_grad():
-            for p in params:
-                p.requires_grad_(True)
-            yield
-    finally:
-        for p, flag in zip(params, before):
-            p.requires_grad_(flag)
+class _Eps(torch.nn.Module):
+    """``adapter.eps`` as a module whose parameters are the denoiser's (``network.<name>``).
+
+    ``functional_call`` on it swaps the denoiser's parameters for the given
+    tensors during the call, so ``torch.func.grad`` can differentiate the
+    adapter's noise prediction with respect to them.
+    """
+
+    def __init__(self, adapter: DiffusionAdapter, network: torch.nn.Module) -> None:
+        super().__init__()
+        self.network = network
+        self._adapter = (adapter,)  # a tuple: not registered as a submodule
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self._adapter[0].eps(x_t, t, Condition(x_t.shape[0], cond))
+
+
+def per_sample_gradient_norms(
+    adapter: DiffusionAdapter,
+    x_t: torch.Tensor,
+    steps: torch.Tensor,
+    cond: Condition,
+    eps: torch.Tensor,
+    chunk: int | None,
+) -> torch.Tensor:
+    """For each sample n: the norm of every parameter tensor's gradient of ``sum_g mean((eps_theta - eps)^2)``.
+
+    ``x_t``, ``steps``, ``eps`` have shape (N, G, ...) and ``cond`` batch N * G
+    (sample-major): sample n is the group of G network inputs ``x_t[n]``,
+    whose losses are summed. Returns (N, n_parameter_tensors) float32;
+    parameters that the loss does not reach get 0. At most ``chunk``
+    network inputs per chunk of samples (at least one sample).
+    """
+    network = adapter.denoiser
+    names = [name for name, _ in network.named_parameters()]
+    params = {f"network.{name}": p.detach() for name, p in network.named_parameters()}
+    module = _Eps(adapter, network)
+    n, g = x_t.shape[:2]
+    conds = {k: v.reshape(n, g, *v.shape[1:]) for k, v in cond.tensors.items()}
+
+    def loss(p: dict, x: torch.Tensor, t: torch.Tensor, c: dict, e: torch.Tensor) -> torch.Tensor:
+        return (functional_call(module, p, (x, t, c)) - e).pow(2).flatten(1).mean(dim=1).sum()
+
+    def norms(p: dict, x: torch.Tensor, t: torch.Tensor, c: dict, e: torch.Tensor) -> torch.Tensor:
+        grads = grad(loss)(p, x, t, c, e)
+        return torch.stack([torch.linalg.vector_norm(grads[f"network.{name}"].float()) for name in names])
+
+    size = None if chunk is None else max(1, int(chunk) // g)
+    with warnings.catch_warnings():  # "no batching rule" for fused attention: it still runs, looped
+        warnings.filterwarnings("ignore", message=".*batching rule.*")
+        return vmap(norms, in_dims=(None, 0, 0, 0, 0), chunk_size=size)(params, x_t, steps, conds, eps)
 
 
 class _GradientNorms(FeatureFamily):
-    """What GSA1 and GSA2 share: columns, cost, the per-image loop."""
+    """What GSA1 and GSA2 share: columns, cost, the batched per-sample gradients."""
 
     config_class = GSAConfig
 
@@ -104,77 +162,41 @@ class _GradientNorms(FeatureFamily):
     def timesteps(self) -> list[int]:
         return list(self.config.timesteps)
 
+    #: Network inputs per vmapped sample: all T timesteps of an image (GSA1) or one (GSA2).
+    per_timestep: ClassVar[bool] = False
+
     def extract(self, adapter: DiffusionAdapter, batch: EncodedBatch) -> torch.Tensor:
-        """A (B, n_parameter_tensors) float32 tensor of gradient norms, image by image."""
-        params = [p for _, p in denoiser_parameters(adapter)]
+        """A (B, n_parameter_tensors) float32 tensor of gradient norms (see the module docstring)."""
+        denoiser_parameters(adapter)  # the white-box check
         steps = torch.tensor(self.config.timesteps, dtype=torch.long, device=adapter.device)
-        noise = torch.stack([batch.noise(NOISE_KEY, int(t)) for t in self.config.timesteps], dim=1)
-        rows = []
-        with _gradients_enabled(params):
-            for i in range(len(batch)):
-                eps = noise[i].clone()  # (T, ...)
-                x_t = adapter.add_noise(batch.x0[i : i + 1].clone().expand_as(eps), eps, steps)
-                # Cloned: the engine may have built the batch under inference_mode, and
-                # inference tensors cannot be saved for backward.
-                cond = batch.cond.index([i]).repeat(steps.shape[0])
-                cond = Condition(cond.batch_size, {k: v.clone() for k, v in cond.tensors.items()})
-                rows.append(self._image_norms(adapter, params, x_t, steps, cond, eps, self.chunk_for(batch)))
-        return torch.stack(rows)
-
-    def _image_norms(
-        self,
-        adapter: DiffusionAdapter,
-        params: list[torch.nn.Parameter],
-        x_t: torch.Tensor,
-        steps: torch.Tensor,
-        cond: Condition,
-        eps: torch.Tensor,
-        chunk: int | None,
-    ) -> torch.Tensor:
-        """The gradient norms of one image from its T noised copies, at most ``chunk`` samples per call."""
-        raise NotImplementedError
-
-
-def _loss_gradients(
-    adapter: DiffusionAdapter,
-    params: list[torch.nn.Parameter],
-    x_t: torch.Tensor,
-    steps: torch.Tensor,
-    cond: Condition,
-    eps: torch.Tensor,
-) -> list[torch.Tensor]:
-    """Gradient of ``sum_samples mean((eps_theta - eps)^2)``; unused parameters get zeros."""
-    loss = (adapter.eps(x_t, steps, cond) - eps).pow(2).flatten(1).mean(dim=1).sum()
-    grads = torch.autograd.grad(loss, params, allow_unused=True)
-    return [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
-
-
-def _norms(grads: list[torch.Tensor]) -> torch.Tensor:
-    return torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])
+        b, n_t = len(batch), steps.shape[0]
+        # (B, T, ...) image-major, cloned: the engine may have built the batch under inference_mode.
+        eps = torch.stack([batch.noise(NOISE_KEY, int(t)) for t in self.config.timesteps], dim=1)
+        x_t = adapter.add_noise(batch.x0.repeat_interleave(n_t, dim=0), eps.flatten(0, 1), steps.repeat(b))
+        cond = batch.cond.repeat_interleave(n_t)
+        cond = Condition(cond.batch_size, {k: v.clone() for k, v in cond.tensors.items()})
+        t = steps.repeat(b)
+        with torch.inference_mode(False), torch.enable_grad():
+            if self.per_timestep:  # GSA2: B * T samples of one input each, norms summed over t
+                norms = per_sample_gradient_norms(
+                    adapter, x_t.clone().unsqueeze(1), t.unsqueeze(1), cond, eps.flatten(0, 1).clone().unsqueeze(1),
+                    self.chunk_for(batch),
+                )
+                return norms.view(b, n_t, -1).sum(dim=1)
+            return per_sample_gradient_norms(  # GSA1: B samples of T inputs each
+                adapter, x_t.clone().view(b, n_t, *x_t.shape[1:]), t.view(b, n_t), cond, eps.clone(),
+                self.chunk_for(batch),
+            )
 
 
 class GSA1(_GradientNorms):
-    """GSA1: norms of the gradient of the loss summed over the timesteps (one backward)."""
+    """GSA1: norms of the gradient of the loss summed over the timesteps (one sample per image)."""
 
     name = "gsa1"
 
-    def _image_norms(self, adapter, params, x_t, steps, cond, eps, chunk):
-        total, n = None, steps.shape[0]
-        size = n if chunk is None else chunk
-        for sl in (slice(k, min(k + size, n)) for k in range(0, n, size)):
-            grads = _loss_gradients(adapter, params, x_t[sl], steps[sl], cond.index(sl), eps[sl])
-            total = grads if total is None else [a + g for a, g in zip(total, grads)]
-        return _norms(total)
-
 
 class GSA2(_GradientNorms):
-    """GSA2: per-timestep gradient norms, summed over the timesteps (one backward per t)."""
+    """GSA2: per-timestep gradient norms, summed over the timesteps (one sample per image and t)."""
 
     name = "gsa2"
-
-    def _image_norms(self, adapter, params, x_t, steps, cond, eps, chunk):
-        total = torch.zeros(len(params), dtype=torch.float32, device=x_t.device)
-        for j in range(steps.shape[0]):
-            sl = slice(j, j + 1)
-            total += _norms(_loss_gradients(adapter, params, x_t[sl], steps[sl], cond.index(sl), eps[sl]))
-        return total
+    per_timestep = True
