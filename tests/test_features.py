@@ -22,6 +22,7 @@ from cdi.models.base import Condition, DiffusionAdapter
 from features.base import Cost, EncodedBatch, image_noise, per_sample_norm
 from features.calls import evaluate, planned_calls
 from features.clid import CLiD, mask_caption
+from features.clid_captions import clip_captions, importance_captions, importance_ranking, released_count
 from features.denoising_loss import DenoisingLoss
 from features.gradient_masking import GradientMasking, masked_count
 from features.multiple_loss import MultipleLoss
@@ -346,6 +347,36 @@ def test_noise_optimization_matches_torch_lbfgs_on_the_oracle(oracles):
             assert np.all(got[:, 0] > 0.1)
 
 
+def test_noise_optimization_reference_variant_is_scipy_per_image(tiny_unet):
+    """variant="reference": scipy's L-BFGS-B on the plain norm, per image (batch-independent),
+    final loss re-noised as the reference code does."""
+    from scipy.optimize import minimize
+
+    batch = make_batch(tiny_unet, 2)
+    family = NoiseOptimization(variant="reference")
+    got = family.extract(tiny_unet, batch).double().numpy()
+    alone = family.extract(tiny_unet, sub_batch(batch, [1]))[0].double().numpy()
+    np.testing.assert_allclose(alone, got[1], rtol=1e-4)
+    i, t = 0, torch.tensor([100])
+    eps = image_noise(batch.x0.shape[1:], batch.seed, [batch.hashes[i]], "image", "shared")
+    x_t = tiny_unet.add_noise(batch.x0[i : i + 1], eps, t)
+    cond = batch.cond.index([i])
+
+    def fun(flat):
+        d = torch.from_numpy(flat).float().view_as(x_t).requires_grad_(True)
+        loss = per_sample_norm(tiny_unet.eps(x_t + d, t, cond) - eps).sum()
+        (g,) = torch.autograd.grad(loss, d)
+        return float(loss.detach()), g.double().numpy().ravel()
+
+    d = torch.from_numpy(minimize(fun, np.zeros(x_t.numel()), jac=True, method="L-BFGS-B",
+                                  options={"maxiter": 5}).x).float().view_as(x_t)
+    with torch.no_grad():
+        loss = per_sample_norm(tiny_unet.eps(tiny_unet.add_noise(x_t + d, eps, t), t, cond) - eps).item()
+    np.testing.assert_allclose(got[0], [loss, d.norm().item()], rtol=1e-4)
+    with pytest.raises(CDIError, match="variant"):
+        NoiseOptimization(variant="scipy")
+
+
 def _rosenbrock_like(x: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """Smooth non-quadratic per-row objectives: (B, D) -> (B,), row i scaled by scales[i]."""
     core = ((1 - x[:, :-1]) ** 2 + 3.0 * (x[:, 1:] - x[:, :-1] ** 2) ** 2).sum(1) + 0.1 * (x**4).sum(1)
@@ -547,6 +578,49 @@ def test_mask_caption_is_a_seeded_subset():
     others = {mask_caption(caption, 0.5, 0, g) for g in _hashes(20)}
     assert len(others) > 5  # so does the image hash
     assert mask_caption("", 0.5, 0, h) == ""
+
+
+def test_clid_released_caption_rules():
+    """impt: the released count (ceil(rate * n), 2 of 4 at 50 %) of one nested ranking;
+    clip: the released character thirds, at the released timesteps."""
+    assert [released_count(r, 4) for r in (0.3, 0.5, 0.7)] == [2, 2, 3]
+    assert [released_count(r, 10) for r in (0.3, 0.5, 0.7)] == [3, 5, 7]
+    caption, ranking = "one two three four", [2, 0, 3, 1]
+    assert importance_captions(caption, ranking, 0.3, "<E>") == "<E> two <E> four"
+    assert importance_captions(caption, ranking, 0.7, "<E>") == "<E> two <E> <E>"
+    assert clip_captions("abcdefghij") == ["abc", "def", "ghij"]
+    assert CLiD(reduction="clip").timesteps() == [485, 495, 505]
+    assert CLiD(reduction="clip", timesteps=(440,)).timesteps() == [440]
+    with pytest.raises(CDIError, match="reduction"):
+        CLiD(reduction="nope")
+
+
+def test_clid_importance_ranking_follows_the_condition(oracles):
+    """The proxy ranking: the word whose replacement moves the condition most comes first;
+    "impt" features equal the closed form with those reduced captions."""
+    ad = oracles["text"]
+    caption = CAPTIONS[0]
+    (ranking,) = importance_ranking(ad, [caption], "<|endoftext|>")
+    words = caption.split()
+    moved = [float((ad.prompt_mean(" ".join("<|endoftext|>" if k == j else w for k, w in enumerate(words)))
+                    - ad.prompt_mean(caption)).pow(2).sum()) for j in range(len(words))]
+    assert sorted(ranking) == list(range(len(words)))
+    assert [moved[j] for j in ranking] == sorted(moved, reverse=True)
+    batch = make_batch(ad, 3)
+    family = CLiD(reduction="impt")
+    got = family.extract(ad, batch)
+    reduced = family.reduced_captions(ad, batch)
+    for i in range(3):
+        conds = [batch.captions[i]] + [r[i] for r in reduced] + [None]
+        losses = []
+        for c in conds:
+            mu = ad.mean_of(c)
+            per_t = [np.mean((_eps_hat(ad, _noised(ad, batch.x0[i].double().numpy(), _noise(batch, i, "clid", t), t),
+                                       t, mu) - _noise(batch, i, "clid", t)) ** 2) for t in (440, 450, 460)]
+            losses.append(np.mean(per_t))
+        want = [losses[0]] + [l - losses[0] for l in losses[1:]]
+        np.testing.assert_allclose(got[i].double().numpy(), want, rtol=1e-5, atol=1e-6)
+    assert CLiD(reduction="clip").extract(ad, batch).shape == (3, 5)
 
 
 def test_clid_is_refused_on_unconditional_models(oracles):
