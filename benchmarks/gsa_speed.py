@@ -12,7 +12,7 @@ per-sample gradients are batched, so only rounding differs).
 Example (old tree: ``git worktree add --detach /tmp/old 9e68961``; toy SD:
 ``cdi toy build --kind sd --out /tmp/toy``)::
 
-    OMP_NUM_THREADS=1 python benchmarks/gsa_speed.py --old /tmp/old --model /tmp/toy/model --batch-sizes 2,4,16
+    PYTHONPATH=. OMP_NUM_THREADS=1 python benchmarks/gsa_speed.py --old /tmp/old --model /tmp/toy/model --batch-sizes 2,4,16
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import argparse
 import importlib.util
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -34,6 +35,7 @@ from features.gsa import GSA1, GSA2
 def _old_module(tree: Path):
     spec = importlib.util.spec_from_file_location("old_gsa", tree / "features" / "gsa.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules["old_gsa"] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
@@ -59,13 +61,15 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--old", required=True, help="the old code tree")
     parser.add_argument("--model", required=True, help="pipeline folder")
     parser.add_argument("--batch-sizes", default="2,4,16")
+    parser.add_argument("--families", default="gsa1,gsa2")
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     adapter = load_model(args.model, device="cpu", dtype="float32")
     old = _old_module(Path(args.old).resolve())
-    pairs = {"gsa1": (old.GSA1, GSA1), "gsa2": (old.GSA2, GSA2)}
+    pairs = {name: pair for name, pair in {"gsa1": (old.GSA1, GSA1), "gsa2": (old.GSA2, GSA2)}.items()
+             if name in args.families.split(",")}
     warm = _batch(adapter, 1)
     results = []
     for name, (old_cls, new_cls) in pairs.items():

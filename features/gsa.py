@@ -30,8 +30,12 @@ number per parameter tensor as soon as they exist.
 
 Chunks: ``torch.func.vmap(..., chunk_size=k)`` with ``k = chunk_for(batch) //
 G`` samples (G = T for GSA1, 1 for GSA2; at least 1), so at most about
-``chunk_for(batch)`` network samples and k per-sample gradients (k times the
-denoiser's parameters) are in memory at once; on CUDA out-of-memory the
+``chunk_for(batch)`` network inputs and k per-sample gradients (k times the
+denoiser's parameters) are in memory at once. Departure from the other
+families' rule: a call takes at least one image's T = 20 inputs, even when
+the batch size is smaller (GSA1: its per-image gradient is one vmapped
+sample; GSA2: vmapping fewer than T samples was slower on CPU than plain
+backward passes); GSA2 then holds T per-sample gradients at once; on CUDA out-of-memory the
 engine halves the batch and with it k. An image's values never depend on
 which images share its batch (no whole-batch graph is differentiated per
 image, CopyMark's quadratic cost, and nothing is summed across images).
@@ -176,16 +180,17 @@ class _GradientNorms(FeatureFamily):
         cond = batch.cond.repeat_interleave(n_t)
         cond = Condition(cond.batch_size, {k: v.clone() for k, v in cond.tensors.items()})
         t = steps.repeat(b)
+        # At least one image's T inputs per call (see the module docstring).
+        chunk = None if self.chunk_for(batch) is None else max(self.chunk_for(batch), n_t)
         with torch.inference_mode(False), torch.enable_grad():
             if self.per_timestep:  # GSA2: B * T samples of one input each, norms summed over t
                 norms = per_sample_gradient_norms(
                     adapter, x_t.clone().unsqueeze(1), t.unsqueeze(1), cond, eps.flatten(0, 1).clone().unsqueeze(1),
-                    self.chunk_for(batch),
+                    chunk,
                 )
                 return norms.view(b, n_t, -1).sum(dim=1)
             return per_sample_gradient_norms(  # GSA1: B samples of T inputs each
-                adapter, x_t.clone().view(b, n_t, *x_t.shape[1:]), t.view(b, n_t), cond, eps.clone(),
-                self.chunk_for(batch),
+                adapter, x_t.clone().view(b, n_t, *x_t.shape[1:]), t.view(b, n_t), cond, eps.clone(), chunk,
             )
 
 
