@@ -22,7 +22,8 @@ from dataclasses import dataclass
 import torch
 
 from cdi.models.base import DiffusionAdapter
-from features.base import Cost, EncodedBatch, FeatureFamily, per_sample_norm, predict_eps, require
+from features.base import Cost, EncodedBatch, FeatureFamily, per_sample_norm, require
+from features.calls import SharedCall, clean_eps
 
 
 @dataclass(frozen=True)
@@ -62,14 +63,13 @@ class SimA(FeatureFamily):
     def timesteps(self) -> list[int]:
         return [int(t) for t in self.config.timesteps]
 
+    def shared_calls(self, adapter: DiffusionAdapter) -> list[SharedCall]:
+        return [SharedCall("clean", int(t)) for t in self.config.timesteps]
+
     @torch.no_grad()
     def extract(self, adapter: DiffusionAdapter, batch: EncodedBatch) -> torch.Tensor:
-        b, x0 = len(batch), batch.x0
+        """Every value is a shared call (``features.calls``): at t = 0 it is PIA's ``e0`` and SecMI's first step."""
         steps = self.timesteps()
-        n = len(steps)
-        # Sample s * b + i is image i at timestep steps[s].
-        t = torch.tensor(steps, dtype=torch.long, device=x0.device).repeat_interleave(b)
-        x = x0.repeat(n, *([1] * (x0.dim() - 1)))
-        eps = predict_eps(adapter, x, t, batch.cond.repeat(n), self.chunk_for(batch))
-        score = per_sample_norm(eps.float(), p=4.0) ** 4
-        return score.view(n, b).T.contiguous()
+        eps = clean_eps(adapter, batch, steps, self.chunk_for(batch))  # (B, T, ...)
+        score = per_sample_norm(eps.flatten(0, 1).float(), p=4.0) ** 4
+        return score.view(len(batch), len(steps))

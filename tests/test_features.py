@@ -563,6 +563,9 @@ def test_shared_noise_is_one_per_image(oracles):
     torch.testing.assert_close(ml[:, 1:], dl)
     assert [c.grad for c in GradientMasking().shared_calls(ad)] == [True] * 10
     assert planned_calls([MultipleLoss(), GradientMasking()], ad) == GradientMasking().shared_calls(ad)
+    from features.sima import SimA  # SimA's t = 0 is PIA's e0 and SecMI's first step: one call
+    clean = [c for c in planned_calls([SecMI(), PIA(), SimA()], ad) if c.timestep == 0]
+    assert len(clean) == 1 and total_cost([SecMI(), PIA(), SimA()], ad) == Cost(12 + 3 + 4 - 2)
 
 
 # --------------------------------------------------------------------------
