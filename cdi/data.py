@@ -50,6 +50,7 @@ import logging
 import os
 import posixpath
 import re
+import stat
 import threading
 import warnings
 from collections import Counter
@@ -115,6 +116,8 @@ class ImageRecord:
     height: int
     mode: str
     caption: str | None
+    pixel_sha256: str | None = None  # SHA-256 of the upright RGB pixels (``pixel_digest``)
+    dhash: str | None = None  # 64-bit perceptual difference hash, hex (``difference_hash``)
 
 
 @dataclass(frozen=True)
@@ -131,8 +134,14 @@ class ImageCollection:
 
     Build one with ``ImageCollection.from_folder``. ``skipped`` lists the
     unreadable or oversized files left out with ``skip_bad``;
-    ``duplicates`` the ``(dropped path, kept path)`` pairs of identical files;
-    ``ignored`` the files that are neither images nor caption files in use.
+    ``duplicates`` the ``(dropped path, kept path)`` pairs of identical files
+    or images with identical pixels (``duplicate_kind``: ``"file"`` or
+    ``"pixels"`` per dropped path); ``ignored`` the files that are neither
+    images nor caption files in use (``ignored_reasons`` says why for each);
+    ``links`` maps every symbolic link among the files to its resolved
+    target; ``caption_files`` lists the ``metadata.jsonl`` and sidecar files
+    whose captions were used. ``file_log`` puts all of this together: every
+    file seen, with what happened to it.
     """
 
     root: Path
@@ -142,6 +151,10 @@ class ImageCollection:
     ignored: list[str] = field(default_factory=list)
     name: str = "images"
     max_pixels: int = DEFAULT_MAX_PIXELS
+    duplicate_kind: dict[str, str] = field(default_factory=dict)
+    ignored_reasons: dict[str, str] = field(default_factory=dict)
+    links: dict[str, str] = field(default_factory=dict)
+    caption_files: list[str] = field(default_factory=list)
 
     @classmethod
     def from_folder(
@@ -178,8 +191,9 @@ class ImageCollection:
         if isinstance(max_pixels, bool) or not isinstance(max_pixels, int) or max_pixels < 1:
             raise CDIError(f"max_pixels must be a positive whole number of pixels, got {max_pixels!r}")
         root = _checked_folder(folder, name)
-        files, hidden = _walk(root)
-        if not files:
+        walk = _walk(root)
+        files, hidden = walk.files, walk.hidden
+        if not files and not walk.bad_names:
             raise CDIError(
                 f"the {name} folder {root} is empty{' (apart from hidden files)' if hidden else ''}: "
                 "put the images in it (subfolders are searched too)"
@@ -187,28 +201,31 @@ class ImageCollection:
         present = set(files)
         metadata_captions, named_by, metadata_files = _read_metadata(root, files, present, name)
 
-        images: dict[str, tuple[str, int, int, str]] = {}  # path -> (sha256, width, height, mode)
-        bad: list[tuple[str, str, str]] = []  # (path, kind, reason), kind in {"unreadable", "too_large"}
-        ignored: list[str] = list(hidden)
+        images: dict[str, tuple[str, int, int, str, str, str]] = {}  # path -> _Outcome.info
+        # (path, kind, reason), kind in {"bad_name", "not_regular", "unreadable", "too_large"}
+        bad: list[tuple[str, str, str]] = [(p, "bad_name", _BAD_NAME_REASON) for p in walk.bad_names]
+        ignored_reasons: dict[str, str] = {p: "hidden (name starts with '.') or __MACOSX" for p in hidden}
+        ignored_reasons.update({p: "link to a folder (links to folders are not followed)"
+                                for p in walk.folder_links})
         candidates = [p for p in files if p not in metadata_files]
         with _pillow_limits(max_pixels):
             for rel in candidates:
                 if _known_non_image(rel):
-                    ignored.append(rel)
+                    ignored_reasons[rel] = f"not an image (extension {posixpath.splitext(rel)[1] or rel})"
                     continue
                 outcome = _scan_file(root / rel, max_pixels)
                 if outcome.kind == "image":
                     images[rel] = outcome.info
                 elif outcome.kind == "not_image":
-                    ignored.append(rel)
+                    ignored_reasons[rel] = outcome.reason or "not an image Pillow can read"
                 else:
                     bad.append((rel, outcome.kind, outcome.reason))
 
         if bad and not skip_bad:
             raise CDIError(_bad_files_message(root, name, bad, max_pixels))
-        skipped = [SkippedFile(rel, reason) for rel, _, reason in bad]
+        skipped = [SkippedFile(rel, reason) for rel, _, reason in sorted(bad)]
         if skipped:
-            logger.warning("%s folder %s: left out %d unreadable or oversized file(s) (skip_bad): %s",
+            logger.warning("%s folder %s: left out %d unusable file(s) (skip_bad): %s",
                            name, root, len(skipped), ", ".join(s.path for s in skipped[:_LISTED]))
         if not images:
             raise CDIError(_no_image_message(root, name, len(files) + len(hidden), skipped))
@@ -226,30 +243,40 @@ class ImageCollection:
 
         records: list[ImageRecord] = []
         duplicates: list[tuple[str, str]] = []
+        duplicate_kind: dict[str, str] = {}
         used_sidecars: set[str] = set()
         first_path: dict[str, str] = {}
+        first_pixels: dict[str, str] = {}
         for rel in sorted(images):
-            sha, width, height, mode = images[rel]
-            if sha in first_path:
-                duplicates.append((rel, first_path[sha]))
+            sha, width, height, mode, pixel_sha, dhash = images[rel]
+            if sha in first_path or pixel_sha in first_pixels:
+                kept = first_path.get(sha) or first_pixels[pixel_sha]
+                duplicates.append((rel, kept))
+                duplicate_kind[rel] = "file" if sha in first_path else "pixels"
                 continue
             first_path[sha] = rel
+            first_pixels[pixel_sha] = rel
             caption = metadata_captions.get(rel)
             if caption is None:
                 sidecar = posixpath.splitext(rel)[0] + ".txt"
                 if sidecar in present:
                     caption = _read_sidecar(root, sidecar, name)
                     used_sidecars.add(sidecar)
-            records.append(ImageRecord(rel, sha, width, height, mode, caption))
+            records.append(ImageRecord(rel, sha, width, height, mode, caption, pixel_sha, dhash))
         if duplicates:
             logger.warning(
-                "%s folder %s: %d duplicate image(s) (same SHA-256) left out, keeping the first path "
-                "in sorted order: %s", name, root, len(duplicates),
-                "; ".join(f"{dropped} (same as {kept})" for dropped, kept in duplicates[:_LISTED]),
+                "%s folder %s: %d duplicate image(s) (same file or same pixels) left out, keeping the first "
+                "path in sorted order: %s", name, root, len(duplicates),
+                "; ".join(f"{dropped} (same {duplicate_kind[dropped]} as {kept})"
+                          for dropped, kept in duplicates[:_LISTED]),
             )
-        ignored = sorted(p for p in ignored if p not in used_sidecars)
+        for sidecar in used_sidecars:
+            ignored_reasons.pop(sidecar, None)
+        ignored = sorted(ignored_reasons)
         return cls(root=root, records=records, skipped=skipped, duplicates=duplicates,
-                   ignored=ignored, name=name, max_pixels=max_pixels)
+                   ignored=ignored, name=name, max_pixels=max_pixels, duplicate_kind=duplicate_kind,
+                   ignored_reasons=ignored_reasons, links=_link_targets(root, files),
+                   caption_files=sorted(set(metadata_files) | used_sidecars))
 
     def __len__(self) -> int:
         return len(self.records)
@@ -292,6 +319,7 @@ class ImageCollection:
             "skipped": len(self.skipped),
             "duplicates": len(self.duplicates),
             "ignored": len(self.ignored),
+            "links": len(self.links),
         }
 
     def manifest(self) -> dict[str, Any]:
@@ -303,9 +331,45 @@ class ImageCollection:
             "count": len(self.records),
             "records": [dataclasses.asdict(r) for r in self.records],
             "skipped": [dataclasses.asdict(s) for s in self.skipped],
-            "duplicates": [{"dropped": d, "kept": k} for d, k in self.duplicates],
+            "duplicates": [{"dropped": d, "kept": k, "same": self.duplicate_kind.get(d, "file")}
+                           for d, k in self.duplicates],
             "ignored": list(self.ignored),
+            "files": self.file_log(),
         }
+
+    def file_log(self) -> list[dict[str, Any]]:
+        """Every file seen in the folder, in path order, with what happened to it.
+
+        Each entry has ``path`` and ``status``: ``"used"`` (with its
+        ``sha256``), ``"skipped"`` (``reason``: unreadable, oversized, not a
+        regular file, undecodable name), ``"duplicate"`` (``of``: the kept
+        path; ``same``: ``"file"`` or ``"pixels"``), ``"ignored"``
+        (``reason``) or ``"caption_file"``. A symbolic link also has
+        ``link_target``, the file it resolves to. Records dropped later by
+        ``subset`` are still ``"used"`` here: the log describes the scan.
+        """
+        entries: dict[str, dict[str, Any]] = {}
+        for r in self.records:
+            entries[r.path] = {"path": r.path, "status": "used", "sha256": r.sha256}
+        for s in self.skipped:
+            entries[s.path] = {"path": s.path, "status": "skipped", "reason": s.reason}
+        for dropped, kept in self.duplicates:
+            entries[dropped] = {"path": dropped, "status": "duplicate", "of": kept,
+                                "same": self.duplicate_kind.get(dropped, "file")}
+        for path in self.ignored:
+            entries[path] = {"path": path, "status": "ignored",
+                             "reason": self.ignored_reasons.get(path, "not an image")}
+        for path in self.caption_files:
+            entries[path] = {"path": path, "status": "caption_file"}
+        for path, target in self.links.items():
+            entries.setdefault(path, {"path": path, "status": "ignored", "reason": "link"})["link_target"] = target
+        return [entries[p] for p in sorted(entries)]
+
+    def file_counts(self) -> dict[str, int]:
+        """How many files ``file_log`` lists per status, plus ``links``."""
+        counts = Counter(e["status"] for e in self.file_log())
+        keys = ("used", "skipped", "duplicate", "ignored", "caption_file")
+        return {**{k: counts.get(k, 0) for k in keys}, "links": len(self.links)}
 
 
 def load_audit_collections(
@@ -344,22 +408,71 @@ def load_audit_collections(
 
 
 def check_disjoint(published: ImageCollection, unpublished: ImageCollection) -> None:
-    """Raise a ``CDIError`` listing the images (by SHA-256) in both collections.
+    """Raise a ``CDIError`` listing the images in both collections.
 
-    An unpublished image must be one the model cannot have seen; the same
-    image among the published ones would make the two sets overlap and bias
-    the test.
+    An image is in both when the files are identical (same SHA-256) or when
+    they decode to the same pixels (same ``pixel_sha256``: a lossless
+    re-encoding such as PNG -> WebP, or a greyscale copy). An unpublished
+    image must be one the model cannot have seen; the same image among the
+    published ones would make the two sets overlap and bias the test.
+
+    Refusing (rather than dropping the pair from both folders and going on)
+    is deliberate: a shared image means the folders were not assembled as
+    the user believes, and which side is wrong is theirs to decide; an audit
+    that silently tested a different set than the one handed in would be
+    harder to defend.
     """
-    u_paths = {r.sha256: r.path for r in unpublished.records}
-    shared = [(r.path, u_paths[r.sha256]) for r in published.records if r.sha256 in u_paths]
+    u_files = {r.sha256: r.path for r in unpublished.records}
+    u_pixels = {r.pixel_sha256: r.path for r in unpublished.records if r.pixel_sha256 is not None}
+    shared = []
+    for r in published.records:
+        if r.sha256 in u_files:
+            shared.append(f"published {r.path}  =  unpublished {u_files[r.sha256]}")
+        elif r.pixel_sha256 in u_pixels:
+            shared.append(f"published {r.path}  =  unpublished {u_pixels[r.pixel_sha256]}  (same pixels, "
+                          "different file)")
     if shared:
-        pairs = [f"published {p}  =  unpublished {u}" for p, u in shared]
         raise CDIError(
             f"{len(shared)} image(s) are in both the published folder {published.root} and the unpublished "
-            f"folder {unpublished.root} (identical files):\n{_listing(pairs)}\n"
+            f"folder {unpublished.root} (identical files, or files that decode to identical pixels):\n"
+            f"{_listing(shared)}\n"
             "Unpublished images must be ones the model cannot have seen, so a shared image corrupts the "
             "test. Remove each of these from one of the two folders."
         )
+
+
+#: Largest dHash Hamming distance (of 64 bits) at which two images count as near-duplicates.
+NEAR_DUPLICATE_BITS = 4
+
+
+def near_duplicates(
+    published: ImageCollection, unpublished: ImageCollection, *, max_bits: int = NEAR_DUPLICATE_BITS
+) -> list[dict[str, Any]]:
+    """Pairs (published, unpublished) whose difference hashes differ in at most ``max_bits`` bits.
+
+    Perceptual near-duplicates (a re-compressed or resized copy, a light
+    retouch) are not refused like exact ones: the hash also matches some
+    genuinely different images that are merely alike (plain backgrounds,
+    simple graphics), so they are reported for a person to look at. Each pair
+    is ``{"published", "unpublished", "distance"}``, sorted by distance then
+    paths.
+    """
+    def bits(collection):
+        paths = [r.path for r in collection.records if r.dhash is not None]
+        values = np.array([int(r.dhash, 16) for r in collection.records if r.dhash is not None], dtype=np.uint64)
+        return paths, values
+
+    p_paths, p_hash = bits(published)
+    u_paths, u_hash = bits(unpublished)
+    pairs = []
+    if not (p_paths and u_paths):
+        return pairs
+    for i in range(len(p_paths)):
+        xor = (u_hash ^ p_hash[i]).view(np.uint8).reshape(-1, 8)
+        distance = np.unpackbits(xor, axis=1).sum(axis=1)
+        for j in np.flatnonzero(distance <= max_bits):
+            pairs.append({"published": p_paths[i], "unpublished": u_paths[j], "distance": int(distance[j])})
+    return sorted(pairs, key=lambda d: (d["distance"], d["published"], d["unpublished"]))
 
 
 def write_manifest(path: str | os.PathLike, collections: Sequence[ImageCollection]) -> None:
@@ -507,7 +620,10 @@ class CollectionDataset(torch.utils.data.Dataset):
         record = self.collection.records[position]
         where = f"{self.collection.name} image {record.path} (in {self.collection.root})"
         try:
-            return (self.collection.root / record.path).read_bytes(), where
+            with open_regular_file(self.collection.root / record.path) as fh:
+                return fh.read(), where
+        except _NotRegular as exc:
+            raise CDIError(f"the {where} is now {exc.args[0]}; restore the image file") from None
         except OSError as exc:
             raise CDIError(f"cannot read the {where} any more: {exc.strerror or exc}; "
                            "restore it, or scan the folder again") from None
@@ -616,16 +732,62 @@ def _collate(items: list) -> tuple[torch.Tensor | None, list[int], str | None]:
 
 @dataclass(frozen=True)
 class _Outcome:
-    kind: str  # "image" | "not_image" | "unreadable" | "too_large"
-    info: tuple[str, int, int, str] | None = None  # (sha256, width, height, mode) for images
+    kind: str  # "image" | "not_image" | "not_regular" | "unreadable" | "too_large"
+    # (sha256, width, height, mode, pixel sha256, dhash) for images
+    info: tuple[str, int, int, str, str, str] | None = None
     reason: str = ""
+
+
+_BAD_NAME_REASON = ("its file name is not valid UTF-8 (undecodable bytes shown as \\xNN), so it cannot be "
+                    "written into the evidence files; rename it to UTF-8 (e.g. with convmv)")
+
+
+def open_regular_file(path: Path):
+    """Open ``path`` for reading in binary mode, or raise ``_NotRegular`` if it is not a regular file.
+
+    The file is opened without blocking and checked with ``fstat`` on the
+    open descriptor, so a FIFO, socket or device named like an image (or a
+    link to one) is never read: reading a FIFO would wait forever for a
+    writer, a device could stream without end.
+    """
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise _NotRegular(_file_kind(mode))
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+class _NotRegular(Exception):
+    """Raised by ``open_regular_file``; the argument names the kind of file."""
+
+
+def _file_kind(mode: int) -> str:
+    for test, kind in ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISDIR, "a folder")):
+        if test(mode):
+            return kind
+    return "not a regular file"
 
 
 def _scan_file(path: Path, max_pixels: int) -> _Outcome:
     """Identify, size-check, hash and fully decode one file (call inside ``_pillow_limits``)."""
     image_ext = path.suffix.lower() in _image_extensions()
     try:
-        with open(path, "rb") as fh:
+        fh = open_regular_file(path)
+    except _NotRegular as exc:
+        reason = f"not a regular file: {exc.args[0]}"
+        return _Outcome("not_regular", reason=reason) if image_ext else _Outcome("not_image", reason=reason)
+    except OSError as exc:
+        if not image_ext:
+            return _Outcome("not_image", reason=f"not an image (cannot be read: {exc.strerror or exc})")
+        return _Outcome("unreadable", reason=f"cannot be read ({exc.strerror or exc})")
+    try:
+        with fh:
             try:
                 with Image.open(fh, formats=_decodable_formats()) as probe:  # reads the header only
                     width, height = probe.size
@@ -660,10 +822,46 @@ def _scan_file(path: Path, max_pixels: int) -> _Outcome:
         return _Outcome("unreadable", reason=f"cannot be decoded ({type(exc).__name__}: {exc})")
     if image.mode not in _SUPPORTED_MODES:
         return _Outcome("unreadable", reason=f"Pillow mode {image.mode} cannot be converted to RGB")
-    width, height = image.size
-    if image.getexif().get(_EXIF_ORIENTATION) in (5, 6, 7, 8):  # rotated by 90 degrees
-        width, height = height, width
-    return _Outcome("image", info=(sha, width, height, image.mode))
+    mode = image.mode
+    upright = _upright_rgb(image)
+    width, height = upright.size
+    return _Outcome("image", info=(sha, width, height, mode, pixel_digest(upright), difference_hash(upright)))
+
+
+def _upright_rgb(image: Image.Image) -> Image.Image:
+    """The image as a viewer shows it: EXIF orientation applied, converted to RGB."""
+    if image.getexif().get(_EXIF_ORIENTATION, 1) != 1:
+        image = ImageOps.exif_transpose(image)
+    return _convert_mode(image, "RGB")
+
+
+def pixel_digest(image: Image.Image) -> str:
+    """SHA-256 of an RGB image's size and pixel bytes: the same for any lossless re-encoding.
+
+    Two files with this digest decode to the same upright RGB pixels (PNG,
+    lossless WebP, TIFF, BMP copies of one image, or a greyscale file and its
+    RGB copy), so every model input made from them is identical too, for any
+    resolution or crop; it is the "decoded, preprocessed pixels" identity,
+    computed once at scan time without knowing the model.
+    """
+    header = f"{image.width}x{image.height}:".encode()
+    return hashlib.sha256(header + image.tobytes()).hexdigest()
+
+
+def difference_hash(image: Image.Image, size: int = 8) -> str:
+    """The 64-bit difference hash (dHash) of an image, as 16 hex digits.
+
+    dHash (Krawetz 2013): shrink the greyscale image to (size+1) x size with
+    a box filter (area average, robust to resizing and re-compression), and
+    set one bit per pair of horizontally neighbouring pixels, 1 where the
+    left one is brighter. Near-identical images (a re-compressed JPEG, a
+    resized copy, a small retouch) differ in a few of the 64 bits; unrelated
+    images in about half.
+    """
+    grey = image.convert("L").resize((size + 1, size), Image.Resampling.BOX)
+    px = np.asarray(grey, dtype=np.int16)
+    bits = (px[:, :-1] > px[:, 1:]).reshape(-1)
+    return f"{int(''.join('1' if b else '0' for b in bits), 2):0{size * size // 4}x}"
 
 
 def _bomb_reason(exc: Exception, max_pixels: int) -> str:
@@ -729,10 +927,17 @@ def _checked_folder(folder: str | os.PathLike, name: str) -> Path:
     return path.resolve()
 
 
-def _walk(root: Path) -> tuple[list[str], list[str]]:
-    """Sorted relative POSIX paths of the files under ``root``, and the hidden ones skipped."""
-    files: list[str] = []
-    hidden: list[str] = []
+@dataclass
+class _Walk:
+    files: list[str]  # sorted relative POSIX paths of the files searched
+    hidden: list[str]  # hidden files and folders (folders end with "/"), not searched
+    folder_links: list[str]  # links to folders (end with "/"), not followed
+    bad_names: list[str]  # files whose path is not valid UTF-8, shown with \xNN escapes
+
+
+def _walk(root: Path) -> _Walk:
+    """The files under ``root``: searched, hidden, links to folders, and those with undecodable names."""
+    found = _Walk([], [], [], [])
 
     def on_error(exc: OSError) -> None:
         raise CDIError(f"cannot list the folder {exc.filename}: {exc.strerror}; check its permissions")
@@ -743,10 +948,35 @@ def _walk(root: Path) -> tuple[list[str], list[str]]:
         for d in list(dirnames):
             if d.startswith(".") or d in _SKIPPED_FOLDERS:
                 dirnames.remove(d)
-                hidden.append(prefix + d + "/")
+                found.hidden.append(display_path(prefix + d + "/"))
+            elif os.path.islink(os.path.join(dirpath, d)):
+                found.folder_links.append(display_path(prefix + d + "/"))
         for f in filenames:
-            (hidden if f.startswith(".") else files).append(prefix + f)
-    return sorted(files), sorted(hidden)
+            rel = prefix + f
+            if f.startswith("."):
+                found.hidden.append(display_path(rel))
+            elif display_path(rel) != rel:
+                found.bad_names.append(display_path(rel))
+            else:
+                found.files.append(rel)
+    for part in (found.files, found.hidden, found.folder_links, found.bad_names):
+        part.sort()
+    return found
+
+
+def display_path(path: str) -> str:
+    """``path`` as valid UTF-8 text: bytes that are not UTF-8 (which Python decodes to lone
+    surrogates) are shown as ``\\xNN``. Unchanged for every valid name."""
+    try:
+        path.encode("utf-8")
+        return path
+    except UnicodeEncodeError:
+        return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def _link_targets(root: Path, files: list[str]) -> dict[str, str]:
+    """{relative path: resolved absolute target} of the symbolic links among ``files``."""
+    return {rel: str((root / rel).resolve()) for rel in files if (root / rel).is_symlink()}
 
 
 def _read_metadata(
@@ -768,8 +998,8 @@ def _read_metadata(
     for meta in metadata_files:
         base = posixpath.dirname(meta)
         try:
-            lines = (root / meta).read_text(encoding="utf-8").splitlines()
-        except (OSError, UnicodeDecodeError) as exc:
+            lines = _read_text_file(root / meta).split("\n")
+        except (OSError, UnicodeDecodeError, _NotRegular) as exc:
             raise CDIError(f"cannot read {meta} in the {name} folder {root}: {exc}; "
                            "it must be a UTF-8 text file with one JSON object per line") from None
         for number, line in enumerate(lines, start=1):
@@ -797,6 +1027,9 @@ def _read_metadata(
                 raise CDIError(f'{where}: the caption ("text" or "caption") must be a string, '
                                f"got {type(caption).__name__}")
             if caption is not None:
+                if _has_lone_surrogate(caption):
+                    raise CDIError(f"{where}: the caption holds a lone surrogate escape (e.g. \\ud800), which is "
+                                   "not a character; fix the \\u escapes of that caption")
                 captions[target] = caption
     if missing:
         raise CDIError(
@@ -807,10 +1040,24 @@ def _read_metadata(
     return captions, named_by, set(metadata_files)
 
 
+def _read_text_file(path: Path) -> str:
+    """A regular UTF-8 text file's contents (never blocks on a FIFO)."""
+    with open_regular_file(path) as fh:
+        return fh.read().decode("utf-8")
+
+
+def _has_lone_surrogate(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
 def _read_sidecar(root: Path, rel: str, name: str) -> str:
     try:
-        return (root / rel).read_text(encoding="utf-8").strip()
-    except (OSError, UnicodeDecodeError) as exc:
+        return _read_text_file(root / rel).strip()
+    except (OSError, UnicodeDecodeError, _NotRegular) as exc:
         raise CDIError(f"cannot read the caption file {rel} in the {name} folder {root}: {exc}; "
                        "caption files must be UTF-8 text") from None
 
@@ -828,6 +1075,11 @@ def _bad_files_message(root: Path, name: str, bad: list[tuple[str, str, str]], m
              _listing([f"{rel}: {reason}" for rel, _, reason in bad])]
     if "unreadable" in kinds:
         parts.append("Corrupt or truncated files: replace them with intact copies or remove them.")
+    if "not_regular" in kinds:
+        parts.append("FIFOs, sockets and devices are never read: remove them or give them another extension.")
+    if "bad_name" in kinds:
+        parts.append("File names must be UTF-8: rename those files (e.g. `convmv -f latin1 -t utf8 -r --notest "
+                     "FOLDER`).")
     if "too_large" in kinds:
         parts.append(f"Images over {max_pixels:,} pixels are refused as possible decompression bombs: "
                      "if you trust them, raise the limit with --max-pixels (max_pixels=...).")
@@ -839,7 +1091,7 @@ def _bad_files_message(root: Path, name: str, bad: list[tuple[str, str, str]], m
 def _no_image_message(root: Path, name: str, n_files: int, skipped: list[SkippedFile]) -> str:
     if skipped:
         return (f"no usable image in the {name} folder {root}: all {len(skipped)} image file(s) were "
-                f"skipped as unreadable or oversized:\n{_listing([f'{s.path}: {s.reason}' for s in skipped])}")
+                f"skipped as unusable:\n{_listing([f'{s.path}: {s.reason}' for s in skipped])}")
     return (f"no readable image in the {name} folder {root}: none of its {n_files} file(s) is an image "
             "Pillow can read (PNG, JPEG, WebP, TIFF, BMP, GIF and the other formats it supports); "
             "check that this is the right folder")

@@ -150,7 +150,7 @@ def test_duplicates_within_a_folder_are_dropped_with_a_record(folders):
     assert result.exit_code == 0, result.output
     assert "duplicate p2.png left out (same file as again.png)" in result.stdout
     published = json.loads(out.read_text())["collections"]["published"]
-    assert published["duplicates"] == [{"dropped": "p2.png", "kept": "again.png"}]
+    assert published["duplicates"] == [{"dropped": "p2.png", "kept": "again.png", "same": "file"}]
     assert [r["path"] for r in published["records"]] == ["again.png", "p0.png", "p1.png"]
 
 

@@ -179,8 +179,8 @@ def test_duplicates_keep_the_first_sorted_path_and_warn(tmp_path, caplog):
     assert len(set(collection.hashes)) == 2
     [record] = [r for r in caplog.records if r.name == "cdi"]
     assert "2 duplicate" in record.getMessage() and "b.png" in record.getMessage()
-    assert collection.manifest()["duplicates"] == [{"dropped": "b.png", "kept": "a.png"},
-                                                   {"dropped": "sub/copy.png", "kept": "a.png"}]
+    assert collection.manifest()["duplicates"] == [{"dropped": "b.png", "kept": "a.png", "same": "file"},
+                                                   {"dropped": "sub/copy.png", "kept": "a.png", "same": "file"}]
 
 
 # --------------------------------------------------------------------------- captions
@@ -263,7 +263,8 @@ def test_subset_manifest_and_disjointness(tmp_path):
     manifest = json.loads(json.dumps(p.manifest()))
     assert manifest["root"] == str(p.root) and manifest["count"] == 4
     assert manifest["records"][0] == {"path": "0.png", "sha256": p.records[0].sha256, "width": 16,
-                                      "height": 12, "mode": "RGB", "caption": None}
+                                      "height": 12, "mode": "RGB", "caption": None,
+                                      "pixel_sha256": p.records[0].pixel_sha256, "dhash": p.records[0].dhash}
     (tmp_path / "u" / "x.png").write_bytes((tmp_path / "p" / "2.png").read_bytes())
     u2 = ImageCollection.from_folder(tmp_path / "u", name="unpublished")
     with pytest.raises(CDIError, match=r"published 2.png  =  unpublished x.png"):
@@ -341,12 +342,15 @@ def test_exif_orientation_is_applied(tmp_path):
     exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
     stored.save(tmp_path / "rotated.png", exif=exif)
     collection = ImageCollection.from_folder(tmp_path)
-    sizes = {r.path: (r.width, r.height) for r in collection.records}
-    assert sizes == {"rotated.png": (12, 16), "upright.png": (12, 16)}
+    # shown upright, the two files are the same picture: the second is a pixel duplicate
+    assert collection.duplicates == [("upright.png", "rotated.png")]
+    assert collection.duplicate_kind == {"upright.png": "pixels"}
+    [record] = collection.records
+    assert (record.width, record.height) == (12, 16)
+    assert record.pixel_sha256 == ImageCollection.from_folder(tmp_path, name="x").records[0].pixel_sha256
     pre = Preprocess(12, crop="resize")
-    batches = list(image_batches(collection, pre, batch_size=2, num_workers=0))
-    pixels = batches[0][0]
-    assert torch.equal(pixels[0], pixels[1])
+    [(pixels, _)] = list(image_batches(collection, pre, batch_size=2, num_workers=0))
+    assert torch.equal(pixels[0], tensor_of(Image.open(upright), pre))
 
 
 def test_modes_are_converted():
