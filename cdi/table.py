@@ -12,6 +12,18 @@ SHA-256 of the CSV bytes. Reading checks that hash, so a CSV edited after
 extraction, or a CSV paired with another run's sidecar, is refused rather
 than reported with the wrong provenance.
 
+Text cells (``path`` and ``caption``) round-trip any text: line breaks and
+other separators (``\\r``, U+2028, form feed) are kept inside quoted
+fields and the reader splits records on ``\\n``/``\\r\\n`` only. A text
+cell that a spreadsheet would run as a formula (starting with ``=``, ``+``,
+``-``, ``@``, a tab or a carriage return) is written with a leading
+apostrophe, as OWASP recommends against CSV injection; so that this stays
+reversible, a cell that itself starts with an apostrophe gets one too, and
+``from_csv`` removes exactly one leading apostrophe from every text cell of
+a file whose sidecar records ``"text_cells": "apostrophe-escaped"`` (or
+that has no sidecar). Spreadsheets show the apostrophe-prefixed cell as the
+original text.
+
 Both files are written atomically (temporary file in the same folder, then
 ``os.replace``); a crash leaves either the old pair or the new one, and a
 crash between the two renames is caught by the hash check.
@@ -41,6 +53,9 @@ logger = logging.getLogger("cdi")
 ID_COLUMNS = ("path", "sha256", "caption")
 SIDECAR_FORMAT = "cdi.feature_table"
 SIDECAR_VERSION = 1
+#: How text cells are escaped for spreadsheets (recorded in the sidecar as ``text_cells``).
+TEXT_CELLS = "apostrophe-escaped"
+_FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r", "'")
 
 
 @dataclass
@@ -189,7 +204,7 @@ class FeatureTable:
         rows = [list(ID_COLUMNS) + list(self.columns)]
         for i in range(len(self)):
             rows.append(
-                [self.paths[i], self.hashes[i], self.captions[i] or ""]
+                [escape_cell(self.paths[i]), self.hashes[i], escape_cell(self.captions[i] or "")]
                 + [repr(float(v)) for v in self.values[i]]
             )
         text = _csv_text(rows)
@@ -201,6 +216,7 @@ class FeatureTable:
             "csv_sha256": hashlib.sha256(data).hexdigest(),
             "n_rows": len(self),
             "columns": list(self.columns),
+            "text_cells": TEXT_CELLS,
             "meta": self.meta,
         }
         sidecar_bytes = (json.dumps(sidecar, indent=2, sort_keys=True, default=_json_default) + "\n").encode()
@@ -223,6 +239,7 @@ class FeatureTable:
             raise CDIError(f"feature table {path} does not exist; run `cdi extract ... --out {path}` first")
         data = path.read_bytes()
         meta: dict = {}
+        escaped = True  # CSVs without a sidecar are taken as written by this version
         side = sidecar_path(path)
         if side.is_file():
             try:
@@ -238,13 +255,15 @@ class FeatureTable:
                     f"to read the CSV without provenance"
                 )
             meta = sidecar.get("meta", {})
+            escaped = sidecar.get("text_cells") == TEXT_CELLS
         else:
             logger.warning("feature table %s has no provenance sidecar %s; reading it without provenance", path, side.name)
         try:
             text = data.decode("utf-8")
         except UnicodeDecodeError:
             raise CDIError(f"{path} is not a UTF-8 text file") from None
-        reader = csv.reader(text.splitlines(keepends=True) if text else [])
+        # newline="": records end at \n or \r\n only; U+2028, form feeds etc. stay inside their cell
+        reader = csv.reader(io.StringIO(text, newline=""))
         try:
             header = next(reader)
         except StopIteration:
@@ -263,9 +282,9 @@ class FeatureTable:
                     continue
                 if len(row) != len(header):
                     raise CDIError(f"{path}, line {line_no}: {len(row)} fields, expected {len(header)}")
-                paths.append(row[0])
+                paths.append(unescape_cell(row[0]) if escaped else row[0])
                 hashes.append(row[1])
-                captions.append(row[2] or None)
+                captions.append((unescape_cell(row[2]) if escaped else row[2]) or None)
                 try:
                     values.append([float(v) for v in row[3:]])
                 except ValueError:
@@ -286,6 +305,16 @@ def sidecar_path(path: str | os.PathLike) -> Path:
     return path.with_name(path.name + ".json")
 
 
+def escape_cell(text: str) -> str:
+    """``text`` made inert for spreadsheets: a leading apostrophe before ``= + - @``, tab, CR or ``'``."""
+    return "'" + text if text.startswith(_FORMULA_PREFIXES) else text
+
+
+def unescape_cell(text: str) -> str:
+    """The inverse of ``escape_cell``: drop one leading apostrophe."""
+    return text[1:] if text.startswith("'") else text
+
+
 def _is_float(text: str) -> bool:
     try:
         float(text)
@@ -296,7 +325,9 @@ def _is_float(text: str) -> bool:
 
 def _csv_text(rows: Iterable[list[str]]) -> str:
     buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
+    # CRLF (RFC 4180): with "\r" among the line-terminator characters, the writer quotes every
+    # cell holding a bare "\r", which a reader would otherwise take for the end of the record
+    writer = csv.writer(buffer, lineterminator="\r\n")
     writer.writerows(rows)
     return buffer.getvalue()
 
