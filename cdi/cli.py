@@ -17,12 +17,12 @@ from typing import Iterator
 
 import typer
 from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
 
 from cdi import __version__
 from cdi.cli_options import BATCH_SIZE_HELP, LoaderOptions, choice, format_option, with_loader_options
 from cdi.errors import CDIError
+from cdi.terminal import console_text, sanitise_cdi_log
 
 EXIT_CODES_HELP = (
     "Exit status: 0 success (whatever the verdict), 2 usage or input error, 1 internal error "
@@ -68,6 +68,7 @@ app = _Typer(
 )
 console = Console()
 err_console = Console(stderr=True)
+sanitise_cdi_log()  # warnings name users' files: no escape sequence of theirs reaches the terminal
 
 #: Help of the Ray options, shared by extract and audit.
 RAY_HELP = ("Compute on Ray: local (start a Ray instance on this machine), auto (the cluster this machine is in) "
@@ -83,7 +84,7 @@ def _user_errors() -> Iterator[None]:
     try:
         yield
     except CDIError as exc:
-        err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+        err_console.print(f"[bold red]error:[/] {console_text(str(exc))}", highlight=False, soft_wrap=True)
         raise typer.Exit(code=2) from None
 
 
@@ -176,7 +177,6 @@ def inspect_command(
     """Validate image folders exactly as an audit will, and summarise them."""
     from pathlib import Path
 
-    from rich.markup import escape
 
     from cdi.data import DEFAULT_MAX_PIXELS, ImageCollection, load_audit_collections, write_manifest
 
@@ -208,7 +208,7 @@ def inspect_command(
         for c in collections:
             table.add_column(c.name)
         rows = [
-            ("folder", [escape(str(c.root)) for c in collections]),
+            ("folder", [console_text(str(c.root)) for c in collections]),
             ("images", [str(s["images"]) for s in summaries]),
             ("with caption", [str(s["captioned"]) for s in summaries]),
             ("modes", [", ".join(f"{m} {n}" for m, n in s["modes"].items()) for s in summaries]),
@@ -224,15 +224,15 @@ def inspect_command(
         console.print(table)
         for c in collections:
             for skipped in c.skipped:
-                console.print(f"{c.name}: skipped {escape(skipped.path)}: {escape(skipped.reason)}", highlight=False)
+                console.print(f"{c.name}: skipped {console_text(skipped.path)}: {console_text(skipped.reason)}", highlight=False)
             for dropped, kept in c.duplicates:
-                console.print(f"{c.name}: duplicate {escape(dropped)} left out (same file as {escape(kept)})",
+                console.print(f"{c.name}: duplicate {console_text(dropped)} left out (same file as {console_text(kept)})",
                               highlight=False)
         if len(collections) == 2:
             console.print("published and unpublished share no image.")
         if out is not None:
             write_manifest(out, collections)
-            console.print(f"manifest written to {escape(out)}", highlight=False)
+            console.print(f"manifest written to {console_text(out)}", highlight=False)
 
 
 @app.command("report")
@@ -245,7 +245,6 @@ def report_command(
     """Re-render FOLDER/report.html from FOLDER/result.json alone (no model, no GPU)."""
     import warnings
 
-    from rich.markup import escape
 
     from reports import write_report
 
@@ -255,9 +254,9 @@ def report_command(
             path = write_report(folder, thumbnails_n=thumbnails, published_dir=published,
                                 unpublished_dir=unpublished)
         for warning in caught:
-            err_console.print(f"[yellow]warning:[/] {escape(str(warning.message))}", highlight=False,
+            err_console.print(f"[yellow]warning:[/] {console_text(str(warning.message))}", highlight=False,
                               soft_wrap=True)
-        console.print(f"report written to {escape(str(path))}", highlight=False)
+        console.print(f"report written to {console_text(str(path))}", highlight=False)
 
 
 @app.command("verify")
@@ -312,7 +311,6 @@ def extract_command(
     """
     from pathlib import Path
 
-    from rich.markup import escape
 
     from cdi.data import ImageCollection
     from cdi.distributed import check_ray_options, ray_runner
@@ -336,7 +334,7 @@ def extract_command(
         loader.check()
         collection = ImageCollection.from_folder(images, skip_bad=skip_bad)
         for skipped in collection.skipped:
-            err_console.print(f"[yellow]skipped[/] {escape(skipped.path)}: {escape(skipped.reason)}",
+            err_console.print(f"[yellow]skipped[/] {console_text(skipped.path)}: {console_text(skipped.reason)}",
                               highlight=False, soft_wrap=True)
         with contextlib.ExitStack() as stack:
             cache = stack.enter_context(FeatureStore(store)) if store is not None else None
@@ -364,8 +362,8 @@ def extract_command(
                               "columns": list(table.columns), "extraction": info}, indent=2, default=str))
             return
         console.print(
-            f"{len(table)} images x {len(table.columns)} features written to {escape(str(path))} "
-            f"(provenance: {escape(path.name)}.json); {computed} family values computed, "
+            f"{len(table)} images x {len(table.columns)} features written to {console_text(str(path))} "
+            f"(provenance: {console_text(path.name)}.json); {computed} family values computed, "
             f"{reused} read from the store, {info['seconds']:.1f} s",
             highlight=False, soft_wrap=True,
         )
@@ -398,7 +396,7 @@ def shift_command(
         if output_format == "json":
             print(json.dumps(result.to_dict(), indent=2))
         else:
-            console.print(result.format_text(), highlight=False, soft_wrap=True)
+            console.print(console_text(result.format_text()), highlight=False, soft_wrap=True)
 
 
 toy_app = typer.Typer(
@@ -420,7 +418,6 @@ def toy_build_command(
     quiet: bool = typer.Option(False, "--quiet", help="Print only the result, no progress."),
 ) -> None:
     """Write the toy world: members/, nonmembers/, nonmembers_shifted/, model/ and world.json."""
-    from rich.markup import escape
 
     from cdi.toy import build_world
 
@@ -429,11 +426,11 @@ def toy_build_command(
         info = world.info
         console.print(
             f"toy world {info['kind']}-{info['strength']} (seed {info['seed']}, {info['source']} weights): "
-            f"{escape(str(world.root))}\n"
-            f"  model       {escape(str(world.model_dir))}\n"
-            f"  members     {escape(str(world.members_dir))} ({info['split']['members']} images)\n"
-            f"  nonmembers  {escape(str(world.nonmembers_dir))} ({info['split']['nonmembers']} images)\n"
-            f"  shifted     {escape(str(world.shifted_dir))}",
+            f"{console_text(str(world.root))}\n"
+            f"  model       {console_text(str(world.model_dir))}\n"
+            f"  members     {console_text(str(world.members_dir))} ({info['split']['members']} images)\n"
+            f"  nonmembers  {console_text(str(world.nonmembers_dir))} ({info['split']['nonmembers']} images)\n"
+            f"  shifted     {console_text(str(world.shifted_dir))}",
             highlight=False, soft_wrap=True,
         )
         if "matches_shipped_weights" in info:
@@ -451,7 +448,7 @@ def _print_result(result, fmt: str, out: str) -> None:
     colour = {"used": "red", "not_detected": "green", "inconclusive": "yellow"}[result.verdict]
     lines = [
         f"[bold {colour}]verdict: {result.verdict}[/]",
-        escape(result.verdict_text),
+        console_text(result.verdict_text),
         "",
         f"p-value (verdict, {result.protocol.get('verdict_test', 'test')}): {result.p_value:.3g}   alpha: {result.alpha}",
         f"t-test p: {result.p_value_ttest:.3g}   permutation p: "
@@ -463,9 +460,9 @@ def _print_result(result, fmt: str, out: str) -> None:
         lines += _verdict_lines(result)
     if result.shift_guard is not None:
         guard = result.shift_guard
-        lines.append(f"shift guard ({escape(guard.encoder)}): p = {guard.p_value:.3g}, "
+        lines.append(f"shift guard ({console_text(guard.encoder)}): p = {guard.p_value:.3g}, "
                      f"{'DETECTED' if guard.detected else 'no shift detected'}" + (" (ignored)" if guard.ignored else ""))
-    lines.append(f"files: {escape(out)}/result.json, features.csv, report.html")
+    lines.append(f"files: {console_text(out)}/result.json, features.csv, report.html")
     console.print(Panel("\n".join(lines), title="cdi audit", expand=False), highlight=False)
 
 

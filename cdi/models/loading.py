@@ -335,7 +335,7 @@ def read_model_index(folder: Path) -> dict:
     """The parsed ``model_index.json`` of a pipeline folder."""
     path = Path(folder) / "model_index.json"
     try:
-        return json.loads(path.read_text())
+        index = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise CDIError(
             f"{folder} is not a diffusers pipeline folder (no model_index.json); save the pipeline with "
@@ -344,11 +344,21 @@ def read_model_index(folder: Path) -> dict:
         ) from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CDIError(f"{path} is not valid JSON ({exc}); restore the file from the model's source") from None
+    if not isinstance(index, dict):
+        raise CDIError(f"{path} holds a JSON {type(index).__name__}, not an object naming the pipeline's "
+                       "_class_name and components; restore the file from the model's source")
+    return index
 
 
 def detect_family(index: dict, folder: Path | str = "the model") -> str:
     """The family of a pipeline from its ``model_index.json`` ``_class_name``."""
     class_name = index.get("_class_name")
+    if class_name is not None and not isinstance(class_name, str):
+        raise CDIError(
+            f"model_index.json of {folder}: _class_name must be the pipeline's class name (a string such as "
+            f"\"StableDiffusionPipeline\"), got a {type(class_name).__name__} ({json.dumps(class_name)[:80]}); "
+            "restore the file from the model's source"
+        )
     family = SUPPORTED_PIPELINES.get(class_name)
     if family is None:
         raise CDIError(
@@ -552,12 +562,28 @@ def _find_weights(component_dir: Path, variant: str | None, allow_pickle: bool) 
         for stem in _WEIGHT_STEMS[extension]:
             index = component_dir / f"{stem}.{extension}.index{v}.json"
             if index.is_file():
-                shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-                return [index] + [component_dir / s for s in shards]
+                return [index] + [component_dir / s for s in _index_shards(index)]
             single = component_dir / f"{stem}{v}.{extension}"
             if single.is_file():
                 return [single]
     return []
+
+
+def _index_shards(index: Path) -> list[str]:
+    """The shard files a ``*.safetensors.index.json`` (or ``.bin`` index) maps the weights to."""
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        shards = sorted(set(weight_map.values()))
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as exc:
+        raise CDIError(
+            f"the weight index {index} cannot be read ({type(exc).__name__}: {exc}); it must be a JSON object "
+            "whose \"weight_map\" maps each parameter to its shard file: fetch the file again"
+        ) from None
+    bad = [s for s in shards if not isinstance(s, str) or "/" in s or "\\" in s or s.startswith(".")]
+    if bad:
+        raise CDIError(f"the weight index {index} names shard files outside its folder or not as file names "
+                       f"({bad[0]!r}); fetch the file again")
+    return shards
 
 
 def _missing_weights_error(
