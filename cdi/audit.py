@@ -3,8 +3,13 @@
 ``run_audit`` is what ``cdi audit`` calls. In order:
 
 1. validate every option and both image folders (nothing is written or
-   loaded before the inputs are known to be usable);
-2. load the model and resolve the feature families;
+   loaded before the inputs are known to be usable): seed, workers, an
+   output folder that can be written and holds no files of the user's,
+   images (``cdi.data``: hostile names, FIFOs, duplicates within and
+   across the folders, perceptual near-duplicates warned about), and the
+   captions the model and features need (``cdi.captions.check_captions``);
+2. with ``--captions auto``, caption every image (``cdi.captions``); load the
+   model and resolve the feature families;
 3. extract per-image features of P and U (one encode per image, cached in
    the feature store when one is given);
 4. run the verdict test and the permutation test (``cdi.stats.audit_test``),
@@ -24,7 +29,9 @@ tables, so stored features can be re-tested without the model.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
+import os
 import shlex
 import time
 from dataclasses import asdict, dataclass, field
@@ -35,7 +42,7 @@ from typing import Any, Sequence
 import numpy as np
 from scipy import special
 
-from cdi.data import DEFAULT_MAX_PIXELS, ImageCollection, load_audit_collections
+from cdi.data import DEFAULT_MAX_PIXELS, ImageCollection, load_audit_collections, near_duplicates
 from cdi.environment import environment_report
 from cdi.errors import CDIError
 from cdi.result import (
@@ -51,6 +58,8 @@ from cdi.result import (
 from cdi.table import FeatureTable
 
 SCORERS = ("logistic", "xgboost")
+
+logger = logging.getLogger("cdi")
 
 
 @dataclass
@@ -87,6 +96,7 @@ class AuditConfig:
     skip_bad: bool = False
     max_pixels: int = DEFAULT_MAX_PIXELS
     workers: int | None = None
+    captions: str | None = None  # None / "files": the folders' captions; "auto[:MODEL]": generated
     force: bool = False
     extra: dict[str, Any] = field(default_factory=dict)  # e.g. how the demo drew P and U
     published_features: str | None = None  # audit from `cdi extract` tables instead of a model
@@ -123,9 +133,53 @@ class AuditConfig:
         parse_batch_size(self.batch_size)
         if self.sample_size_resamples < 0:
             raise CDIError("--sample-size-resamples must be 0 (off) or positive")
+        check_seed(self.seed)
+        check_workers(self.workers)
+        if isinstance(self.max_pixels, bool) or not isinstance(self.max_pixels, int) or self.max_pixels < 1:
+            raise CDIError(f"--max-pixels must be a positive whole number of pixels, got {self.max_pixels!r}")
+        from cdi.captions import parse_captions_option
+
+        parse_captions_option(self.captions)
         from cdi.evidence import check_out_folder
 
         check_out_folder(self.out, force=self.force)
+        check_writable(self.out, "--out")
+
+
+def check_seed(seed: int) -> None:
+    """A seed must be a whole number in 0 .. 2**63 - 1 (what every random generator cdi uses accepts)."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+        raise CDIError(f"--seed must be a whole number between 0 and 2**63 - 1, got {seed!r}")
+
+
+def check_workers(workers: int | None) -> None:
+    """``None`` (the default count) or a whole number of decoding processes, 0 or more."""
+    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 0):
+        raise CDIError(f"--workers must be 0 (decode in the main process) or more, got {workers!r}")
+
+
+def check_writable(path: str | Path, option: str) -> None:
+    """Raise ``CDIError`` unless files can be created in folder ``path`` (or, if it does not exist yet,
+    in its nearest existing parent, where it would be created).
+
+    Tried for real, with a temporary file removed at once, because permission
+    bits do not tell (root, ACLs, read-only mounts); nothing is left behind.
+    """
+    import tempfile
+
+    path = Path(path).expanduser().absolute()
+    folder = path
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise CDIError(f"{option} {path}: {folder} is a file, not a folder; choose a folder path")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".cdi-write-test-", dir=folder)
+    except OSError as exc:
+        raise CDIError(f"{option} {path}: cannot write into {folder} ({exc.strerror or exc}); choose a folder you "
+                       "can write to") from None
+    os.close(fd)
+    os.unlink(tmp)
 
     def _validate_sources(self) -> None:
         """Images and a model, or two feature tables (images then optional, for the shift guard)."""
@@ -368,8 +422,11 @@ def run_audit(config: AuditConfig, *, progress: bool = True) -> AuditResult:
         config.published, config.unpublished, skip_bad=config.skip_bad, max_pixels=config.max_pixels
     )
     _check_sizes(published, unpublished, config.folds)
-    if config.features is not None:
-        resolve_features(config.features)  # fail on a bad name before loading the model
+    inputs = input_record(published, unpublished)
+    published, unpublished, caption_record = prepare_captions(
+        [published, unpublished], model=config.model, revision=config.revision, features=config.features,
+        captions=config.captions, store=config.store, device=config.device, dtype=config.dtype,
+    )
 
     options = dict(name=config.model, revision=config.revision, variant=config.variant, dtype=config.dtype,
                    allow_pickle=config.allow_pickle, compile=config.compile)
@@ -419,6 +476,7 @@ def run_audit(config: AuditConfig, *, progress: bool = True) -> AuditResult:
     result = build_result(analysis, tables[0], tables[1], families=families, feature_spec=feature_spec,
                           directions=directions, model=model, config=config, timings=timings)
     result.extraction = extraction_record(config.batch_size, batch_size, adapter.device, tables)
+    result.inputs, result.captions = inputs, caption_record
     result.timings["total_s"] = time.perf_counter() - t0
     write_evidence(config.out, result, tables)
     return result
@@ -439,6 +497,76 @@ def extraction_record(requested: int | str, batch_size: int, device, tables: Seq
         "batch_size_rule": auto_batch_rule(device) if parse_batch_size(requested) == "auto" else "given",
         "final_batch_size": min(finals) if finals else batch_size,
     }
+
+
+def input_record(published: ImageCollection, unpublished: ImageCollection) -> dict[str, Any]:
+    """The ``inputs`` section of ``result.json``: every file seen in P and U with what happened to it.
+
+    Per collection: ``root``, ``counts`` (``ImageCollection.file_counts``) and
+    ``files`` (``ImageCollection.file_log``); then ``near_duplicates``, the
+    (published, unpublished) pairs whose perceptual hashes almost agree
+    (``cdi.data.near_duplicates``), each also logged as a warning. Exact
+    duplicates across the folders never get here: they are refused.
+    """
+    from cdi.data import NEAR_DUPLICATE_BITS
+
+    near = near_duplicates(published, unpublished)
+    if near:
+        logger.warning(
+            "%d published/unpublished pair(s) look nearly identical (perceptual hash within %d of 64 bits); "
+            "check that no unpublished image is a copy of a published one: %s", len(near), NEAR_DUPLICATE_BITS,
+            "; ".join(f"{d['published']} ~ {d['unpublished']}" for d in near[:10]))
+    record: dict[str, Any] = {
+        c.name: {"root": str(c.root), "counts": c.file_counts(), "files": c.file_log()}
+        for c in (published, unpublished)
+    }
+    record["near_duplicates"] = near
+    record["near_duplicate_bits"] = NEAR_DUPLICATE_BITS
+    return record
+
+
+def prepare_captions(
+    collections: Sequence[ImageCollection], *, model: str, revision: str | None, features: str | None,
+    captions: str | None, store: str | None, device: str, dtype: str,
+) -> tuple[Any, ...]:
+    """Check, before the diffusion model loads, that the features get the captions they need, and with
+    ``captions="auto[:MODEL]"`` caption every image (``cdi.captions``).
+
+    Returns the collections (captioned when asked) followed by the
+    ``captions`` record of the result.
+    """
+    from cdi.captions import (
+        CaptionCache,
+        Captioner,
+        cache_folder,
+        caption_collections,
+        check_captions,
+        model_conditioning,
+        parse_captions_option,
+    )
+    from features.registry import default_set_for, resolve_features
+
+    option = parse_captions_option(captions)
+    conditioning = model_conditioning(model, revision=revision)
+    families = resolve_features(features or default_set_for(conditioning or "none"))
+    record = check_captions(conditioning, families, collections, option)
+    if option.source == "auto":
+        captioner = Captioner(option.captioner, device=device, dtype=dtype)
+        collections, auto = caption_collections(collections, captioner, CaptionCache(cache_folder(store), captioner))
+        record = {**record, **auto}
+        del captioner
+        _free_device_memory()
+    return (*collections, record)
+
+
+def _free_device_memory() -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def _check_sizes(published: ImageCollection, unpublished: ImageCollection, folds: int) -> None:

@@ -76,6 +76,11 @@ RAY_HELP = ("Compute on Ray: local (start a Ray instance on this machine), auto 
             "Needs pip install 'cdi[ray]'.")
 RAY_WORKERS_HELP = "Ray workers (default: one per GPU of the cluster; without GPUs, its CPUs / --ray-threads)."
 RAY_THREADS_HELP = "torch threads (and Ray CPUs) of each CPU worker."
+MAX_PIXELS_HELP = "Largest accepted image in pixels (default 64,000,000); larger files are refused as possible decompression bombs."
+CAPTIONS_HELP = ("files (default): captions from metadata.jsonl or NAME.txt; auto[:MODEL]: caption every image with an "
+                 "image-to-text model (default florence2; blip, florence2-large, a hub id or a folder), cached by image hash.")
+SKIP_BAD_HELP = ("Leave unusable files out (unreadable, oversized, FIFOs, non-UTF-8 names) instead of failing; "
+                 "each is recorded with its reason.")
 
 
 @contextlib.contextmanager
@@ -170,13 +175,12 @@ def inspect_command(
     published: str = typer.Option(..., "--published", help="Folder of the published images (searched recursively)."),
     unpublished: str = typer.Option(None, "--unpublished", help="Folder of the unpublished images, if any."),
     out: str = typer.Option(None, "--out", help="Write the manifest (every image's path, SHA-256, size, mode, caption) here as JSON."),
-    skip_bad: bool = typer.Option(False, "--skip-bad", help="Leave unreadable or oversized files out (listed as skipped) instead of failing."),
-    max_pixels: int = typer.Option(None, "--max-pixels", help="Largest accepted image in pixels (default 64,000,000)."),
+    skip_bad: bool = typer.Option(False, "--skip-bad", help=SKIP_BAD_HELP),
+    max_pixels: int = typer.Option(None, "--max-pixels", help=MAX_PIXELS_HELP),
     fmt: str = format_option(),
 ) -> None:
     """Validate image folders exactly as an audit will, and summarise them."""
     from pathlib import Path
-
 
     from cdi.data import DEFAULT_MAX_PIXELS, ImageCollection, load_audit_collections, write_manifest
 
@@ -226,7 +230,7 @@ def inspect_command(
             for skipped in c.skipped:
                 console.print(f"{c.name}: skipped {console_text(skipped.path)}: {console_text(skipped.reason)}", highlight=False)
             for dropped, kept in c.duplicates:
-                console.print(f"{c.name}: duplicate {console_text(dropped)} left out (same file as {console_text(kept)})",
+                console.print(f"{c.name}: duplicate {console_text(dropped)} left out (same {c.duplicate_kind.get(dropped, 'file')} as {console_text(kept)})",
                               highlight=False)
         if len(collections) == 2:
             console.print("published and unpublished share no image.")
@@ -244,7 +248,6 @@ def report_command(
 ) -> None:
     """Re-render FOLDER/report.html from FOLDER/result.json alone (no model, no GPU)."""
     import warnings
-
 
     from reports import write_report
 
@@ -280,7 +283,7 @@ def verify_command(
     if fmt == "json":
         print(verification_json(verification))
     else:
-        console.print(escape(verification.summary()), highlight=False, soft_wrap=True)
+        console.print(console_text(verification.summary()), highlight=False, soft_wrap=True)
     if not verification.ok:
         raise typer.Exit(code=1)
 
@@ -296,11 +299,13 @@ def extract_command(
     seed: int = typer.Option(0, "--seed", help="Seed of every noise draw."),
     store: str = typer.Option(None, "--store", help="Feature cache (a .sqlite file, or a folder for features.sqlite): makes the run resumable and reuses values across runs. Default: no cache."),
     shard: str = typer.Option(None, "--shard", help="I/N: handle only the images with int(sha256, 16) % N == I (0 <= I < N)."),
-    skip_bad: bool = typer.Option(False, "--skip-bad", help="Leave unreadable or oversized image files out instead of failing."),
+    skip_bad: bool = typer.Option(False, "--skip-bad", help=SKIP_BAD_HELP),
     workers: int = typer.Option(None, "--workers", help="Image-decoding worker processes (default: min(4, CPUs - 1))."),
     ray: str = typer.Option(None, "--ray", help=RAY_HELP),
     ray_workers: int = typer.Option(None, "--ray-workers", help=RAY_WORKERS_HELP),
     ray_threads: int = typer.Option(1, "--ray-threads", help=RAY_THREADS_HELP),
+    max_pixels: int = typer.Option(None, "--max-pixels", help=MAX_PIXELS_HELP),
+    captions: str = typer.Option(None, "--captions", help=CAPTIONS_HELP),
     fmt: str = format_option(),
     loader: LoaderOptions = None,
 ) -> None:
@@ -311,8 +316,9 @@ def extract_command(
     """
     from pathlib import Path
 
-
-    from cdi.data import ImageCollection
+    from cdi.audit import check_seed, check_workers, check_writable, prepare_captions
+    from cdi.captions import parse_captions_option
+    from cdi.data import DEFAULT_MAX_PIXELS, ImageCollection
     from cdi.distributed import check_ray_options, ray_runner
     from cdi.store import FeatureStore
     from cdi.batching import parse_batch_size
@@ -324,18 +330,23 @@ def extract_command(
         if out_path.is_dir():
             raise CDIError(f"--out {out} is a folder; give the CSV file to write, e.g. {out_path / 'features.csv'}")
         batch_size = parse_batch_size(batch_size)
-        if workers is not None and workers < 0:
-            raise CDIError(f"--workers must be 0 or more, got {workers}")
-        if not 0 <= seed < 2**63:
-            raise CDIError(f"--seed must be between 0 and 2**63 - 1, got {seed}")
+        check_workers(workers)
+        check_seed(seed)
+        parse_captions_option(captions)
+        check_writable(out_path.parent, "--out")
         shard_spec = parse_shard(shard)
         check_ray_options(ray, ray_workers, ray_threads, loader.device, loader.dtype)
         families = resolve_features(features) if features is not None else None
         loader.check()
-        collection = ImageCollection.from_folder(images, skip_bad=skip_bad)
+        collection = ImageCollection.from_folder(images, skip_bad=skip_bad,
+                                                 max_pixels=DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels)
         for skipped in collection.skipped:
             err_console.print(f"[yellow]skipped[/] {console_text(skipped.path)}: {console_text(skipped.reason)}",
                               highlight=False, soft_wrap=True)
+        collection, caption_record = prepare_captions(
+            [collection], model=model, revision=loader.revision, features=features, captions=captions, store=store,
+            device=loader.device, dtype=loader.dtype,
+        )
         with contextlib.ExitStack() as stack:
             cache = stack.enter_context(FeatureStore(store)) if store is not None else None
             options = dict(name=model, revision=loader.revision, variant=loader.variant, dtype=loader.dtype,
@@ -351,6 +362,9 @@ def extract_command(
             table = extract_features(adapter, collection, families, seed=seed, batch_size=batch_size,
                                      store=cache, shard=shard_spec, num_workers=workers, progress=True,
                                      runner=runner)
+        table.meta["captions"] = caption_record
+        table.meta["inputs"] = {"root": str(collection.root), "counts": collection.file_counts(),
+                                "files": collection.file_log()}
         path = table.to_csv(out_path)
         info = table.meta["extraction"]
         computed = sum(info["computed"].values())
@@ -511,11 +525,13 @@ def audit_command(
     shift_encoder: str = choice("auto", "--shift-encoder", ("auto", "clip", "builtin"), "auto (CLIP if cached locally, else built-in), clip or builtin."),
     batch_size: str = typer.Option("auto", "--batch-size", help=BATCH_SIZE_HELP),
     store: str = typer.Option(None, "--store", help="Feature store (folder or .sqlite file) to reuse and resume extraction."),
-    skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip unreadable images (recorded in the result) instead of stopping."),
+    skip_bad: bool = typer.Option(False, "--skip-bad", help=SKIP_BAD_HELP),
     workers: int = typer.Option(None, "--workers", help="Image decoding worker processes."),
     ray: str = typer.Option(None, "--ray", help=RAY_HELP),
     ray_workers: int = typer.Option(None, "--ray-workers", help=RAY_WORKERS_HELP),
     ray_threads: int = typer.Option(1, "--ray-threads", help=RAY_THREADS_HELP),
+    max_pixels: int = typer.Option(None, "--max-pixels", help=MAX_PIXELS_HELP),
+    captions: str = typer.Option(None, "--captions", help=CAPTIONS_HELP),
     force: bool = typer.Option(False, "--force", help="Replace an earlier audit in --out."),
     fmt: str = format_option(),
     loader: LoaderOptions = None,
@@ -531,7 +547,8 @@ def audit_command(
             sample_size_resamples=sample_size_resamples, ignore_shift=ignore_shift, shift_alpha=shift_alpha,
             shift_encoder=shift_encoder, batch_size=batch_size, store=store, skip_bad=skip_bad, workers=workers,
             force=force, published_features=published_features, unpublished_features=unpublished_features,
-            ray=ray, ray_workers=ray_workers, ray_threads=ray_threads, **loader.as_config(),
+            ray=ray, ray_workers=ray_workers, ray_threads=ray_threads, captions=captions,
+            **({} if max_pixels is None else {"max_pixels": max_pixels}), **loader.as_config(),
         )
         result = run_audit(config, progress=fmt == "text")
         _print_result(result, fmt, out)
@@ -557,7 +574,7 @@ def store_merge_command(
 
     with _user_errors():
         counts = merge_stores(out, sources)
-        console.print(f"merged {counts['sources']} store(s) into {escape(out)}: {counts['values_added']} values "
+        console.print(f"merged {counts['sources']} store(s) into {console_text(out)}: {counts['values_added']} values "
                       f"added, {counts['values_present']} already there", highlight=False, soft_wrap=True)
 
 

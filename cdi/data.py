@@ -117,7 +117,7 @@ class ImageRecord:
     mode: str
     caption: str | None
     pixel_sha256: str | None = None  # SHA-256 of the upright RGB pixels (``pixel_digest``)
-    dhash: str | None = None  # 64-bit perceptual difference hash, hex (``difference_hash``)
+    phash: str | None = None  # 64-bit perceptual hash, hex (``perceptual_hash``)
 
 
 @dataclass(frozen=True)
@@ -248,7 +248,7 @@ class ImageCollection:
         first_path: dict[str, str] = {}
         first_pixels: dict[str, str] = {}
         for rel in sorted(images):
-            sha, width, height, mode, pixel_sha, dhash = images[rel]
+            sha, width, height, mode, pixel_sha, phash = images[rel]
             if sha in first_path or pixel_sha in first_pixels:
                 kept = first_path.get(sha) or first_pixels[pixel_sha]
                 duplicates.append((rel, kept))
@@ -262,7 +262,7 @@ class ImageCollection:
                 if sidecar in present:
                     caption = _read_sidecar(root, sidecar, name)
                     used_sidecars.add(sidecar)
-            records.append(ImageRecord(rel, sha, width, height, mode, caption, pixel_sha, dhash))
+            records.append(ImageRecord(rel, sha, width, height, mode, caption, pixel_sha, phash))
         if duplicates:
             logger.warning(
                 "%s folder %s: %d duplicate image(s) (same file or same pixels) left out, keeping the first "
@@ -441,14 +441,15 @@ def check_disjoint(published: ImageCollection, unpublished: ImageCollection) -> 
         )
 
 
-#: Largest dHash Hamming distance (of 64 bits) at which two images count as near-duplicates.
-NEAR_DUPLICATE_BITS = 4
+#: Largest pHash Hamming distance (of 64 bits) at which two images count as near-duplicates
+#: (see ``perceptual_hash`` for what it catches and how often unrelated images come this close).
+NEAR_DUPLICATE_BITS = 3
 
 
 def near_duplicates(
     published: ImageCollection, unpublished: ImageCollection, *, max_bits: int = NEAR_DUPLICATE_BITS
 ) -> list[dict[str, Any]]:
-    """Pairs (published, unpublished) whose difference hashes differ in at most ``max_bits`` bits.
+    """Pairs (published, unpublished) whose perceptual hashes differ in at most ``max_bits`` bits.
 
     Perceptual near-duplicates (a re-compressed or resized copy, a light
     retouch) are not refused like exact ones: the hash also matches some
@@ -458,8 +459,8 @@ def near_duplicates(
     paths.
     """
     def bits(collection):
-        paths = [r.path for r in collection.records if r.dhash is not None]
-        values = np.array([int(r.dhash, 16) for r in collection.records if r.dhash is not None], dtype=np.uint64)
+        paths = [r.path for r in collection.records if r.phash is not None]
+        values = np.array([int(r.phash, 16) for r in collection.records if r.phash is not None], dtype=np.uint64)
         return paths, values
 
     p_paths, p_hash = bits(published)
@@ -733,7 +734,7 @@ def _collate(items: list) -> tuple[torch.Tensor | None, list[int], str | None]:
 @dataclass(frozen=True)
 class _Outcome:
     kind: str  # "image" | "not_image" | "not_regular" | "unreadable" | "too_large"
-    # (sha256, width, height, mode, pixel sha256, dhash) for images
+    # (sha256, width, height, mode, pixel sha256, phash) for images
     info: tuple[str, int, int, str, str, str] | None = None
     reason: str = ""
 
@@ -825,7 +826,7 @@ def _scan_file(path: Path, max_pixels: int) -> _Outcome:
     mode = image.mode
     upright = _upright_rgb(image)
     width, height = upright.size
-    return _Outcome("image", info=(sha, width, height, mode, pixel_digest(upright), difference_hash(upright)))
+    return _Outcome("image", info=(sha, width, height, mode, pixel_digest(upright), perceptual_hash(upright)))
 
 
 def _upright_rgb(image: Image.Image) -> Image.Image:
@@ -848,20 +849,27 @@ def pixel_digest(image: Image.Image) -> str:
     return hashlib.sha256(header + image.tobytes()).hexdigest()
 
 
-def difference_hash(image: Image.Image, size: int = 8) -> str:
-    """The 64-bit difference hash (dHash) of an image, as 16 hex digits.
+def perceptual_hash(image: Image.Image) -> str:
+    """The 64-bit DCT perceptual hash (pHash) of an image, as 16 hex digits.
 
-    dHash (Krawetz 2013): shrink the greyscale image to (size+1) x size with
-    a box filter (area average, robust to resizing and re-compression), and
-    set one bit per pair of horizontally neighbouring pixels, 1 where the
-    left one is brighter. Near-identical images (a re-compressed JPEG, a
-    resized copy, a small retouch) differ in a few of the 64 bits; unrelated
-    images in about half.
+    pHash (Zauner 2010, the variant of the ``imagehash`` package): the
+    greyscale image shrunk to 32x32 with a box filter (area average), its 2-D
+    DCT-II, the 8x8 lowest frequencies, one bit per coefficient: 1 where it is
+    above their median (the DC term left out of the median). Re-compressed or
+    resized copies differ in a few of the 64 bits, unrelated images in about
+    half. Measured on the toy world's 32 px digits, the hardest case (simple
+    shapes on a plain background): over 807,000 member/non-member pairs, 4
+    pairs within 3 bits, none within 1; a JPEG (quality 60) copy within 4
+    bits (95%: 2), an 8x upscale within 2.
     """
-    grey = image.convert("L").resize((size + 1, size), Image.Resampling.BOX)
-    px = np.asarray(grey, dtype=np.int16)
-    bits = (px[:, :-1] > px[:, 1:]).reshape(-1)
-    return f"{int(''.join('1' if b else '0' for b in bits), 2):0{size * size // 4}x}"
+    grey = np.asarray(image.convert("L").resize((32, 32), Image.Resampling.BOX), dtype=np.float64)
+    low = (_DCT32 @ grey @ _DCT32.T)[:8, :8].reshape(-1)
+    bits = low > np.median(low[1:])
+    return f"{int(''.join('1' if b else '0' for b in bits), 2):016x}"
+
+
+# DCT-II basis (unnormalised: the scale does not change which coefficients exceed the median)
+_DCT32 = np.cos(np.pi * (2 * np.arange(32)[None, :] + 1) * np.arange(32)[:, None] / 64)
 
 
 def _bomb_reason(exc: Exception, max_pixels: int) -> str:

@@ -132,6 +132,10 @@ class AuditResult:
     extraction: dict[str, Any] = field(default_factory=dict)
     # {file name: SHA-256} of the other evidence files written with this result (cdi.evidence).
     evidence_files: dict[str, str] = field(default_factory=dict)
+    # every file seen in P and U and what happened to it, near-duplicate pairs (cdi.audit.input_record)
+    inputs: dict[str, Any] | None = None
+    # where the captions came from: files or a captioner (id, fingerprint), what was missing (cdi.captions)
+    captions: dict[str, Any] | None = None
 
     @property
     def verdict_text(self) -> str:

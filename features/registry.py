@@ -71,7 +71,12 @@ def resolve_features(spec: str) -> list[FeatureFamily]:
 
 def default_feature_set(adapter: DiffusionAdapter) -> str:
     """``"cdi+clid"`` for conditional models (text or class), ``"cdi"`` otherwise."""
-    return "cdi+clid" if adapter.is_conditional else "cdi"
+    return default_set_for(adapter.conditioning)
+
+
+def default_set_for(conditioning: str) -> str:
+    """The default feature set of a model conditioned on ``"text"``, ``"class"`` or ``"none"``."""
+    return "cdi" if conditioning == "none" else "cdi+clid"
 
 
 def columns_of(families: Sequence[FeatureFamily], adapter: DiffusionAdapter | None = None) -> list[str]:

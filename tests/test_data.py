@@ -264,7 +264,7 @@ def test_subset_manifest_and_disjointness(tmp_path):
     assert manifest["root"] == str(p.root) and manifest["count"] == 4
     assert manifest["records"][0] == {"path": "0.png", "sha256": p.records[0].sha256, "width": 16,
                                       "height": 12, "mode": "RGB", "caption": None,
-                                      "pixel_sha256": p.records[0].pixel_sha256, "dhash": p.records[0].dhash}
+                                      "pixel_sha256": p.records[0].pixel_sha256, "phash": p.records[0].phash}
     (tmp_path / "u" / "x.png").write_bytes((tmp_path / "p" / "2.png").read_bytes())
     u2 = ImageCollection.from_folder(tmp_path / "u", name="unpublished")
     with pytest.raises(CDIError, match=r"published 2.png  =  unpublished x.png"):

@@ -25,6 +25,7 @@ dtype the network computes in, so reductions are done in full precision.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import ClassVar, Literal, Sequence
 
 import torch
@@ -172,6 +173,16 @@ class DiffusionAdapter:
     @property
     def is_conditional(self) -> bool:
         return self.conditioning != "none"
+
+    @classmethod
+    def conditioning_of(cls, folder: Path, index: dict) -> Conditioning:
+        """How the pipeline in ``folder`` is conditioned, read from its files without loading weights.
+
+        The class's ``conditioning``; families where it depends on the
+        checkpoint (pixel DDPM: class labels or none) override this. Used to
+        check captions before the model is loaded.
+        """
+        return cls.conditioning
 
     def describe(self) -> dict:
         """Provenance of the loaded model, for results and reports."""

@@ -99,6 +99,15 @@ class DDPMAdapter(DiffusionAdapter):
         self._label_ids = {label.strip().lower(): i for i, label in self.id2label.items()}
 
     @classmethod
+    def conditioning_of(cls, folder: Path, index: dict) -> str:
+        """``"class"`` when the UNet has class embeddings (``num_class_embeds`` in unet/config.json)."""
+        try:
+            config = json.loads((Path(folder) / "unet" / "config.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return cls.conditioning  # the loader reports a missing or broken config
+        return "class" if isinstance(config, dict) and config.get("num_class_embeds") is not None else "none"
+
+    @classmethod
     def extra_inputs(cls, folder: Path, index: dict) -> dict:
         """``labels``: the parsed labels.json at the folder root, if any."""
         path = Path(folder) / "labels.json"

@@ -238,3 +238,44 @@ def save_tiny_ddpm(folder: str | Path, num_classes: int | None = 10, seed: int =
 
 def _digit(i: int) -> str:
     return _DIGITS[i] if i < len(_DIGITS) else str(i)
+
+
+def save_tiny_captioner(folder: str | Path, seed: int = 0) -> Path:
+    """A tiny BLIP image captioner (random weights, 32 px input, a 40-word vocabulary), saved offline.
+
+    Loaded back by ``cdi.captions.Captioner`` through ``AutoProcessor`` and
+    ``AutoModelForImageTextToText``, the path a downloaded captioner takes;
+    its captions are a few words drawn from the vocabulary (greedy decoding
+    of random weights), enough to test captioning end to end.
+    """
+    from transformers import (
+        BertTokenizer,
+        BlipConfig,
+        BlipForConditionalGeneration,
+        BlipImageProcessorPil,
+        BlipProcessor,
+    )
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]"] + (
+        "a an the digit number zero one two three four five six seven eight nine of image picture drawn white "
+        "black grey on background handwritten small large thin thick bright dark centred blurry sharp").split()
+    with tempfile.TemporaryDirectory() as tmp:
+        vocab = Path(tmp) / "vocab.txt"
+        vocab.write_text("\n".join(words) + "\n")
+        tokenizer = BertTokenizer(str(vocab), bos_token="[DEC]")
+    torch.manual_seed(seed)
+    config = BlipConfig(
+        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=32, patch_size=8),
+        text_config=dict(vocab_size=len(words), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, max_position_embeddings=64, bos_token_id=words.index("[DEC]"),
+                         pad_token_id=0, sep_token_id=3, eos_token_id=3),
+        projection_dim=16, image_text_hidden_size=16,
+    )
+    model = BlipForConditionalGeneration(config).eval()
+    processor = BlipProcessor(BlipImageProcessorPil(size={"height": 32, "width": 32}), tokenizer)
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
