@@ -271,6 +271,7 @@ def shift_between_folders(
     encoder: str = "auto",
     seed: int = 0,
     max_points: int | None = 2500,
+    max_pixels: int | None = None,
 ) -> ShiftResult:
     """Load two image folders, embed them without any diffusion model, and measure the shift.
 
@@ -278,10 +279,11 @@ def shift_between_folders(
     Hugging Face cache, else the built-in colour/gradient descriptor),
     ``"builtin"`` or ``"clip"`` (see ``cdi.shift_guard.image_embeddings``).
     """
-    from cdi.data import ImageCollection
+    from cdi.data import DEFAULT_MAX_PIXELS, ImageCollection
 
-    a = ImageCollection.from_folder(folder_a, name="a")
-    b = ImageCollection.from_folder(folder_b, name="b")
+    limit = DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels
+    a = ImageCollection.from_folder(folder_a, name="a", max_pixels=limit)
+    b = ImageCollection.from_folder(folder_b, name="b", max_pixels=limit)
     from cdi.shift_guard import image_embeddings
 
     emb_a, used = image_embeddings(a, encoder=encoder)

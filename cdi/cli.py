@@ -393,6 +393,7 @@ def shift_command(
     encoder: str = choice("auto", "--encoder", ("auto", "builtin", "clip"), "auto (CLIP if cached locally, else built-in), builtin or clip."),
     output_format: str = format_option(),
     seed: int = typer.Option(0, "--seed", help="Seed of the Wasserstein subsample and the probe's folds."),
+    max_pixels: int = typer.Option(None, "--max-pixels", help=MAX_PIXELS_HELP),
 ) -> None:
     """Measure the dataset shift between two image folders, without any diffusion model.
 
@@ -406,7 +407,7 @@ def shift_command(
     from attacks.shift import shift_between_folders
 
     with _user_errors():
-        result = shift_between_folders(a, b, encoder=encoder, seed=seed)
+        result = shift_between_folders(a, b, encoder=encoder, seed=seed, max_pixels=max_pixels)
         if output_format == "json":
             print(json.dumps(result.to_dict(), indent=2))
         else:
@@ -609,12 +610,13 @@ def speed_command(
     batch_size: str = typer.Option("auto", "--batch-size", help=BATCH_SIZE_HELP),
     images: int = typer.Option(None, "--images", help="Images to time: synthetic ones (default two batches, at least 32), or the first N of --images-dir (default all)."),
     images_dir: str = typer.Option(None, "--images-dir", help="Time these images instead of synthetic ones."),
+    max_pixels: int = typer.Option(None, "--max-pixels", help=MAX_PIXELS_HELP),
     audit_size: int = typer.Option(1000, "--audit-size", help="Images per collection of the audit whose duration is estimated."),
     fmt: str = format_option(),
     loader: LoaderOptions = None,
 ) -> None:
     """Time feature extraction: images/s, model calls, peak memory, and efficiency against the bare network."""
-    from cdi.data import ImageCollection
+    from cdi.data import DEFAULT_MAX_PIXELS, ImageCollection
     from cdi.batching import parse_batch_size
     from cdi.speed import measure_speed, speed_table, to_json
     from features.registry import default_feature_set, resolve_features
@@ -629,7 +631,8 @@ def speed_command(
         loader.check()
         collection = None
         if images_dir is not None:
-            collection = ImageCollection.from_folder(images_dir)
+            collection = ImageCollection.from_folder(
+                images_dir, max_pixels=DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels)
             if images is not None:
                 collection = collection.subset(range(min(images, len(collection))))
         adapter = loader.load(model)

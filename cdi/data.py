@@ -1090,7 +1090,8 @@ def _bad_files_message(root: Path, name: str, bad: list[tuple[str, str, str]], m
                      "FOLDER`).")
     if "too_large" in kinds:
         parts.append(f"Images over {max_pixels:,} pixels are refused as possible decompression bombs: "
-                     "if you trust them, raise the limit with --max-pixels (max_pixels=...).")
+                     "if you trust them, raise the limit with --max-pixels (audit, extract, inspect, shift, speed; "
+                     "max_pixels=... in Python).")
     parts.append("Or pass --skip-bad (skip_bad=True) to leave these files out; they are then listed "
                  "as skipped in the manifest.")
     return "\n".join(parts)
