@@ -550,6 +550,10 @@ def prepare_captions(
     conditioning = model_conditioning(model, revision=revision)
     families = resolve_features(features or default_set_for(conditioning or "none"))
     record = check_captions(conditioning, families, collections, option)
+    if option.source == "auto" and conditioning in ("class", "none"):
+        raise CDIError(f"--captions auto writes text captions, but {model} is "
+                       f"{'class-conditioned (its captions are class labels)' if conditioning == 'class' else 'unconditional'}; "
+                       "drop --captions")
     if option.source == "auto":
         captioner = Captioner(option.captioner, device=device, dtype=dtype)
         collections, auto = caption_collections(collections, captioner, CaptionCache(cache_folder(store), captioner))

@@ -60,6 +60,21 @@ def test_model_conditioning_without_loading(tiny_model_dirs, tmp_path, monkeypat
     assert model_conditioning("someone/not-downloaded") is None  # unknown: checked after loading, as before
 
 
+def test_captions_auto_is_refused_on_a_class_model(tiny_model_dirs, tmp_path, monkeypatch):
+    import cdi.models
+    from test_cli_hostile import smooth_image
+
+    monkeypatch.setattr(cdi.models, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    for name in ("P", "U"):
+        for i in range(N):
+            smooth_image(tmp_path / name / f"{i}.png", seed=i + (0 if name == "P" else 50))
+    result = runner.invoke(app, ["audit", "--published", str(tmp_path / "P"), "--unpublished", str(tmp_path / "U"),
+                                 "--model", str(tiny_model_dirs["dit"]), "--out", str(tmp_path / "out"),
+                                 "--folds", "2", "--features", "denoising_loss", "--captions", "auto"])
+    assert result.exit_code == 2 and "class-conditioned" in result.stderr, result.output
+    assert not (tmp_path / "out").exists()
+
+
 def test_class_model_with_missing_labels_does_not_offer_captions(tmp_path):
     from cdi.data import ImageCollection
     from features.registry import resolve_features
