@@ -326,7 +326,7 @@ def _check_images(result: AuditResult, folders: dict[str, str | Path | None]) ->
     counted = 0
     for collection, root in given.items():
         manifest = {s.path: s.sha256 for s in result.scores if s.collection == collection}
-        present, _ = _walk(root.resolve())
+        present = _walk(root.resolve()).files
         present_set = set(present)
         seen = _recorded_files(result, collection)  # None: a result without the record of every file
         by_hash = {sha: path for path, sha in manifest.items()}
