@@ -63,7 +63,6 @@ def toy_sd_world(tmp_path_factory):
     return build_world("sd", "overtrained", tmp_path_factory.mktemp("toy") / "world", progress=False)
 
 
-<<<<<<< HEAD
 TINY_FLOW_FAMILIES = ("sd3", "sd3_no_t5", "flux_dev", "flux_schnell", "zimage")
 
 
@@ -90,11 +89,11 @@ def tiny_flow_adapters(tiny_flow_dirs):
     from cdi.models import load_model
 
     return {family: load_model(str(folder), device="cpu", dtype="float32") for family, folder in tiny_flow_dirs.items()}
-=======
+
+
 @pytest.fixture(scope="session")
 def tiny_captioner_dir(tmp_path_factory) -> Path:
     """A tiny BLIP captioner saved with save_pretrained (cdi.models.tiny.save_tiny_captioner)."""
     from cdi.models import tiny
 
     return tiny.save_tiny_captioner(tmp_path_factory.mktemp("tiny_captioner") / "blip")
->>>>>>> e86dc41 (wip: audit/extract input checks before the model loads, --max-pixels, --captions, the inputs record, CLI tests)
