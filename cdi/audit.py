@@ -146,6 +146,31 @@ class AuditConfig:
         check_writable(self.out, "--out")
 
 
+    def _validate_sources(self) -> None:
+        """Images and a model, or two feature tables (images then optional, for the shift guard)."""
+        from cdi.distributed import check_ray_options
+
+        if not self.from_features:
+            if not (self.published and self.unpublished and self.model):
+                raise CDIError(
+                    "an audit needs --published, --unpublished and --model (or --published-features and "
+                    "--unpublished-features: the feature tables of both collections made by `cdi extract`)"
+                )
+            check_ray_options(self.ray, self.ray_workers, self.ray_threads, self.device, self.dtype)
+            return
+        if not (self.published_features and self.unpublished_features):
+            raise CDIError("--published-features and --unpublished-features go together: give the `cdi extract` "
+                           "CSV of each collection")
+        if self.model:
+            raise CDIError("--model with --published-features: the model is the one the feature tables were "
+                           "extracted with (recorded in them); drop --model")
+        if self.ray:
+            raise CDIError("--ray with --published-features: an audit from feature tables computes no feature")
+        if (self.published is None) != (self.unpublished is None):
+            raise CDIError("with --published-features, give both image folders (--published and --unpublished, "
+                           "for the shift guard) or neither (the shift guard is then recorded as not run)")
+
+
 def check_seed(seed: int) -> None:
     """A seed must be a whole number in 0 .. 2**63 - 1 (what every random generator cdi uses accepts)."""
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
@@ -180,30 +205,6 @@ def check_writable(path: str | Path, option: str) -> None:
                        "can write to") from None
     os.close(fd)
     os.unlink(tmp)
-
-    def _validate_sources(self) -> None:
-        """Images and a model, or two feature tables (images then optional, for the shift guard)."""
-        from cdi.distributed import check_ray_options
-
-        if not self.from_features:
-            if not (self.published and self.unpublished and self.model):
-                raise CDIError(
-                    "an audit needs --published, --unpublished and --model (or --published-features and "
-                    "--unpublished-features: the feature tables of both collections made by `cdi extract`)"
-                )
-            check_ray_options(self.ray, self.ray_workers, self.ray_threads, self.device, self.dtype)
-            return
-        if not (self.published_features and self.unpublished_features):
-            raise CDIError("--published-features and --unpublished-features go together: give the `cdi extract` "
-                           "CSV of each collection")
-        if self.model:
-            raise CDIError("--model with --published-features: the model is the one the feature tables were "
-                           "extracted with (recorded in them); drop --model")
-        if self.ray:
-            raise CDIError("--ray with --published-features: an audit from feature tables computes no feature")
-        if (self.published is None) != (self.unpublished is None):
-            raise CDIError("with --published-features, give both image folders (--published and --unpublished, "
-                           "for the shift guard) or neither (the shift guard is then recorded as not run)")
 
 
 def reproduce_command(config: AuditConfig) -> str:
