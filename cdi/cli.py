@@ -49,8 +49,8 @@ def _internal_error(exc: BaseException) -> int:
         handle.write(f"cdi {__version__}: {' '.join(sys.argv)}\n")
         handle.write("".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
     Console(stderr=True).print(
-        f"[bold red]internal error:[/] {escape(type(exc).__name__)}: {escape(str(exc))}\n"
-        f"This is a bug in cdi or its environment. The traceback is in {escape(handle.name)}; please attach it "
+        f"[bold red]internal error:[/] {console_text(type(exc).__name__)}: {console_text(str(exc))}\n"
+        f"This is a bug in cdi or its environment. The traceback is in {console_text(handle.name)}; please attach it "
         "and the output of `cdi env` to a bug report.",
         highlight=False, soft_wrap=True,
     )
