@@ -143,6 +143,9 @@ class DiffusionAdapter:
     prediction_type: PredictionType = "epsilon"
     learned_variance: bool = False
     compiled: bool = False
+    #: What was added to the base model (``cdi.models.finetune``): ``base_fingerprint``, ``loras``
+    #: (file, SHA-256, scale), ``replaced_components``, ``single_file``; None for a plain model.
+    provenance: dict | None = None
 
     def __init__(
         self,
@@ -198,6 +201,7 @@ class DiffusionAdapter:
             "device": str(self.device),
             "dtype": str(self.dtype).replace("torch.", ""),
             "compiled": self.compiled,
+            **(self.provenance or {}),
         }
 
     # ------------------------------------------------------------- encoding

@@ -49,7 +49,7 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
 
 import torch
 from huggingface_hub.errors import (
@@ -64,10 +64,12 @@ from safetensors import SafetensorError
 
 from cdi.errors import CDIError
 from cdi.io import sha256_file
+from cdi.models import finetune
 from cdi.models.registry import ALIASES
 
 if TYPE_CHECKING:  # pragma: no cover
     from cdi.models.base import DiffusionAdapter
+    from cdi.models.finetune import LoraSpec
 
 #: model_index.json ``_class_name`` -> family.
 SUPPORTED_PIPELINES: dict[str, str] = {
@@ -225,6 +227,9 @@ def load_model(
     compile: bool = False,
     cache_dir: str | os.PathLike | None = None,
     token: str | None = None,
+    loras: Sequence["LoraSpec"] = (),
+    components: Mapping[str, str | os.PathLike] | None = None,
+    config: str | None = None,
 ) -> "DiffusionAdapter":
     """Load a diffusion model into the adapter of its family.
 
@@ -255,6 +260,15 @@ def load_model(
     token : str, optional
         Hugging Face access token for gated or private hub models (default:
         ``HF_TOKEN`` or the stored login).
+    loras : sequence of LoraSpec
+        LoRAs fused into the weights, in order (``cdi.models.finetune.parse_loras``).
+    components : mapping, optional
+        Component name -> folder: load these components from there instead
+        of from the base (``--unet``, ``--component``).
+    config : str, optional
+        For a single-file checkpoint (``name`` is a ``.safetensors`` /
+        ``.ckpt`` file): the local pipeline folder, alias or cached hub id
+        whose configs describe it (``cdi.models.finetune``).
 
     Returns
     -------
@@ -271,40 +285,82 @@ def load_model(
     if compile:
         check_compile_supported(torch_device)
     offline = _offline(local_files_only)
-    folder, model_id, resolved_revision, hub_id = _resolve_folder(
-        name, revision=revision, variant=variant, allow_pickle=allow_pickle, offline=offline,
-        hub={"cache_dir": cache_dir, "token": token},
-    )
+    overrides = {k: Path(v) for k, v in (components or {}).items()}
+    checkpoint = Path(name).expanduser().resolve() if finetune.is_single_file(name) else None
+    if checkpoint is not None:
+        if revision is not None:
+            raise CDIError("--revision applies to hub models, but --model is a local checkpoint file; drop --revision")
+        folder = finetune.resolve_single_file_config(checkpoint, config, offline=offline)
+        model_id, resolved_revision, hub_id = str(checkpoint), None, None
+    elif config is not None:
+        raise CDIError("--config applies to single-file checkpoints (--model FILE.safetensors); drop it")
+    else:
+        folder, model_id, resolved_revision, hub_id = _resolve_folder(
+            name, revision=revision, variant=variant, allow_pickle=allow_pickle, offline=offline,
+            hub={"cache_dir": cache_dir, "token": token},
+        )
     index = read_model_index(folder)
-    adapter_cls = adapter_class(detect_family(index, folder))
+    family = detect_family(index, folder)
+    adapter_cls = adapter_class(family)
     _check_components(adapter_cls, index, folder)
+    unknown = sorted(set(overrides) - set(adapter_cls.components))
+    if unknown:
+        raise CDIError(f"a {index.get('_class_name')} has no component(s) {', '.join(unknown)} to replace; "
+                       f"its components: {', '.join(adapter_cls.components)}")
     files: list[Path] = [folder / f for f in _ROOT_FILES if (folder / f).is_file()]
-    components: dict[str, Any] = {}
+    provenance: dict[str, Any] = {}
+    converted = None
+    if checkpoint is not None:
+        converted = finetune.load_single_file(checkpoint, folder, family, dtype=torch_dtype, allow_pickle=allow_pickle)
+        provenance["single_file"] = {"path": str(checkpoint), "sha256": sha256_file(checkpoint), "config": str(folder)}
+    loaded: dict[str, Any] = {}
     for component, kind in adapter_cls.components.items():
-        if _absent_optional(adapter_cls, index, component):
-            components[component] = None
+        if _absent_optional(adapter_cls, index, component) and component not in overrides:
+            loaded[component] = None
+            continue
+        source = overrides.get(component, folder)
+        dtype_c = torch.float32 if component in adapter_cls.full_precision_components else torch_dtype
+        channels_last = component == adapter_cls.denoiser_name and torch_device.type == "cuda"
+        if converted is not None and component not in overrides:
+            module = converted[component]
+            if _is_module(kind) and module.dtype != dtype_c:
+                module = module.to(dtype_c)
+            loaded[component] = _prepare(module, torch_device, channels_last) if _is_module(kind) else module
+            path = _component_dir(folder, component)
+            files.extend(path / n for n in _CONFIG_NAMES if (path / n).is_file())
             continue
         module, used = _load_component(
-            folder, component, kind,
-            dtype=torch.float32 if component in adapter_cls.full_precision_components else torch_dtype,
-            device=torch_device, variant=variant, allow_pickle=allow_pickle, hub_id=hub_id,
-            channels_last=component == adapter_cls.denoiser_name and torch_device.type == "cuda",
+            source, component, kind, dtype=dtype_c, device=torch_device, variant=variant,
+            allow_pickle=allow_pickle, hub_id=hub_id if component not in overrides else None,
+            channels_last=channels_last,
         )
-        components[component] = module
-        files.extend(used)
+        loaded[component] = module
+        if component in overrides:
+            provenance.setdefault("replaced_components", {})[component] = {
+                "folder": str(source), "fingerprint": fingerprint_weights(source, used),
+                "files": file_digests(source, used),
+            }
+        else:
+            files.extend(used)
     digests = file_digests(folder, files)
+    base_fingerprint = _combine(digests)
+    provenance["loras"] = finetune.fuse_loras(family, loaded, loras)
+    provenance = {k: v for k, v in provenance.items() if v}
+    if provenance:
+        provenance["base_fingerprint"] = base_fingerprint
     adapter = adapter_cls(
-        **components,
+        **loaded,
         **adapter_cls.extra_inputs(folder, index),
         model_id=model_id,
         revision=resolved_revision,
-        fingerprint=_combine(digests),
+        fingerprint=finetune.combined_fingerprint(base_fingerprint, provenance),
         device=torch_device,
         dtype=torch_dtype,
     )
     adapter.files = digests
+    adapter.provenance = provenance
     if compile:
-        components[adapter_cls.denoiser_name].compile()
+        loaded[adapter_cls.denoiser_name].compile()
         adapter.compiled = True
     return adapter
 
@@ -339,8 +395,8 @@ def read_model_index(folder: Path) -> dict:
     except FileNotFoundError:
         raise CDIError(
             f"{folder} is not a diffusers pipeline folder (no model_index.json); save the pipeline with "
-            "DiffusionPipeline.save_pretrained, or convert a single-file checkpoint with "
-            "DiffusionPipeline.from_single_file(...).save_pretrained(folder)"
+            "DiffusionPipeline.save_pretrained, or pass a single-file checkpoint (.safetensors) itself as "
+            "--model, with --config naming a pipeline folder of its architecture"
         ) from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CDIError(f"{path} is not valid JSON ({exc}); restore the file from the model's source") from None
@@ -386,8 +442,8 @@ def _resolve_folder(
             raise CDIError(f"--revision applies to hub models, but {name!r} is a local folder; drop --revision")
         if not path.is_dir():
             raise CDIError(
-                f"{name!r} is a file; cdi loads diffusers pipeline folders. Convert a single-file checkpoint "
-                "with DiffusionPipeline.from_single_file(...).save_pretrained(folder) and pass the folder"
+                f"{name!r} is a file but not a checkpoint (.safetensors, or .ckpt with --allow-pickle); pass a "
+                "diffusers pipeline folder, an alias, a hub id or a single-file checkpoint"
             )
         folder = path.resolve()
         return folder, str(folder), None, None
@@ -654,10 +710,15 @@ def _load_component(
             f"cannot load the {component!r} of {hub_id or folder} ({type(exc).__name__}: {exc}); the files may be "
             "corrupt, incomplete or from an incompatible version: fetch them again"
         ) from None
+    return _prepare(module, device, channels_last), config_files + weights
+
+
+def _prepare(module: torch.nn.Module, device: torch.device, channels_last: bool) -> torch.nn.Module:
+    """On ``device``, in eval mode, parameters frozen; channels_last for the denoiser on CUDA."""
     module = module.to(device).eval().requires_grad_(False)
     if channels_last:
         module = module.to(memory_format=torch.channels_last)
-    return module, config_files + weights
+    return module
 
 
 def _load_scheduler(path: Path):

@@ -154,12 +154,17 @@ def save_tiny_sd(folder: str | Path, prediction_type: str = "epsilon", seed: int
     return _save(pipeline, folder)
 
 
-def save_tiny_sdxl(folder: str | Path, seed: int = 0, force_zeros_for_empty_prompt: bool = True) -> Path:
-    """A tiny SDXL pipeline: two 2-layer CLIP text encoders (32 + 32 features), size conditioning."""
+def save_tiny_sdxl(folder: str | Path, seed: int = 0, force_zeros_for_empty_prompt: bool = True,
+                   second_width: int = 32) -> Path:
+    """A tiny SDXL pipeline: two 2-layer CLIP text encoders (32 + ``second_width`` features), size conditioning.
+
+    A ``second_width`` other than 32 makes the two encoders distinguishable by shape, as in the real SDXL
+    (768 + 1280), which diffusers' single-file loader relies on to tell them apart.
+    """
     torch.manual_seed(seed)
     tokenizer = build_char_clip_tokenizer()
     tokenizer_2 = build_char_clip_tokenizer()
-    text_encoder_2 = CLIPTextModelWithProjection(_tiny_clip_config(tokenizer_2))
+    text_encoder_2 = CLIPTextModelWithProjection(_tiny_clip_config(tokenizer_2, hidden_size=second_width))
     time_embed_dim = 8
     pipeline = StableDiffusionXLPipeline(
         vae=_tiny_autoencoder_kl(),
@@ -168,7 +173,7 @@ def save_tiny_sdxl(folder: str | Path, seed: int = 0, force_zeros_for_empty_prom
         tokenizer=tokenizer,
         tokenizer_2=tokenizer_2,
         unet=_tiny_conditional_unet(
-            cross_attention_dim=64, addition_embed_type="text_time", addition_time_embed_dim=time_embed_dim,
+            cross_attention_dim=32 + second_width, addition_embed_type="text_time", addition_time_embed_dim=time_embed_dim,
             projection_class_embeddings_input_dim=6 * time_embed_dim + text_encoder_2.config.projection_dim,
             use_linear_projection=True,
         ),
