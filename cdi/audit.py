@@ -98,6 +98,12 @@ class AuditConfig:
     workers: int | None = None
     captions: str | None = None  # None / "files": the folders' captions; "auto[:MODEL]": generated
     force: bool = False
+    lora: list[str] = field(default_factory=list)  # LoRA files fused into --model (cdi.models.finetune)
+    lora_scale: list[float] = field(default_factory=list)
+    unet: str | None = None
+    component: list[str] = field(default_factory=list)  # NAME=FOLDER replacements
+    config: str | None = None  # configuration of a single-file --model
+    reference_model: str | None = None  # test target minus reference features (cdi.reference)
     extra: dict[str, Any] = field(default_factory=dict)  # e.g. how the demo drew P and U
     published_features: str | None = None  # audit from `cdi extract` tables instead of a model
     unpublished_features: str | None = None
@@ -140,6 +146,9 @@ class AuditConfig:
         from cdi.captions import parse_captions_option
 
         parse_captions_option(self.captions)
+        self.loading_options()
+        if self.reference_model is not None and not str(self.reference_model).strip():
+            raise CDIError("--reference-model is empty; name the base model (alias, hub id or folder)")
         from cdi.evidence import check_out_folder
 
         check_out_folder(self.out, force=self.force)
@@ -206,6 +215,13 @@ def check_writable(path: str | Path, option: str) -> None:
     os.close(fd)
     os.unlink(tmp)
 
+    def loading_options(self) -> dict[str, Any]:
+        """The ``load_model`` keywords for the LoRAs, replaced components and single-file config (checked)."""
+        from cdi.models.finetune import loading_options
+
+        return loading_options(self.lora, self.lora_scale, self.unet, self.component, self.config,
+                               allow_pickle=self.allow_pickle)
+
 
 def reproduce_command(config: AuditConfig) -> str:
     """The ``cdi audit`` command line that repeats this audit."""
@@ -224,6 +240,9 @@ def reproduce_command(config: AuditConfig) -> str:
         flag = "--" + name.replace("_", "-")
         if isinstance(value, bool):
             parts.append(flag)
+        elif isinstance(value, list):
+            for item in value:
+                parts += [flag, str(item)]
         else:
             parts += [flag, str(value)]
     return " ".join(shlex.quote(p) for p in parts)
@@ -323,7 +342,10 @@ def decide_verdict(rejected: bool, shift: ShiftGuard | None, *, ignore_shift: bo
 
 
 def _family_of_columns(families) -> dict[str, str]:
-    return {column: family.name for family in families for column in family.columns()}
+    from cdi.reference import difference_column
+
+    named = {column: family.name for family in families for column in family.columns()}
+    return {**named, **{difference_column(c): name for c, name in named.items()}}
 
 
 def build_result(
@@ -430,15 +452,22 @@ def run_audit(config: AuditConfig, *, progress: bool = True) -> AuditResult:
     )
 
     options = dict(name=config.model, revision=config.revision, variant=config.variant, dtype=config.dtype,
-                   allow_pickle=config.allow_pickle, compile=config.compile)
+                   allow_pickle=config.allow_pickle, compile=config.compile, **config.loading_options())
+    hub = dict(local_files_only=config.local_files_only, cache_dir=config.cache_dir, token=config.token)
     with contextlib.ExitStack() as stack:
         runner = ray_runner(config.ray, workers=config.ray_workers, threads=config.ray_threads,
                             device=config.device, **options)
         if runner is not None:  # Ray workers compute; this process keeps a CPU copy for keys and columns
             stack.enter_context(runner)
             options.update(compile=False)
-        adapter = load_model(**options, device="cpu" if runner is not None else config.device,
-                             local_files_only=config.local_files_only, cache_dir=config.cache_dir, token=config.token)
+        adapter = load_model(**options, device="cpu" if runner is not None else config.device, **hub)
+        reference = None
+        if config.reference_model:
+            from cdi.reference import check_reference
+
+            reference = load_model(config.reference_model, dtype=config.dtype, device=config.device,
+                                   allow_pickle=config.allow_pickle, compile=config.compile, **hub)
+            check_reference(adapter, reference)
         feature_spec = config.features or default_feature_set(adapter)
         families = resolve_features(feature_spec)
         for family in families:
@@ -452,11 +481,15 @@ def run_audit(config: AuditConfig, *, progress: bool = True) -> AuditResult:
         else:
             batch_size = parse_batch_size(config.batch_size)
             batch_size = runner.auto_batch_size(adapter, families, caption) if batch_size == "auto" else batch_size
-        tables = [
-            extract_features(adapter, collection, families, seed=config.seed, batch_size=batch_size,
-                             store=config.store, num_workers=config.workers, progress=progress, runner=runner)
-            for collection in (published, unpublished)
-        ]
+        extract_kwargs = dict(seed=config.seed, batch_size=batch_size, store=config.store,
+                              num_workers=config.workers, progress=progress)
+        tables = [extract_features(adapter, collection, families, runner=runner, **extract_kwargs)
+                  for collection in (published, unpublished)]
+        if reference is not None:  # the reference runs in this process (not on the Ray workers)
+            from cdi.reference import calibrate, reference_tables
+
+            tables = calibrate(tables, reference_tables(reference, (published, unpublished), families,
+                                                        extract_kwargs=extract_kwargs))
     t_extracted = time.perf_counter()
 
     emb_p, encoder = image_embeddings(published, encoder=config.shift_encoder)
@@ -478,6 +511,9 @@ def run_audit(config: AuditConfig, *, progress: bool = True) -> AuditResult:
                           directions=directions, model=model, config=config, timings=timings)
     result.extraction = extraction_record(config.batch_size, batch_size, adapter.device, tables)
     result.inputs, result.captions = inputs, caption_record
+    if reference is not None:
+        result.reference_model = reference.describe()
+        result.question = "used_beyond_reference"
     result.timings["total_s"] = time.perf_counter() - t0
     write_evidence(config.out, result, tables)
     return result

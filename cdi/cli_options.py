@@ -63,13 +63,17 @@ class LoaderOptions:
         """The fields, for ``AuditConfig`` and ``BenchmarkConfig`` (which keep the token out of their files)."""
         return asdict(self)
 
-    def load(self, model: str):
-        """``load_model(model, ...)``, with the libraries' own weight-loading bars silenced."""
+    def load(self, model: str, **extra: Any):
+        """``load_model(model, ..., **extra)``, with the libraries' own weight-loading bars silenced.
+
+        ``extra``: further ``load_model`` keywords (the LoRA, component and
+        single-file options of ``cdi.models.finetune.loading_options``).
+        """
         from cdi.models import load_model
         from cdi.progress import quiet_library_progress
 
         quiet_library_progress()
-        return load_model(model, **self.as_config())
+        return load_model(model, **self.as_config(), **extra)
 
     def check(self) -> None:
         """Validate device and dtype before anything is read or loaded (raises ``CDIError``)."""

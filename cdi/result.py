@@ -136,9 +136,19 @@ class AuditResult:
     inputs: dict[str, Any] | None = None
     # where the captions came from: files or a captioner (id, fingerprint), what was missing (cdi.captions)
     captions: dict[str, Any] | None = None
+    #: "used" (was P used to train the model?) or "used_beyond_reference" (features are target minus
+    #: reference model, cdi.reference: was P used beyond the reference, e.g. in a LoRA on top of it?).
+    question: str = "used"
+    reference_model: dict[str, Any] | None = None  # the reference's describe(), when one was used
 
     @property
     def verdict_text(self) -> str:
+        if self.question == "used_beyond_reference" and self.reference_model:
+            name = self.reference_model.get("model_id", "the reference model")
+            return (f"Question answered: were the published images used in training beyond the reference model "
+                    f"{name} (for example in a fine-tune or LoRA on top of it)? Every feature is the difference "
+                    f"between the audited model and the reference on the same image and noise. "
+                    + VERDICT_TEXT[self.verdict])
         return VERDICT_TEXT[self.verdict]
 
     # ----------------------------------------------------------------- I/O

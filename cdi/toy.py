@@ -487,6 +487,7 @@ def _fit_denoiser(
     unet, scheduler, x0: torch.Tensor, cond_of: Callable[[torch.Tensor, torch.Tensor], dict],
     config: TrainConfig, seed: int, report: ProgressFn, on_epoch: EpochHook | None = None,
     loss_of: Callable[..., torch.Tensor] | None = None,
+    stage: str = "denoiser",
 ) -> None:
     """Denoiser training: uniform t, by default MSE between eps and the eps-prediction.
 
@@ -496,14 +497,16 @@ def _fit_denoiser(
     (``cdi.toy_flow`` passes the rectified-flow one). All draws (order, t,
     noise, dropout) come from one seeded generator in a fixed order and the
     learning rate is constant, so the first k epochs of a longer run are
-    exactly a k-epoch run.
+    exactly a k-epoch run. ``stage`` names the generator's stream (another
+    training run, e.g. a LoRA, draws its own); only parameters that require
+    gradients are trained.
     """
     if loss_of is None:
         def loss_of(net, x, t, noise, cond):
             return F.mse_loss(net(scheduler.add_noise(x, noise, t), t, **cond).sample, noise)
 
-    gen = _generator(seed, "denoiser")
-    opt = torch.optim.AdamW(unet.parameters(), lr=config.lr, weight_decay=0.0)
+    gen = _generator(seed, stage)
+    opt = torch.optim.AdamW([p for p in unet.parameters() if p.requires_grad], lr=config.lr, weight_decay=0.0)
     num_t = scheduler.config.num_train_timesteps
     unet.train()
     start = time.time()
