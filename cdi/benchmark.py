@@ -189,6 +189,9 @@ class BenchmarkConfig:
     n_bootstrap: int = 1000
     permutations: int = 1000
     shift_encoder: str = "auto"
+    lora: list[str] = field(default_factory=list)  # LoRA files fused into --model (cdi.models.finetune)
+    lora_scale: list[float] = field(default_factory=list)
+    reference_model: str | None = None  # every feature becomes target minus reference (cdi.reference)
 
     def method_list(self) -> list[str]:
         """The methods to run, validated."""
@@ -230,7 +233,12 @@ class BenchmarkConfig:
         needs_xgboost = [m for m in self.method_list() if m in XGBOOST_METHODS]
         if needs_xgboost:
             require_xgboost(f"the method(s) {', '.join(needs_xgboost)} (leave them out with --methods)")
-        self.mix_fractions()
+        if self.mix_fractions() and self.reference_model:
+            raise CDIError("--mix and --reference-model cannot be combined yet; run the mixing experiment without "
+                           "the reference")
+        from cdi.models.finetune import parse_loras
+
+        parse_loras(self.lora, self.lora_scale)
         out = Path(self.out)
         if out.exists() and not out.is_dir():
             raise CDIError(f"--out {out} exists and is not a folder; choose a folder for the benchmark's files")
@@ -273,7 +281,9 @@ class _Data:
 
 
 def _extract(adapter, members, nonmembers, families, config: BenchmarkConfig, store, progress: bool,
-             encoder: str) -> _Data:
+             encoder: str, reference=None) -> _Data:
+    """Features of both collections per family; with a ``reference`` model, target minus reference."""
+    from cdi.reference import calibrate
     from cdi.shift_guard import image_embeddings
     from features.extract import extract_features
 
@@ -283,6 +293,10 @@ def _extract(adapter, members, nonmembers, families, config: BenchmarkConfig, st
         start = time.perf_counter()
         pair = [extract_features(adapter, c, [family], seed=config.seed, batch_size=config.batch_size,
                                  store=store, progress=progress) for c in (members, nonmembers)]
+        if reference is not None:
+            pair = calibrate(pair, [extract_features(reference, c, [family], seed=config.seed,
+                                                     batch_size=config.batch_size, store=store, progress=progress)
+                                    for c in (members, nonmembers)])
         if label != family.name:  # SecMI at another timestep: one column, named by its label
             for table in pair:
                 table.columns = [label]
@@ -454,9 +468,19 @@ def run_benchmark(config: BenchmarkConfig, *, progress: bool = True) -> dict[str
     split = split_calibration_test(len(members), len(nonmembers), calibration_fraction=config.calibration_fraction,
                                    seed=config.seed)
 
+    from cdi.models.finetune import parse_loras
+
+    hub = dict(local_files_only=config.local_files_only, cache_dir=config.cache_dir, token=config.token)
     adapter = load_model(model, dtype=config.dtype, device=config.device, revision=config.revision,
                          variant=config.variant, allow_pickle=config.allow_pickle, compile=config.compile,
-                         local_files_only=config.local_files_only, cache_dir=config.cache_dir, token=config.token)
+                         loras=parse_loras(config.lora, config.lora_scale), **hub)
+    reference = None
+    if config.reference_model:
+        from cdi.reference import check_reference
+
+        reference = load_model(config.reference_model, dtype=config.dtype, device=config.device,
+                               allow_pickle=config.allow_pickle, **hub)
+        check_reference(adapter, reference)
     families = _families_for(methods, config.quick)
     for family in families.values():
         family.check_applicable(adapter)
@@ -471,7 +495,8 @@ def run_benchmark(config: BenchmarkConfig, *, progress: bool = True) -> dict[str
     out.mkdir(parents=True, exist_ok=True)
     store_path = config.store or str(out / "features.sqlite")
 
-    data = _extract(adapter, members, nonmembers, families, config, store_path, progress, config.shift_encoder)
+    data = _extract(adapter, members, nonmembers, families, config, store_path, progress, config.shift_encoder,
+                    reference)
     costs = {m: _method_cost(m, data, families, cdi_families, adapter) for m in methods}
     results = _evaluate_methods(methods, data, split, config, cdi_families, costs)
     shift = measure_shift(*data.embeddings, encoder=data.encoder, seed=config.seed)
@@ -491,6 +516,7 @@ def run_benchmark(config: BenchmarkConfig, *, progress: bool = True) -> dict[str
                  "n_members": len(members), "n_nonmembers": len(nonmembers),
                  "member_hashes": members.hashes, "nonmember_hashes": nonmembers.hashes},
         "model": adapter.describe(),
+        "reference_model": None if reference is None else reference.describe(),
         "split": split.to_dict(),
         "families": [{"label": label, "name": f.name, "config": f.config_dict(), "cost": asdict(f.cost(adapter))}
                      for label, f in families.items()],

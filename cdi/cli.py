@@ -442,7 +442,7 @@ app.add_typer(toy_app, name="toy")
 
 @toy_app.command("build")
 def toy_build_command(
-    kind: str = typer.Option("sd", "--kind", help="sd (tiny text-to-image latent model), ddpm (tiny class-conditional pixel DDPM) or flow (tiny SD3-style flow-matching transformer)."),
+    kind: str = typer.Option("sd", "--kind", help="sd (tiny text-to-image latent model), ddpm (tiny class-conditional pixel DDPM), flow (tiny SD3-style flow-matching transformer) or sd-lora (a LoRA on the light sd, trained on an artist's images)."),
     strength: str = typer.Option("overtrained", "--strength", help="light (weak per-image membership) or overtrained (clear per-image membership)."),
     out: str = typer.Option(None, "--out", help="World folder (default: $CDI_CACHE/toy/KIND-STRENGTH-seedSEED or ~/.cache/cdi/toy/...)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the member split and of training (shipped weights: seed 0 only)."),
@@ -455,6 +455,16 @@ def toy_build_command(
     from cdi.toy import build_world
 
     with _user_errors():
+        if kind == "sd-lora":
+            from cdi.toy_lora import build_lora_world
+
+            lora_world = build_lora_world(out, force=force, progress=not quiet)
+            console.print(f"toy world sd-lora: {escape(str(lora_world.root))}\n  base        "
+                          f"{escape(str(lora_world.base_dir))}\n" + "".join(
+                              f"  lora {s:<6} {escape(str(p))}\n" for s, p in lora_world.lora_files.items()) + "".join(
+                              f"  {k:<18} {escape(str(p))}\n" for k, p in lora_world.folders.items()),
+                          highlight=False, soft_wrap=True)
+            return
         world = build_world(kind, strength, out, seed=seed, retrain=retrain, force=force, progress=not quiet)
         info = world.info
         console.print(
@@ -619,14 +629,23 @@ def demo_command(
     permutations: int = typer.Option(1000, "--permutations", help="Permutations of the permutation test."),
     store: str = typer.Option(None, "--store", help="Feature store to reuse between demo runs."),
     fmt: str = format_option(),
+    scenario: str = choice("pretrained", "--scenario", ("pretrained", "lora"), "pretrained (a model trained on P) or lora (a LoRA on a base model, audited without and with the base as reference)."),
 ) -> None:
     """Build (or load) the embedded toy world and audit it."""
     with _user_errors():
         from cdi.demo import DEFAULT_DEMO_SIZE, run_demo
 
+        if scenario == "lora":
+            from pathlib import Path
+
+            results = run_demo(out, null=null, n=n or DEFAULT_DEMO_SIZE, seed=seed, permutations=permutations,
+                               progress=fmt == "text", scenario="lora")
+            for result, folder in zip(results, ("lora", "lora-vs-base")):
+                _print_result(result, fmt, str(Path(out) / folder))
+            return
         result = run_demo(out, null=null, member_fraction=member_fraction, n=n or DEFAULT_DEMO_SIZE, kind=kind,
                           strength=strength, seed=seed, permutations=permutations, store=store,
-                          progress=fmt == "text")
+                          progress=fmt == "text", scenario=scenario)
         _print_result(result, fmt, out)
 
 
@@ -694,6 +713,9 @@ def benchmark_command(
     alpha: float = typer.Option(0.01, "--alpha", help="Significance level of the audit run beside the attacks."),
     fmt: str = format_option(),
     loader: LoaderOptions = None,
+    lora: list[str] = typer.Option(None, "--lora", help=LORA_HELP),
+    lora_scale: list[float] = typer.Option(None, "--lora-scale", help=LORA_SCALE_HELP),
+    reference_model: str = typer.Option(None, "--reference-model", help=REFERENCE_HELP),
 ) -> None:
     """Benchmark single-image membership inference attacks (CopyMark protocol) beside the CDI audit."""
     with _user_errors():
@@ -703,6 +725,7 @@ def benchmark_command(
             out=out, setup=setup, members=members, nonmembers=nonmembers, model=model, methods=methods,
             calibration_fraction=calibration_fraction, quick=quick, seed=seed, batch_size=batch_size,
             store=store, mix=mix, permutations=permutations, folds=folds, alpha=alpha, **loader.as_config(),
+            lora=list(lora or []), lora_scale=list(lora_scale or []), reference_model=reference_model,
         )
         result = run_benchmark(config, progress=fmt == "text")
         if fmt == "json":

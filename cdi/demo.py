@@ -97,8 +97,12 @@ def write_demo_folders(world, draw: DemoDraw, data_dir: Path, captions: dict | N
 
 def run_demo(out: str | Path = "demo-out", *, null: bool = False, member_fraction: float = 1.0,
              n: int = DEFAULT_DEMO_SIZE, kind: str = "sd", strength: str = "overtrained", seed: int = 0,
-             permutations: int = 1000, progress: bool = True, **audit_options):
-    """Build or load the toy world, draw P and U, and audit them; returns the ``AuditResult``."""
+             permutations: int = 1000, progress: bool = True, scenario: str = "pretrained", **audit_options):
+    """Build or load the toy world, draw P and U, and audit them; returns the ``AuditResult``.
+
+    ``scenario="lora"``: the fine-tune toy world instead (``cdi.toy_lora.run_lora_demo``), audited without
+    and with the base as reference; returns both results.
+    """
     import torch
 
     from cdi.audit import AuditConfig, run_audit
@@ -109,6 +113,13 @@ def run_demo(out: str | Path = "demo-out", *, null: bool = False, member_fractio
         # machine, costs a lot (150 + 150 images: 43 s with one thread, 5 min 24 s with
         # two, same machine and load).
         torch.set_num_threads(1)
+    if scenario == "lora":
+        from cdi.toy_lora import run_lora_demo
+
+        return run_lora_demo(out, n=n, null=null, seed=seed, permutations=permutations, progress=progress,
+                             **audit_options)
+    if scenario != "pretrained":
+        raise CDIError(f"unknown --scenario {scenario!r}; choose pretrained or lora")
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise CDIError(f"--out {out} exists and is not a folder")

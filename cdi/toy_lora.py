@@ -7,9 +7,9 @@ their style; was it trained on their images? Built on the light toy SD
 * **The artist.** Every base *non-member* digit redrawn in the artist's
   amber ink (``colourise``: the grey stroke times ``ARTIST_INK``), captioned
   ``"amber ink digit seven"``. A seeded permutation of the 899 base
-  non-members gives ``artist_published/`` (300 images: the ones the LoRA was
-  trained on), ``artist_unpublished/`` (300 images the artist kept) and
-  ``artist_unused/`` (299 more of the same style that no model saw).
+  non-members gives ``artist_published/`` (200 images: the ones the LoRA was
+  trained on), ``artist_unpublished/`` (200 images the artist kept) and
+  ``artist_unused/`` (499 more of the same style that no model saw).
 * **The LoRA.** A rank-``LORA_RANK`` LoRA (peft, through diffusers'
   ``add_adapter``) on the base UNet's attention, feed-forward, projection
   and resnet convolution layers, trained on ``artist_published/`` with the
@@ -220,16 +220,11 @@ def build_lora_world(out: str | Path | None = None, *, force: bool = False, prog
 
     base_world = build_world("sd", BASE_STRENGTH, progress=progress)
     report(f"building the sd-lora toy world in {out}")
-    images, labels = load_digit_images()
-    _, nonmembers = split_members(labels, 0)
-    parts = artist_split(nonmembers, 0)
-    ink = colourise(images)
     with _atomic_dir(out) as tmp:
         shutil.copytree(base_world.model_dir, tmp / "base")
         for name in ("members", "nonmembers"):
             shutil.copytree(getattr(base_world, f"{name}_dir"), tmp / name)
-        for name, indices in parts.items():
-            _write_artist_folder(tmp / name, indices, ink, labels)
+        parts = write_artist_folders(tmp)
         for strength in LORA_STRENGTHS:
             (tmp / f"lora-{strength}").mkdir()
             shutil.copy2(lora_weights_dir(strength) / LORA_FILE, tmp / f"lora-{strength}" / LORA_FILE)
@@ -245,16 +240,86 @@ def build_lora_world(out: str | Path | None = None, *, force: bool = False, prog
     return LoraWorld(out, out / "base", files, folders, info)
 
 
-def _write_artist_folder(folder: Path, indices: np.ndarray, images: np.ndarray, labels: np.ndarray) -> None:
+def write_artist_folders(root: Path) -> dict[str, np.ndarray]:
+    """Write ``artist_published/``, ``artist_unpublished/`` and ``artist_unused/`` under ``root``
+    (amber-ink digits named ``digit_<index>.png`` with their captions); returns the digit indices of each."""
     from PIL import Image
 
-    folder.mkdir(parents=True)
-    lines = []
-    for i in indices:
-        name = f"digit_{int(i):04d}.png"
-        Image.fromarray(images[i]).save(folder / name)
-        lines.append(json.dumps({"file_name": name, "text": artist_caption(labels[i])}))
-    (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    images, labels = load_digit_images()
+    _, nonmembers = split_members(labels, 0)
+    parts = artist_split(nonmembers, 0)
+    ink = colourise(images)
+    for name, indices in parts.items():
+        folder = Path(root) / name
+        folder.mkdir(parents=True)
+        lines = []
+        for i in indices:
+            file_name = f"digit_{int(i):04d}.png"
+            Image.fromarray(ink[i]).save(folder / file_name)
+            lines.append(json.dumps({"file_name": file_name, "text": artist_caption(labels[i])}))
+        (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    return parts
+
+
+# ---------------------------------------------------------------------- demo
+def draw_lora_demo(world: LoraWorld, *, n: int, null: bool, seed: int) -> tuple[list[str], list[str], str]:
+    """Seeded draw of P and U file names: P from the LoRA's training images (``null``: from ``artist_unused``),
+    U from the artist's unpublished images. Returns (P names, U names, P's folder name)."""
+    source = "artist_unused" if null else "artist_published"
+    pool_p = sorted(p.name for p in world.folders[source].glob("*.png"))
+    pool_u = sorted(p.name for p in world.folders["artist_unpublished"].glob("*.png"))
+    if not 1 <= n <= min(len(pool_p), len(pool_u)):
+        raise CDIError(f"--n must be between 1 and {min(len(pool_p), len(pool_u))} for the lora scenario (got {n})")
+    rng = np.random.default_rng([int(seed), 13])
+    return (sorted(rng.choice(pool_p, n, replace=False).tolist()),
+            sorted(rng.choice(pool_u, n, replace=False).tolist()), source)
+
+
+def _copy_subset(src: Path, names: list[str], dst: Path) -> Path:
+    """Copy ``names`` of an image folder with their ``metadata.jsonl`` lines into ``dst`` (replaced)."""
+    if dst.exists():
+        shutil.rmtree(dst)
+    dst.mkdir(parents=True)
+    wanted = set(names)
+    lines = [line for line in (src / "metadata.jsonl").read_text().splitlines()
+             if json.loads(line)["file_name"] in wanted]
+    for name in names:
+        shutil.copyfile(src / name, dst / name)
+    (dst / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    return dst
+
+
+def run_lora_demo(out: str | Path = "demo-out", *, n: int = 150, null: bool = False, strength: str = "strong",
+                  seed: int = 0, permutations: int = 1000, progress: bool = True, **audit_options) -> list:
+    """Audit the toy LoRA twice on the same P and U: without and with the base model as reference.
+
+    P: ``n`` of the images the LoRA was trained on (``null``: never trained on); U: ``n`` of the artist's
+    unpublished images. Writes ``OUT/data``, ``OUT/lora`` (plain audit of base + LoRA) and
+    ``OUT/lora-vs-base`` (``--reference-model base``), sharing one feature store ``OUT/features.sqlite``.
+    Returns both ``AuditResult``s, plain first.
+    """
+    from cdi.audit import AuditConfig, run_audit
+
+    if strength not in LORA_STRENGTHS:
+        raise CDIError(f"unknown LoRA strength {strength!r}; choose one of {', '.join(LORA_STRENGTHS)}")
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise CDIError(f"--out {out} exists and is not a folder")
+    world = build_lora_world(progress=progress)
+    names_p, names_u, source = draw_lora_demo(world, n=n, null=null, seed=seed)
+    published = _copy_subset(world.folders[source], names_p, out / "data" / "published")
+    unpublished = _copy_subset(world.folders["artist_unpublished"], names_u, out / "data" / "unpublished")
+    results = []
+    for folder, reference in (("lora", None), ("lora-vs-base", str(world.base_dir))):
+        config = AuditConfig(
+            published=str(published), unpublished=str(unpublished), model=str(world.base_dir),
+            out=str(out / folder), seed=seed, permutations=permutations, force=True,
+            lora=[str(world.lora_files[strength])], reference_model=reference,
+            store=str(out / "features.sqlite"),
+            extra={"demo": {"scenario": "lora", "strength": strength, "null": null, "n": n, "published_from": source}},
+            **audit_options)
+        results.append(run_audit(config, progress=progress))
+    return results
 
 
 def _main(argv: Sequence[str] | None = None) -> int:
