@@ -7,9 +7,10 @@
 the base (light toy SD), base + light LoRA and base + strong LoRA, sharing
 one feature store; it writes ``toy_lora_<model>_features.csv`` (paths
 prefixed by their folder: ``artist_published/``, ``artist_unpublished/``,
-``artist_unused/``, ``members/``, ``nonmembers/``). Plain members and
-non-members are a seeded draw of PLAIN_SIZE each (the non-members among the
-plain copies of images the LoRA never saw).
+``artist_unused/``, ``members/``, ``nonmembers/``). ``artist_unused`` is a
+seeded draw of UNUSED_SIZE images, plain members and non-members one of
+PLAIN_SIZE each (the non-members among the plain copies of images the LoRA
+never saw); the light LoRA's table holds the artist's images only.
 
 ``power`` reads them and prints, for each LoRA strength, the share of
 seeded draws with p < 0.01 at n = 25, 50, 100, 200 (P from the LoRA's
@@ -27,7 +28,8 @@ from pathlib import Path
 import numpy as np
 
 FEATURES = "denoising_loss,pia,multiple_loss,clid"
-PLAIN_SIZE = 400
+PLAIN_SIZE = 200
+UNUSED_SIZE = 250
 MODELS = ("base", "light", "strong")
 
 
@@ -52,12 +54,14 @@ def extract(out: Path, store: str | None, threads: int) -> None:
     rng = np.random.default_rng(13)
     plain_nonmembers = {p.name for n in ("artist_unpublished", "artist_unused") for p in world.folders[n].glob("*.png")}
     collections = {}
-    for name in ("artist_published", "artist_unpublished", "artist_unused"):
-        collections[name] = ImageCollection.from_folder(world.folders[name], name=name)
-    for name, allowed in (("members", None), ("nonmembers", plain_nonmembers)):
+    for name, allowed, size in (("artist_published", None, None), ("artist_unpublished", None, None),
+                                ("artist_unused", None, UNUSED_SIZE), ("members", None, PLAIN_SIZE),
+                                ("nonmembers", plain_nonmembers, PLAIN_SIZE)):
         full = ImageCollection.from_folder(world.folders[name], name=name)
         rows = [i for i, r in enumerate(full.records) if allowed is None or Path(r.path).name in allowed]
-        collections[name] = full.subset(sorted(rng.choice(rows, PLAIN_SIZE, replace=False).tolist()))
+        if size is not None:
+            rows = sorted(rng.choice(rows, size, replace=False).tolist())
+        collections[name] = full.subset(rows)
     for model in MODELS:
         loras = [] if model == "base" else [LoraSpec(world.lora_files[model], 1.0)]
         adapter = load_model(str(world.base_dir), device="cpu", loras=loras)

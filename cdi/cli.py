@@ -459,10 +459,10 @@ def toy_build_command(
             from cdi.toy_lora import build_lora_world
 
             lora_world = build_lora_world(out, force=force, progress=not quiet)
-            console.print(f"toy world sd-lora: {escape(str(lora_world.root))}\n  base        "
-                          f"{escape(str(lora_world.base_dir))}\n" + "".join(
-                              f"  lora {s:<6} {escape(str(p))}\n" for s, p in lora_world.lora_files.items()) + "".join(
-                              f"  {k:<18} {escape(str(p))}\n" for k, p in lora_world.folders.items()),
+            console.print(f"toy world sd-lora: {console_text(str(lora_world.root))}\n  base        "
+                          f"{console_text(str(lora_world.base_dir))}\n" + "".join(
+                              f"  lora {s:<6} {console_text(str(p))}\n" for s, p in lora_world.lora_files.items()) + "".join(
+                              f"  {k:<18} {console_text(str(p))}\n" for k, p in lora_world.folders.items()),
                           highlight=False, soft_wrap=True)
             return
         world = build_world(kind, strength, out, seed=seed, retrain=retrain, force=force, progress=not quiet)

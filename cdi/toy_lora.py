@@ -118,12 +118,14 @@ def add_toy_lora(unet, seed: int = 0) -> None:
 def save_toy_lora(unet, folder: Path, info: dict) -> dict[str, str]:
     """Write the UNet's LoRA as diffusers writes a trained LoRA, plus ``training.json``; returns SHA-256s."""
     from diffusers import StableDiffusionPipeline
-    from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    # peft's own key names (``<module>.lora_A.weight``), not convert_state_dict_to_diffusers: that renames the
+    # attention projections only (``to_q.lora.down``) and diffusers 0.42.1 then drops those layers on loading a
+    # file that mixes both spellings (it warns; cdi.models.finetune refuses such a file).
+    layers = get_peft_model_state_dict(unet)
     StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=layers, safe_serialization=True)
     (folder / LORA_FILE).chmod(0o644)
     hashes = {LORA_FILE: sha256_file(folder / LORA_FILE)}

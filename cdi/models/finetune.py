@@ -32,8 +32,10 @@ X + this LoRA file at this scale", not just "some weights".
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -72,6 +74,9 @@ def parse_loras(paths: Sequence[str] | None, scales: Sequence[float] | None, *, 
     if len(scales) > 1 and len(scales) != len(paths):
         raise CDIError(f"{len(paths)} --lora but {len(scales)} --lora-scale; give one scale for all LoRAs "
                        "or one per LoRA, in the same order")
+    if paths and importlib.util.find_spec("peft") is None:
+        raise CDIError("--lora needs the peft package (diffusers loads LoRAs through it); install it with "
+                       "`pip install 'cdi[lora]'` or `pip install peft`")
     if not scales:
         scales = [1.0]
     if len(scales) == 1:
@@ -154,8 +159,11 @@ def fuse_loras(family: str, components: Mapping[str, Any], loras: Sequence[LoraS
     for i, lora in enumerate(loras):
         name = f"cdi_lora_{i}"
         try:
-            pipe.load_lora_weights(str(lora.path.parent), weight_name=lora.path.name, adapter_name=name,
-                                   local_files_only=True)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                pipe.load_lora_weights(str(lora.path.parent), weight_name=lora.path.name, adapter_name=name,
+                                       local_files_only=True)
+            _check_all_layers_loaded(lora.path, caught)
             pipe.fuse_lora(lora_scale=lora.scale, adapter_names=[name])
             pipe.unload_lora_weights()
         except (ValueError, KeyError, RuntimeError, OSError, TypeError) as exc:
@@ -163,6 +171,21 @@ def fuse_loras(family: str, components: Mapping[str, Any], loras: Sequence[LoraS
                            f"made for this model's architecture ({family})") from None
         records.append({"file": str(lora.path), "sha256": sha256_file(lora.path), "scale": lora.scale})
     return records
+
+
+def _check_all_layers_loaded(path: Path, caught: list) -> None:
+    """Refuse a LoRA of which diffusers/peft left layers out: the audited model would not be the shared one.
+
+    peft only warns when the adapter config names modules whose weights it did not find (for example a file
+    mixing diffusers' ``lora.down`` and peft's ``lora_A`` spellings, which diffusers 0.42.1 half-converts).
+    """
+    for warning in caught:
+        text = str(warning.message)
+        if "additional target modules" in text or "unexpected keys" in text.lower():
+            raise CDIError(f"diffusers could not apply every layer of the LoRA {path} ({text[:300]}...); the "
+                           "audited model would differ from the shared one. Re-save the LoRA in one key format "
+                           "(peft's lora_A/lora_B or kohya's lora_down/lora_up)")
+        warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
 
 
 def _pipeline(family: str, components: Mapping[str, Any], option: str):
