@@ -30,7 +30,7 @@ import numpy as np
 FEATURES = "denoising_loss,pia,multiple_loss,clid"
 PLAIN_SIZE = 200
 UNUSED_SIZE = 250
-MODELS = ("base", "light", "strong")
+MODELS = ("base", "strong", "light")
 
 
 def table_path(folder: Path, model: str) -> Path:

@@ -317,8 +317,11 @@ def test_bad_names(tmp_path):
         load_model("no such thing", device="cpu")
     weights = tmp_path / "model.safetensors"
     weights.write_bytes(b"x")
-    with pytest.raises(CDIError, match="from_single_file"):
+    with pytest.raises(CDIError, match="cannot read the checkpoint"):  # a single-file checkpoint, corrupt
         load_model(str(weights), device="cpu")
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(CDIError, match="not a checkpoint"):
+        load_model(str(tmp_path / "notes.txt"), device="cpu")
     with pytest.raises(CDIError, match="no model_index.json"):
         load_model(str(tmp_path), device="cpu")
 
