@@ -19,18 +19,18 @@ from the base's own training data), cancels; the question becomes "were the
 published images used in training *beyond* the reference model".
 
 Only the differences enter the scoring model, not the raw target columns
-beside them. Raw target features also carry the base's own membership
-signal, so with them a scoring model can learn to separate P from U when P
-was in the *base's* training data and never in the fine-tune's, and the
-audit would answer the old question again. Measured on the fine-tune toy
-world (``benchmarks/lora_toy.py``, the note of issue 13): in the null "P =
-base members, U = base non-members, neither in the LoRA's data", raw and
-difference columns together reject more often still; with
-differences only it rejects far less often, but still above the nominal rate: 8.0% of 200 audits at
-alpha 0.01 (n = 100 + 100), while P and U both from images neither model saw give 1.5%. Fine-tuning changes
-the base's behaviour on the base's own training images differently from other images, and the difference
-features carry that. So "beyond the reference" is answered reliably only when P is not in the reference's
-own training data, or with the caveat that such an overlap can produce false positives.
+beside them: raw target features also carry the base's own membership
+signal, so with them a scoring model could learn to separate P from U when P
+was in the *base's* training data and never in the fine-tune's. That was the
+reasoning; the measurement on the fine-tune toy world
+(``benchmarks/lora_toy.py``, the note of issue 13; n = 100 + 100, 200
+audits, alpha 0.01) does not support it: in the null "P = base members, U =
+base non-members, neither in the LoRA's data" differences only reject 8.0%,
+raw + differences 3.0%; with P and U both new to both models 1.5% and 0.5%.
+Fine-tuning changes the base's behaviour on the base's own training images,
+and the differences carry that. So "beyond the reference" is answered
+reliably only when P is not in the reference's own training data; which
+columns to use should be revisited with power measured for both choices.
 """
 
 from __future__ import annotations
