@@ -27,8 +27,11 @@ reasoning; the measurement on the fine-tune toy world
 audits, alpha 0.01) does not support it: in the null "P = base members, U =
 base non-members, neither in the LoRA's data" differences only reject 8.0%,
 raw + differences 3.0%; with P and U both new to both models 1.5% and 0.5%.
-Fine-tuning changes the base's behaviour on the base's own training images,
-and the differences carry that. So "beyond the reference" is answered
+(These rates were measured with the verdict test before the pooled verdict;
+with the pooled verdict now in ``cdi.stats`` the 200-audit calibration test
+of both nulls, ``tests/test_reference.py``, passes.) Fine-tuning changes the
+base's behaviour on the base's own training images, and the differences can
+carry that. So "beyond the reference" is answered
 reliably only when P is not in the reference's own training data; which
 columns to use should be revisited with power measured for both choices.
 """

@@ -100,19 +100,14 @@ def lora_tables():
     return tables
 
 
-@pytest.mark.parametrize("case", [
-    "artist",
-    pytest.param("base_members", marks=pytest.mark.xfail(strict=True, reason=(
-        "known limitation, measured: 8% rejections at alpha 0.01 when P is in the base's own training data; "
-        "fine-tuning changes the base's behaviour on its members (see cdi/reference.py)"))),
-])
+@pytest.mark.parametrize("case", ["artist", "base_members"])
 def test_reference_calibrated_audit_is_calibrated_on_the_fine_tune_world(lora_tables, case):
     """200 audits, P and U both unused by the LoRA: rejections at 0.05 and 0.01 inside the 99% binomial
     intervals. ``base_members``: P from the base model's own training data, which the calibrated audit must not
     flag (it answers "used beyond the base")."""
     import lora_toy
 
-    from cdi.stats import null_calibration
+    from cdi.calibration import null_calibration
 
     pool_p, pool_u = lora_toy.null_pools(lora_tables)[case]
     if pool_u is None:
