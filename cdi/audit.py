@@ -179,6 +179,13 @@ class AuditConfig:
             raise CDIError("with --published-features, give both image folders (--published and --unpublished, "
                            "for the shift guard) or neither (the shift guard is then recorded as not run)")
 
+    def loading_options(self) -> dict[str, Any]:
+        """The ``load_model`` keywords for the LoRAs, replaced components and single-file config (checked)."""
+        from cdi.models.finetune import loading_options
+
+        return loading_options(self.lora, self.lora_scale, self.unet, self.component, self.config,
+                               allow_pickle=self.allow_pickle)
+
 
 def check_seed(seed: int) -> None:
     """A seed must be a whole number in 0 .. 2**63 - 1 (what every random generator cdi uses accepts)."""
@@ -214,13 +221,6 @@ def check_writable(path: str | Path, option: str) -> None:
                        "can write to") from None
     os.close(fd)
     os.unlink(tmp)
-
-    def loading_options(self) -> dict[str, Any]:
-        """The ``load_model`` keywords for the LoRAs, replaced components and single-file config (checked)."""
-        from cdi.models.finetune import loading_options
-
-        return loading_options(self.lora, self.lora_scale, self.unet, self.component, self.config,
-                               allow_pickle=self.allow_pickle)
 
 
 def reproduce_command(config: AuditConfig) -> str:

@@ -369,7 +369,7 @@ def test_download_asks_only_for_the_needed_files(monkeypatch, tmp_path, tiny_mod
     snapshot = tmp_path / "snapshot"
     requested: list[list[str]] = []
 
-    def fake_snapshot_download(repo_id, *, revision=None, allow_patterns=None, local_files_only=False):
+    def fake_snapshot_download(repo_id, *, revision=None, allow_patterns=None, local_files_only=False, cache_dir=None, token=None):
         if local_files_only:
             raise LocalEntryNotFoundError("not cached")
         requested.append(allow_patterns)
