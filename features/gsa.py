@@ -141,9 +141,28 @@ def per_sample_gradient_norms(
         return torch.stack([torch.linalg.vector_norm(grads[f"network.{name}"].float()) for name in names])
 
     size = None if chunk is None else max(1, int(chunk) // g)
-    with warnings.catch_warnings():  # "no batching rule" for fused attention: it still runs, looped
-        warnings.filterwarnings("ignore", message=".*batching rule.*")
-        return vmap(norms, in_dims=(None, 0, 0, 0, 0), chunk_size=size)(params, x_t, steps, conds, eps)
+    try:
+        with warnings.catch_warnings():  # "no batching rule" for fused attention: it still runs, looped
+            warnings.filterwarnings("ignore", message=".*batching rule.*")
+            return vmap(norms, in_dims=(None, 0, 0, 0, 0), chunk_size=size)(params, x_t, steps, conds, eps)
+    except RuntimeError:
+        # Some denoisers read tensor data inside forward (e.g. Z-Image's variable-length caption
+        # handling), which torch.func cannot batch: then one ordinary backward per sample, same values.
+        return _looped_gradient_norms(module, params, x_t, steps, conds, eps)
+
+
+def _looped_gradient_norms(module, named: dict, x_t, steps, conds, eps) -> torch.Tensor:
+    """``per_sample_gradient_norms`` with one ``torch.autograd.grad`` per sample (the fallback)."""
+    leaves = {k: v.detach().requires_grad_(True) for k, v in named.items()}
+    params = list(leaves.values())
+    rows = []
+    for i in range(x_t.shape[0]):
+        out = functional_call(module, leaves, (x_t[i], steps[i], {k: v[i] for k, v in conds.items()}))
+        loss = (out - eps[i]).pow(2).flatten(1).mean(dim=1).sum()
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        rows.append(torch.stack([torch.zeros((), device=x_t.device) if gr is None
+                                 else torch.linalg.vector_norm(gr.float()) for gr in grads]))
+    return torch.stack(rows)
 
 
 class _GradientNorms(FeatureFamily):
