@@ -152,8 +152,8 @@ class AuditConfig:
         from cdi.evidence import check_out_folder
 
         check_out_folder(self.out, force=self.force)
-        check_writable(self.out, "--out")
-
+        if self.out:  # the Python API without out= writes nothing (cdi.api)
+            check_writable(self.out, "--out")
 
     def _validate_sources(self) -> None:
         """Images and a model, or two feature tables (images then optional, for the shift guard)."""
