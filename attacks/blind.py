@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from typing import Literal, Sequence
 
-from attacks.scorers import LogisticScorer, Scorer, XGBoostScorer
+from cdi.attacks.scorers import LogisticScorer, Scorer, XGBoostScorer
 from cdi.errors import CDIError
 
 #: Trees of the gradient-boosted variant (other XGBoost settings default).

@@ -41,7 +41,7 @@ from typing import Any, Sequence
 import numpy as np
 from sklearn.model_selection import StratifiedKFold
 
-from attacks.metrics import (
+from cdi.attacks.metrics import (
     _auc,
     _operating_point,
     bootstrap_roc,
@@ -50,7 +50,7 @@ from attacks.metrics import (
     rates_at_threshold,
     roc_curve,
 )
-from attacks.scorers import Scorer
+from cdi.attacks.scorers import Scorer
 from cdi.errors import CDIError
 
 #: The FPR bounds of the protocol, keyed by the suffix used in result names

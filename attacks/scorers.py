@@ -41,7 +41,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from attacks.metrics import roc_auc
+from cdi.attacks.metrics import roc_auc
 from cdi.errors import CDIError
 
 
@@ -327,7 +327,7 @@ CLID_XGBOOST = {
 
 
 def _blind(seed: int, columns: Sequence[str] | None) -> Scorer:
-    from attacks.blind import blind_baseline
+    from cdi.attacks.blind import blind_baseline
 
     return blind_baseline(seed=seed, columns=columns)
 

@@ -28,8 +28,8 @@ from pathlib import Path
 import torch
 
 from cdi.models import load_model
-from features.base import EncodedBatch
-from features.gsa import GSA1, GSA2
+from cdi.features.base import EncodedBatch
+from cdi.features.gsa import GSA1, GSA2
 
 
 def _old_module(tree: Path):

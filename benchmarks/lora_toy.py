@@ -45,8 +45,8 @@ def extract(out: Path, store: str | None, threads: int) -> None:
     from cdi.models.finetune import LoraSpec
     from cdi.table import FeatureTable
     from cdi.toy_lora import build_lora_world
-    from features.extract import extract_features
-    from features.registry import resolve_features
+    from cdi.features.extract import extract_features
+    from cdi.features.registry import resolve_features
 
     torch.set_num_threads(threads)
     world = build_lora_world(progress=True)
@@ -102,7 +102,7 @@ def matched(target, reference, prefix: str, *, calibrated: bool, with_raw: bool 
 
 
 def directions(with_raw: bool = False) -> list[int]:
-    from features.registry import directions_of, resolve_features
+    from cdi.features.registry import directions_of, resolve_features
 
     d = list(directions_of(resolve_features(FEATURES)))
     return d + d if with_raw else d

@@ -49,8 +49,8 @@ torch.set_num_threads(1)
 from cdi.data import ImageCollection
 from cdi.models import load_model
 from cdi.speed import synthetic_images
-from features.extract import extract_features
-from features.registry import resolve_features, total_cost
+from cdi.features.extract import extract_features
+from cdi.features.registry import resolve_features, total_cost
 
 args = json.loads(sys.argv[1])
 adapter = load_model(args["model"], device="cpu", dtype="float32")

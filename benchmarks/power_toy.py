@@ -42,7 +42,7 @@ from scipy import stats as sps
 from cdi.scoring import CrossFit, check_features
 from cdi.stats import audit_test, permutation_pvalue, protocol_statistic
 from cdi.table import FeatureTable
-from features.registry import columns_of, directions_of, resolve_features
+from cdi.features.registry import columns_of, directions_of, resolve_features
 
 METHODS = ("pooled", "sequential", "crossfit", "loss")
 

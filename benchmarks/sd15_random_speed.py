@@ -150,8 +150,8 @@ import torch
 from cdi.data import ImageCollection
 from cdi.models import load_model
 from cdi.speed import synthetic_images
-from features.extract import extract_features
-from features.registry import resolve_features
+from cdi.features.extract import extract_features
+from cdi.features.registry import resolve_features
 
 model, dtype, batch, fraction = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
 adapter = load_model(model, device="cuda", dtype=dtype)

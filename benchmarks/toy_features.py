@@ -18,8 +18,8 @@ from cdi.data import ImageCollection
 from cdi.models import load_model
 from cdi.table import FeatureTable
 from cdi.toy import build_world
-from features.extract import extract_features
-from features.registry import resolve_features
+from cdi.features.extract import extract_features
+from cdi.features.registry import resolve_features
 
 
 def main() -> None:

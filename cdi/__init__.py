@@ -27,7 +27,7 @@ _LAZY = {
     "load_model": "cdi.models",
     "ImageCollection": "cdi.data",
     "FeatureTable": "cdi.table",
-    "write_report": "reports",
+    "write_report": "cdi.reports",
 }
 
 __all__ = ["CDIError", "__version__", *_LAZY]

@@ -158,8 +158,8 @@ def _audit_images(published, unpublished, model, config: AuditConfig, progress: 
     from cdi.batching import resolve_batch_size
     from cdi.data import check_disjoint
     from cdi.shift_guard import image_embeddings
-    from features.extract import extract_features
-    from features.registry import default_feature_set, directions_of, resolve_features
+    from cdi.features.extract import extract_features
+    from cdi.features.registry import default_feature_set, directions_of, resolve_features
 
     collections = _collection(published, "published"), _collection(unpublished, "unpublished")
     check_disjoint(*collections)
@@ -187,7 +187,7 @@ def _audit_images(published, unpublished, model, config: AuditConfig, progress: 
 
 
 def _audit_tables(published, unpublished, model, config: AuditConfig, directions, load_kwargs):
-    from features.registry import directions_of, resolve_features
+    from cdi.features.registry import directions_of, resolve_features
 
     if list(published.columns) != list(unpublished.columns):
         raise CDIError("the published and unpublished feature tables have different columns")

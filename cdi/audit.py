@@ -428,8 +428,8 @@ def run_audit(config: AuditConfig, *, progress: bool = True) -> AuditResult:
     from cdi.batching import parse_batch_size, resolve_batch_size
     from cdi.models import load_model
     from cdi.shift_guard import image_embeddings
-    from features.extract import extract_features
-    from features.registry import default_feature_set, directions_of, resolve_features
+    from cdi.features.extract import extract_features
+    from cdi.features.registry import default_feature_set, directions_of, resolve_features
 
     from cdi.distributed import ray_runner
     from cdi.evidence import write_evidence
@@ -581,7 +581,7 @@ def prepare_captions(
         model_conditioning,
         parse_captions_option,
     )
-    from features.registry import default_set_for, resolve_features
+    from cdi.features.registry import default_set_for, resolve_features
 
     option = parse_captions_option(captions)
     conditioning = model_conditioning(model, revision=revision)

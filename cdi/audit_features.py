@@ -35,7 +35,7 @@ FEATURES_KIND = "cdi.features"
 
 def load_feature_tables(published: str, unpublished: str):
     """Read and cross-check the two tables; return ``(P table, U table, families, directions)``."""
-    from features.registry import directions_of, resolve_features
+    from cdi.features.registry import directions_of, resolve_features
 
     tables = []
     for path, flag in ((published, "--published-features"), (unpublished, "--unpublished-features")):
@@ -93,7 +93,7 @@ def run_audit_from_features(config):
     p, u, families, directions = load_feature_tables(config.published_features, config.unpublished_features)
     feature_spec = ",".join(f.name for f in families)
     if config.features is not None:
-        from features.registry import resolve_features
+        from cdi.features.registry import resolve_features
 
         wanted = [f.key() for f in resolve_features(config.features)]
         if wanted != [f.key() for f in families]:

@@ -34,7 +34,7 @@ import torch
 
 from cdi.errors import CDIError
 from cdi.models.base import Condition, DiffusionAdapter
-from features.base import EncodedBatch, FeatureFamily
+from cdi.features.base import EncodedBatch, FeatureFamily
 
 #: Largest image batch ``batch_size="auto"`` picks.
 MAX_AUTO_BATCH = 256

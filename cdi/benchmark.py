@@ -246,8 +246,8 @@ class BenchmarkConfig:
 
 # ----------------------------------------------------------------------------- running
 def _make_family(label: str, quick: bool):
-    from features.registry import FAMILIES
-    from features.secmi import SecMI
+    from cdi.features.registry import FAMILIES
+    from cdi.features.secmi import SecMI
 
     if label.startswith("secmi_t"):
         return SecMI(timestep=int(label[len("secmi_t"):]))
@@ -256,7 +256,7 @@ def _make_family(label: str, quick: bool):
 
 def _families_for(methods: Sequence[str], quick: bool) -> dict[str, Any]:
     """label -> feature family for everything ``methods`` need plus the CDI set, each once."""
-    from features.registry import FEATURE_SETS
+    from cdi.features.registry import FEATURE_SETS
 
     labels: list[str] = []
     for method in list(methods) + ["cdi"]:
@@ -285,7 +285,7 @@ def _extract(adapter, members, nonmembers, families, config: BenchmarkConfig, st
     """Features of both collections per family; with a ``reference`` model, target minus reference."""
     from cdi.reference import calibrate
     from cdi.shift_guard import image_embeddings
-    from features.extract import extract_features
+    from cdi.features.extract import extract_features
 
     tables, seconds = {}, {}
     n = len(members) + len(nonmembers)
@@ -315,7 +315,7 @@ def _matrix(data: _Data, families: Sequence[str], which: int) -> tuple[np.ndarra
 
 def _method_inputs(method: str, data: _Data, cdi_families: list[str]) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Member and non-member feature matrices of ``method`` and their column names."""
-    from attacks.blind import embedding_columns
+    from cdi.attacks.blind import embedding_columns
 
     if method == "blind":
         emb_m, emb_n = data.embeddings
@@ -337,8 +337,8 @@ def _method_cost(method: str, data: _Data, families: dict, cdi_families: list[st
 
 def _evaluate_methods(methods, data: _Data, split, config: BenchmarkConfig, cdi_families, costs=None,
                       n_bootstrap: int | None = None) -> dict[str, Any]:
-    from attacks.protocol import evaluate
-    from attacks.scorers import make_scorer
+    from cdi.attacks.protocol import evaluate
+    from cdi.attacks.scorers import make_scorer
 
     results = {}
     for method in methods:
@@ -357,7 +357,7 @@ def _audit(data: _Data, split, config: BenchmarkConfig, cdi_families, families, 
     """The CDI audit with P = test-split members, U = test-split non-members."""
     from cdi.audit import AuditConfig, analyse_tables
     from cdi.table import FeatureTable
-    from features.registry import directions_of
+    from cdi.features.registry import directions_of
 
     def table(which: int, rows: np.ndarray) -> FeatureTable:
         x, columns = _matrix(data, cdi_families, which)
@@ -416,7 +416,7 @@ def _mixing(fractions, members, nonmembers_dir: str, used_nonmembers, adapter, f
 def _mixing_row(fraction, folder, wanted, members, adapter, families, methods, split, config, store, progress,
                 encoder, cdi_families) -> dict:
     """One row of the mixing experiment: the used non-members taken from the shifted copy ``folder``."""
-    from attacks.shift import measure_shift
+    from cdi.attacks.shift import measure_shift
     from cdi.data import ImageCollection
 
     mixed = ImageCollection.from_folder(folder, name=f"non-members with {fraction:g} shifted")
@@ -442,8 +442,8 @@ def run_benchmark(config: BenchmarkConfig, *, progress: bool = True) -> dict[str
 
     Returns the content of ``benchmark.json``.
     """
-    from attacks.protocol import split_calibration_test
-    from attacks.shift import measure_shift
+    from cdi.attacks.protocol import split_calibration_test
+    from cdi.attacks.shift import measure_shift
     from cdi.data import ImageCollection
     from cdi.environment import environment_report
     from cdi.models import load_model
@@ -485,7 +485,7 @@ def run_benchmark(config: BenchmarkConfig, *, progress: bool = True) -> dict[str
     for family in families.values():
         family.check_applicable(adapter)
     from cdi.batching import resolve_batch_size
-    from features.registry import FEATURE_SETS
+    from cdi.features.registry import FEATURE_SETS
 
     config = replace(config, batch_size=resolve_batch_size(config.batch_size, adapter, list(families.values()),
                                                            members.records[0].caption if len(members) else None))
@@ -614,7 +614,7 @@ def roc_plot_svg(result: dict[str, Any]) -> str:
     from matplotlib.figure import Figure
     from sklearn.metrics import roc_curve
 
-    from reports.plots import _log_log, _styled, _to_svg
+    from cdi.reports.plots import _log_log, _styled, _to_svg
 
     @_styled
     def panel(split: str) -> str:
@@ -644,7 +644,7 @@ def mixing_plot_svg(result: dict[str, Any]) -> str:
     """Calibration AUC of each method against the shifted share of non-members, with the Frechet distance."""
     from matplotlib.figure import Figure
 
-    from reports.plots import _to_svg
+    from cdi.reports.plots import _to_svg
 
     rows = result["mixing"]
     fractions = [r["fraction"] for r in rows]
@@ -664,7 +664,7 @@ def mixing_plot_svg(result: dict[str, Any]) -> str:
 
 def render_html(result: dict[str, Any]) -> str:
     """The self-contained ``benchmark.html`` (``reports.benchmark``: autoescaped text, inline SVG plots)."""
-    from reports.benchmark import render_benchmark
+    from cdi.reports.benchmark import render_benchmark
 
     result = _jsonable(result)
     return render_benchmark(result, table_rows(result), roc_plot_svg(result),

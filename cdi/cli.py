@@ -259,7 +259,7 @@ def report_command(
     """Re-render FOLDER/report.html from FOLDER/result.json alone (no model, no GPU)."""
     import warnings
 
-    from reports import write_report
+    from cdi.reports import write_report
 
     with _user_errors():
         with warnings.catch_warnings(record=True) as caught:
@@ -337,8 +337,8 @@ def extract_command(
     from cdi.distributed import check_ray_options, ray_runner
     from cdi.store import FeatureStore
     from cdi.batching import parse_batch_size
-    from features.extract import extract_features, parse_shard
-    from features.registry import default_feature_set, resolve_features
+    from cdi.features.extract import extract_features, parse_shard
+    from cdi.features.registry import default_feature_set, resolve_features
 
     with _user_errors():
         out_path = Path(out)
@@ -422,7 +422,7 @@ def shift_command(
     """
     import json
 
-    from attacks.shift import shift_between_folders
+    from cdi.attacks.shift import shift_between_folders
 
     with _user_errors():
         result = shift_between_folders(a, b, encoder=encoder, seed=seed, max_pixels=max_pixels)
@@ -666,7 +666,7 @@ def speed_command(
     from cdi.data import DEFAULT_MAX_PIXELS, ImageCollection
     from cdi.batching import parse_batch_size
     from cdi.speed import measure_speed, speed_table, to_json
-    from features.registry import default_feature_set, resolve_features
+    from cdi.features.registry import default_feature_set, resolve_features
 
     with _user_errors():
         batch = parse_batch_size(batch_size)

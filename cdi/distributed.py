@@ -115,7 +115,7 @@ class ExtractionWorker:
     def info(self) -> dict:
         """Where this worker runs and which model it loaded (its store key)."""
         from cdi.data import Preprocess
-        from features.extract import model_key
+        from cdi.features.extract import model_key
 
         adapter = self.adapter
         return {
@@ -140,7 +140,7 @@ class ExtractionWorker:
         file's SHA-256 is checked against its record before it is decoded.
         """
         from cdi.data import decode_checked
-        from features.extract import BatchComputer
+        from cdi.features.extract import BatchComputer
 
         records = [record for record, _, _ in items]
         pixels = torch.from_numpy(np.stack([
@@ -229,7 +229,7 @@ class RayRunner:
 
     def _check_models(self, adapter) -> None:
         from cdi.data import Preprocess
-        from features.extract import model_key
+        from cdi.features.extract import model_key
 
         expected = model_key(adapter, Preprocess(adapter.resolution, adapter.image_channels))
         for info in self.infos:

@@ -135,7 +135,7 @@ def write_evidence(out: str | Path, result: AuditResult, tables: Sequence[Featur
     audit; replacing an audit is the caller's decision (``--force``),
     checked before the work began. Returns ``out``.
     """
-    from reports.html import render_report
+    from cdi.reports.html import render_report
 
     published, unpublished = tables
     out = Path(out)

@@ -114,7 +114,7 @@ def calibrate(tables: Sequence[FeatureTable], reference_tables: Sequence[Feature
 
 def reference_tables(reference, collections, families, *, extract_kwargs: dict[str, Any]) -> list[FeatureTable]:
     """The features of every collection on the reference model (same families, seed and store as the target)."""
-    from features.extract import extract_features
+    from cdi.features.extract import extract_features
 
     return [extract_features(reference, collection, families, **extract_kwargs) for collection in collections]
 

@@ -51,10 +51,10 @@ from cdi.batching import resolve_batch_size, roofline_seconds_per_call, sync
 from cdi.data import ImageCollection, Preprocess
 from cdi.errors import CDIError
 from cdi.models.base import DiffusionAdapter
-from features.base import Cost, EncodedBatch, FeatureFamily
-from features.calls import planned_calls
-from features.extract import extract_features
-from features.registry import total_cost
+from cdi.features.base import Cost, EncodedBatch, FeatureFamily
+from cdi.features.calls import planned_calls
+from cdi.features.extract import extract_features
+from cdi.features.registry import total_cost
 
 # --------------------------------------------------------------------------
 # Inputs

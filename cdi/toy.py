@@ -946,11 +946,11 @@ def measure_membership(
     """
     from scipy import stats
 
-    from attacks.metrics import roc_auc, tpr_at_fpr
+    from cdi.attacks.metrics import roc_auc, tpr_at_fpr
     from cdi.data import ImageCollection
     from cdi.models import load_model
-    from features.extract import extract_features
-    from features.registry import resolve_features
+    from cdi.features.extract import extract_features
+    from cdi.features.registry import resolve_features
 
     adapter = load_model(str(world.model_dir), device=device, dtype="float32")
     families = resolve_features("denoising_loss")

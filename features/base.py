@@ -52,7 +52,7 @@ from cdi.errors import CDIError
 from cdi.models.base import Condition, DiffusionAdapter
 
 if TYPE_CHECKING:
-    from features.calls import SharedCall
+    from cdi.features.calls import SharedCall
 
 
 @dataclass(frozen=True)

@@ -47,10 +47,10 @@ from typing import TYPE_CHECKING, Iterable, Literal, Sequence
 import torch
 
 from cdi.models.base import DiffusionAdapter
-from features.base import Cost, EncodedBatch, per_sample_norm, predict_eps, residual_norm_and_grad
+from cdi.features.base import Cost, EncodedBatch, per_sample_norm, predict_eps, residual_norm_and_grad
 
 if TYPE_CHECKING:
-    from features.base import FeatureFamily
+    from cdi.features.base import FeatureFamily
 
 #: The noise family of the image's one shared noise (``EncodedBatch.noise(IMAGE_NOISE)``).
 IMAGE_NOISE = "image"

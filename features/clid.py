@@ -36,8 +36,8 @@ import torch
 
 from cdi.errors import CDIError
 from cdi.models.base import Condition, DiffusionAdapter
-from features.base import Cost, EncodedBatch, FeatureFamily, predict_eps, require
-from features.clid_captions import clip_captions, importance_captions, importance_ranking, mask_caption
+from cdi.features.base import Cost, EncodedBatch, FeatureFamily, predict_eps, require
+from cdi.features.clid_captions import clip_captions, importance_captions, importance_ranking, mask_caption
 
 REDUCTIONS = ("random", "impt", "clip")
 #: The timesteps of each rule's released script when none are given.

@@ -42,7 +42,7 @@ from typing import Sequence
 import torch
 
 from cdi.models.base import DiffusionAdapter
-from features.base import derive_seed
+from cdi.features.base import derive_seed
 
 
 def mask_caption(caption: str, rate: float, seed: int, image_hash: str) -> str:

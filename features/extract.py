@@ -70,8 +70,8 @@ from cdi.models.base import DiffusionAdapter
 from cdi.progress import progress_bar
 from cdi.store import FeatureStore
 from cdi.table import FeatureTable
-from features.base import EncodedBatch, FeatureFamily
-from features.calls import evaluate as evaluate_shared_calls, planned_calls
+from cdi.features.base import EncodedBatch, FeatureFamily
+from cdi.features.calls import evaluate as evaluate_shared_calls, planned_calls
 
 if TYPE_CHECKING:
     from cdi.data import ImageCollection, ImageRecord

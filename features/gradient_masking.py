@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import torch
 
 from cdi.models.base import DiffusionAdapter
-from features.base import (
+from cdi.features.base import (
     Cost,
     EncodedBatch,
     FeatureFamily,
@@ -41,7 +41,7 @@ from features.base import (
     predict_eps,
     require,
 )
-from features.calls import SharedCall, image_noise, noised_residuals
+from cdi.features.calls import SharedCall, image_noise, noised_residuals
 
 
 @dataclass(frozen=True)

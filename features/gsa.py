@@ -60,7 +60,7 @@ from torch.func import functional_call, grad, vmap
 
 from cdi.errors import CDIError
 from cdi.models.base import Condition, DiffusionAdapter
-from features.base import Cost, EncodedBatch, FeatureFamily, require
+from cdi.features.base import Cost, EncodedBatch, FeatureFamily, require
 
 #: Noise family shared by GSA1 and GSA2, so both see the same (t, eps) pairs.
 NOISE_KEY = "gsa"

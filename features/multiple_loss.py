@@ -19,8 +19,8 @@ from dataclasses import dataclass
 import torch
 
 from cdi.models.base import DiffusionAdapter
-from features.base import Cost, EncodedBatch, FeatureFamily, require
-from features.calls import SharedCall, noised_residuals
+from cdi.features.base import Cost, EncodedBatch, FeatureFamily, require
+from cdi.features.calls import SharedCall, noised_residuals
 
 
 @dataclass(frozen=True)

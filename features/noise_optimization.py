@@ -67,7 +67,7 @@ from typing import Callable
 import torch
 
 from cdi.models.base import DiffusionAdapter
-from features.base import (
+from cdi.features.base import (
     Cost,
     EncodedBatch,
     FeatureFamily,
@@ -76,8 +76,8 @@ from features.base import (
     require,
     residual_norm_and_grad,
 )
-from features.calls import SharedCall, image_noise, noised_residuals
-from features.scipy_lbfgs import per_image_scipy_lbfgs
+from cdi.features.calls import SharedCall, image_noise, noised_residuals
+from cdi.features.scipy_lbfgs import per_image_scipy_lbfgs
 
 Closure = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 

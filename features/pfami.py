@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from cdi.models.base import DiffusionAdapter
-from features.base import Cost, EncodedBatch, FeatureFamily, predict_eps, require
+from cdi.features.base import Cost, EncodedBatch, FeatureFamily, predict_eps, require
 
 
 @dataclass(frozen=True)

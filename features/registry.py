@@ -15,18 +15,18 @@ from typing import Sequence
 
 from cdi.errors import CDIError
 from cdi.models.base import DiffusionAdapter
-from features.base import Cost, FeatureFamily
-from features.calls import shared_savings
-from features.clid import CLiD
-from features.denoising_loss import DenoisingLoss
-from features.gradient_masking import GradientMasking
-from features.gsa import GSA1, GSA2
-from features.multiple_loss import MultipleLoss
-from features.noise_optimization import NoiseOptimization
-from features.pfami import PFAMI
-from features.pia import PIA
-from features.secmi import SecMI
-from features.sima import SimA
+from cdi.features.base import Cost, FeatureFamily
+from cdi.features.calls import shared_savings
+from cdi.features.clid import CLiD
+from cdi.features.denoising_loss import DenoisingLoss
+from cdi.features.gradient_masking import GradientMasking
+from cdi.features.gsa import GSA1, GSA2
+from cdi.features.multiple_loss import MultipleLoss
+from cdi.features.noise_optimization import NoiseOptimization
+from cdi.features.pfami import PFAMI
+from cdi.features.pia import PIA
+from cdi.features.secmi import SecMI
+from cdi.features.sima import SimA
 
 FAMILIES: dict[str, type[FeatureFamily]] = {
     cls.name: cls

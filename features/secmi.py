@@ -22,8 +22,8 @@ from dataclasses import dataclass
 import torch
 
 from cdi.models.base import DiffusionAdapter
-from features.base import Cost, EncodedBatch, FeatureFamily, per_sample_norm, predict_eps, require
-from features.calls import SharedCall, clean_eps
+from cdi.features.base import Cost, EncodedBatch, FeatureFamily, per_sample_norm, predict_eps, require
+from cdi.features.calls import SharedCall, clean_eps
 
 
 @dataclass(frozen=True)

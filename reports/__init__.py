@@ -4,6 +4,6 @@ Re-rendering a report needs no model: ``cdi report FOLDER`` reads
 ``result.json`` and writes ``report.html`` beside it.
 """
 
-from reports.html import ReportWarning, load_thumbnails, render_report, write_report
+from cdi.reports.html import ReportWarning, load_thumbnails, render_report, write_report
 
 __all__ = ["ReportWarning", "load_thumbnails", "render_report", "write_report"]

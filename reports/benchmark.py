@@ -14,7 +14,7 @@ from typing import Any
 from jinja2 import Environment, FileSystemLoader
 from markupsafe import Markup
 
-from reports import text
+from cdi.reports import text
 
 TEMPLATES = Path(__file__).parent / "templates"
 

@@ -35,7 +35,7 @@ from cdi import __version__
 from cdi.errors import CDIError
 from cdi.io import atomic_write_text
 from cdi.result import REPORT_FILE, RESULT_FILE, AuditResult
-from reports import plots, text
+from cdi.reports import plots, text
 
 TEMPLATES = Path(__file__).parent / "templates"
 TEMPLATE = "report.html.j2"

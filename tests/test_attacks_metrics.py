@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from sklearn.metrics import roc_auc_score
 
-from attacks.metrics import (
+from cdi.attacks.metrics import (
     bootstrap_counts,
     bootstrap_roc,
     orient,

@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from attacks.blind import blind_baseline, embedding_columns
-from attacks.protocol import (
+from cdi.attacks.blind import blind_baseline, embedding_columns
+from cdi.attacks.protocol import (
     FPR_BOUNDS,
     MethodResult,
     cross_fit_scores,
@@ -16,7 +16,7 @@ from attacks.protocol import (
     evaluate_scores,
     split_calibration_test,
 )
-from attacks.scorers import SCORERS, CLiDThreshold, Scorer, make_scorer
+from cdi.attacks.scorers import SCORERS, CLiDThreshold, Scorer, make_scorer
 from cdi.errors import CDIError
 
 
@@ -171,7 +171,7 @@ def test_trained_classifiers_report_out_of_fold_figures(name):
     scorer = make_scorer(name, seed=0)
     in_sample = make_scorer(name, seed=0)
     in_sample.fit(x_cal, y)
-    from attacks.metrics import roc_auc
+    from cdi.attacks.metrics import roc_auc
 
     assert roc_auc(in_sample.score(x_cal), y) > 0.9
     result = evaluate(scorer, x_cal, y, x_test, y, columns=columns, n_bootstrap=20)

@@ -231,7 +231,7 @@ def test_demo_report_in_a_browser(demo_used, tmp_path):
 
     from test_report_browser import CHROMIUM, open_in_chromium
 
-    from reports.html import VERDICT_LABEL, format_p
+    from cdi.reports.html import VERDICT_LABEL, format_p
 
     if CHROMIUM is None:
         pytest.skip("no Chromium browser found (install Debian's `chromium` package)")

@@ -77,7 +77,7 @@ def test_captions_auto_is_refused_on_a_class_model(tiny_model_dirs, tmp_path, mo
 
 def test_class_model_with_missing_labels_does_not_offer_captions(tmp_path):
     from cdi.data import ImageCollection
-    from features.registry import resolve_features
+    from cdi.features.registry import resolve_features
     from test_cli_hostile import smooth_image
 
     for i in range(3):

@@ -27,8 +27,8 @@ from cdi.distributed import RayRunner, check_ray_options
 from cdi.errors import CDIError
 from cdi.store import FeatureStore
 from cdi.table import FeatureTable
-from features.extract import extract_features
-from features.registry import resolve_features
+from cdi.features.extract import extract_features
+from cdi.features.registry import resolve_features
 from test_extract import CHEAP, N_IMAGES, load_float64
 from test_extract import adapter, collection, images  # noqa: F401 (the same module fixtures)
 
@@ -144,7 +144,7 @@ KILLED_DRIVER = """
     sys.path[:0] = [{repo!r}, {tests!r}]
     from cdi.data import ImageCollection
     from cdi.distributed import RayRunner
-    from features.extract import extract_features
+    from cdi.features.extract import extract_features
     from test_distributed import logged
     from test_extract import load_float64
     from pathlib import Path
@@ -229,7 +229,7 @@ def test_ray_options_are_checked_and_ray_is_optional(monkeypatch):
         check_ray_options("local", None, 1, "auto", "float32")
     check_ray_options(None, None, 1, "auto", "float32")  # without --ray, Ray is never imported
     code = ("import sys; sys.modules['ray'] = None\n"
-            "import cdi.cli, cdi.audit, cdi.distributed, features.extract\n"
+            "import cdi.cli, cdi.audit, cdi.distributed, cdi.features.extract\n"
             "from typer.testing import CliRunner\n"
             "r = CliRunner().invoke(cdi.cli.app, ['extract', '--help'])\n"
             "assert r.exit_code == 0 and '--ray' in r.output, r.output\n")

@@ -33,9 +33,9 @@ from cdi.models import load_model
 from cdi.models.base import DiffusionAdapter
 from cdi.store import FeatureStore
 from cdi.table import FeatureTable, sidecar_path
-from features.base import Cost, EncodedBatch, FeatureFamily
-from features.extract import condition_key, extract_features, model_key, parse_shard, shard_of
-from features.registry import columns_of, resolve_features, total_cost
+from cdi.features.base import Cost, EncodedBatch, FeatureFamily
+from cdi.features.extract import condition_key, extract_features, model_key, parse_shard, shard_of
+from cdi.features.registry import columns_of, resolve_features, total_cost
 from counting import counting  # tests/ is on sys.path under pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -308,8 +308,8 @@ KILLED_RUN = """
     torch.set_num_threads(1)
     sys.path.insert(0, {tests!r})
     from cdi.data import ImageCollection, Preprocess
-    from features.extract import extract_features
-    from features.registry import resolve_features
+    from cdi.features.extract import extract_features
+    from cdi.features.registry import resolve_features
     from test_extract import CHEAP, Recorder, load_float64
 
     class HangsOnThirdBatch(Recorder):

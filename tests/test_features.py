@@ -19,16 +19,16 @@ from diffusers import UNet2DModel
 
 from cdi.errors import CDIError
 from cdi.models.base import Condition, DiffusionAdapter
-from features.base import Cost, EncodedBatch, image_noise, per_sample_norm
-from features.calls import evaluate, planned_calls
-from features.clid import CLiD, mask_caption
-from features.clid_captions import clip_captions, importance_captions, importance_ranking, released_count
-from features.denoising_loss import DenoisingLoss
-from features.gradient_masking import GradientMasking, masked_count
-from features.multiple_loss import MultipleLoss
-from features.noise_optimization import NoiseOptimization, per_sample_lbfgs
-from features.pia import PIA
-from features.registry import (
+from cdi.features.base import Cost, EncodedBatch, image_noise, per_sample_norm
+from cdi.features.calls import evaluate, planned_calls
+from cdi.features.clid import CLiD, mask_caption
+from cdi.features.clid_captions import clip_captions, importance_captions, importance_ranking, released_count
+from cdi.features.denoising_loss import DenoisingLoss
+from cdi.features.gradient_masking import GradientMasking, masked_count
+from cdi.features.multiple_loss import MultipleLoss
+from cdi.features.noise_optimization import NoiseOptimization, per_sample_lbfgs
+from cdi.features.pia import PIA
+from cdi.features.registry import (
     FAMILIES,
     FEATURE_SETS,
     columns_of,
@@ -37,7 +37,7 @@ from features.registry import (
     resolve_features,
     total_cost,
 )
-from features.secmi import SecMI
+from cdi.features.secmi import SecMI
 from counting import counting  # tests/ is on sys.path under pytest
 from oracle import GaussianOracle, linear_alphas_cumprod
 
@@ -563,7 +563,7 @@ def test_shared_noise_is_one_per_image(oracles):
     torch.testing.assert_close(ml[:, 1:], dl)
     assert [c.grad for c in GradientMasking().shared_calls(ad)] == [True] * 10
     assert planned_calls([MultipleLoss(), GradientMasking()], ad) == GradientMasking().shared_calls(ad)
-    from features.sima import SimA  # SimA's t = 0 is PIA's e0 and SecMI's first step: one call
+    from cdi.features.sima import SimA  # SimA's t = 0 is PIA's e0 and SecMI's first step: one call
     clean = [c for c in planned_calls([SecMI(), PIA(), SimA()], ad) if c.timestep == 0]
     assert len(clean) == 1 and total_cost([SecMI(), PIA(), SimA()], ad) == Cost(12 + 3 + 4 - 2)
 

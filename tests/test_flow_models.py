@@ -127,8 +127,8 @@ def test_flow_gradients_reach_the_input_only(tiny_flow_adapters, key):
 
 @pytest.mark.parametrize("key", [k for k in FLOW if k != "sd3_no_t5"])  # one run per family
 def test_every_feature_family_is_finite_on_flow_models(tiny_flow_adapters, key):
-    from features.base import EncodedBatch
-    from features.registry import FAMILIES
+    from cdi.features.base import EncodedBatch
+    from cdi.features.registry import FAMILIES
 
     adapter = tiny_flow_adapters[key]
     pixels = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(3)) * 2 - 1

@@ -20,7 +20,7 @@ import pytest
 
 from cdi.calibration import null_calibration
 from cdi.table import FeatureTable
-from features.registry import columns_of, directions_of, resolve_features
+from cdi.features.registry import columns_of, directions_of, resolve_features
 
 TABLE = Path(__file__).parent / "data" / "toy_sd_light_features.csv"
 

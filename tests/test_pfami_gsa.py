@@ -10,9 +10,9 @@ from torch import nn
 
 from cdi.errors import CDIError
 from cdi.models.base import Condition, DiffusionAdapter
-from features.base import Cost, EncodedBatch
-from features.gsa import GSA1, GSA2, NOISE_KEY, denoiser_parameters
-from features.pfami import PFAMI, center_crop_resize, crop_ratios
+from cdi.features.base import Cost, EncodedBatch
+from cdi.features.gsa import GSA1, GSA2, NOISE_KEY, denoiser_parameters
+from cdi.features.pfami import PFAMI, center_crop_resize, crop_ratios
 
 
 class _CountBackward(torch.autograd.Function):

@@ -25,9 +25,9 @@ from cdi.result import (
     SampleSizeCurve,
     ShiftGuard,
 )
-from reports import ReportWarning, render_report, write_report
-from reports.text import family_name
-from reports.html import format_p, load_thumbnails
+from cdi.reports import ReportWarning, render_report, write_report
+from cdi.reports.text import family_name
+from cdi.reports.html import format_p, load_thumbnails
 
 # Feature columns of the CDI set (26) plus CLiD (5), grouped by family.
 EXAMPLE_FAMILIES = {

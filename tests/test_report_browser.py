@@ -25,8 +25,8 @@ from pathlib import Path
 import pytest
 from test_report import make_example_result
 
-from reports import render_report
-from reports.html import VERDICT_LABEL, format_p
+from cdi.reports import render_report
+from cdi.reports.html import VERDICT_LABEL, format_p
 
 CHROMIUM = next((shutil.which(name) for name in ("chromium", "chromium-browser", "google-chrome")
                  if shutil.which(name)), None)

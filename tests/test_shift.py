@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import scipy.linalg
 
-from attacks.shift import (
+from cdi.attacks.shift import (
     frechet_distance,
     l2_normalise,
     linear_probe,
@@ -187,9 +187,9 @@ def test_cli_shift_end_to_end(tmp_path):
 def test_mixing_raises_frechet_and_blind_auc_with_the_shifted_share(tmp_path):
     """The mixing experiment's ingredients on toy digits, no model needed: as the shifted share of the
     non-members grows, the Frechet distance to the members and the blind baseline's AUC both rise."""
-    from attacks.blind import blind_baseline, embedding_columns
-    from attacks.protocol import evaluate, split_calibration_test
-    from attacks.shift import frechet_distance
+    from cdi.attacks.blind import blind_baseline, embedding_columns
+    from cdi.attacks.protocol import evaluate, split_calibration_test
+    from cdi.attacks.shift import frechet_distance
     from cdi.data import ImageCollection
     from cdi.shift_guard import image_embeddings
     from cdi.toy import load_digit_images, write_image_folder, write_shifted_images

@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from attacks.scorers import make_scorer
+from cdi.attacks.scorers import make_scorer
 from cdi.errors import CDIError
-from features.registry import columns_of, directions_of, resolve_features, total_cost
-from features.sima import SimA, SimAConfig
+from cdi.features.registry import columns_of, directions_of, resolve_features, total_cost
+from cdi.features.sima import SimA, SimAConfig
 from oracle import GaussianOracle  # tests/ is on sys.path under pytest
 from test_features import _eps_hat, make_batch
 

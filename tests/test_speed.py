@@ -14,8 +14,8 @@ from cdi.cli import app
 from cdi.errors import CDIError
 from cdi.batching import parse_batch_size
 from cdi.speed import _entry, synthetic_images
-from features.base import Cost
-from features.registry import FEATURE_SETS
+from cdi.features.base import Cost
+from cdi.features.registry import FEATURE_SETS
 
 runner = CliRunner()
 
