@@ -36,7 +36,7 @@ def test_a_users_features_py_does_not_break_an_audit_run_from_its_folder(tmp_pat
         save_image(tmp_path / "U" / f"u{i}.png", seed=100 + i)
     args = ["audit", "--published", "P", "--unpublished", "U", "--model", str(tiny_model_dirs["ddpm_uncond"]),
             "--out", "out", "--features", "denoising_loss", "--device", "cpu", "--permutations", "0",
-            "--sample-size-resamples", "0"]
+            "--sample-size-resamples", "0", "--folds", "2"]
     # python -c puts the working directory first on sys.path, as an interactive session or a script there does
     done = subprocess.run([sys.executable, "-c", "from cdi.cli import app; app()", *args], cwd=tmp_path,
                           capture_output=True, text=True, timeout=600)
