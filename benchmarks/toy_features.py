@@ -1,4 +1,4 @@
-"""Extract the cdi+clid features of every toy-world image once, into a CSV.
+"""Extract the default features (cdi+clid+sima) of every toy-world image once, into a CSV.
 
     python benchmarks/toy_features.py --strength light --out tests/data/toy_sd_light_features.csv
 
@@ -26,7 +26,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--kind", default="sd")
     parser.add_argument("--strength", default="light")
-    parser.add_argument("--features", default="cdi+clid")
+    parser.add_argument("--features", default="cdi+clid+sima")
     parser.add_argument("--out", required=True)
     parser.add_argument("--store", default=None)
     parser.add_argument("--batch-size", default="auto", help="a number or auto")

@@ -70,7 +70,7 @@ class AuditConfig:
     unpublished: str
     model: str
     out: str
-    features: str | None = None  # None: cdi+clid for conditional models, cdi otherwise
+    features: str | None = None  # None: cdi+clid+sima for conditional models, cdi+sima otherwise
     alpha: float = 0.01
     seed: int = 0
     folds: int = 5

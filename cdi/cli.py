@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.table import Table
 
 from cdi import __version__
-from cdi.cli_options import BATCH_SIZE_HELP, LoaderOptions, choice, format_option, with_loader_options
+from cdi.cli_options import BATCH_SIZE_HELP, FEATURES_HELP, LoaderOptions, choice, format_option, with_loader_options
 from cdi.errors import CDIError
 from cdi.terminal import console_text, sanitise_cdi_log
 
@@ -304,7 +304,7 @@ def extract_command(
     images: str = typer.Option(..., "--images", help="Folder of images (searched recursively; captions from metadata.jsonl or NAME.txt)."),
     model: str = typer.Option(..., "--model", help="Model alias (`cdi models`), Hugging Face hub id, or local pipeline folder."),
     out: str = typer.Option(..., "--out", help="CSV file to write (provenance goes to OUT.json beside it)."),
-    features: str = typer.Option(None, "--features", help="cdi, cdi+clid, or a comma-separated list of families (default: cdi+clid for conditional models, cdi otherwise)."),
+    features: str = typer.Option(None, "--features", help=FEATURES_HELP),
     batch_size: str = typer.Option("auto", "--batch-size", help=BATCH_SIZE_HELP),
     seed: int = typer.Option(0, "--seed", help="Seed of every noise draw."),
     store: str = typer.Option(None, "--store", help="Feature cache (a .sqlite file, or a folder for features.sqlite): makes the run resumable and reuses values across runs. Default: no cache."),
@@ -542,7 +542,7 @@ def audit_command(
     published_features: str = typer.Option(None, "--published-features", help="Audit from this `cdi extract` CSV of the published images instead of a model (with --unpublished-features; --published/--unpublished then only feed the shift guard)."),
     unpublished_features: str = typer.Option(None, "--unpublished-features", help="The `cdi extract` CSV of the unpublished images (same model and features)."),
     out: str = typer.Option(..., "--out", help="Folder for result.json, features.csv and report.html."),
-    features: str = typer.Option(None, "--features", help="cdi, cdi+clid or a comma-separated list of families (default: cdi+clid for conditional models, cdi otherwise)."),
+    features: str = typer.Option(None, "--features", help=FEATURES_HELP),
     alpha: float = typer.Option(0.01, "--alpha", help="Significance level of the verdict."),
     seed: int = typer.Option(0, "--seed", help="Seed of every random draw (noise, folds, permutations)."),
     folds: int = typer.Option(5, "--folds", help="Blocks of the cross-fitted scoring protocol."),
@@ -653,7 +653,7 @@ def demo_command(
 @with_loader_options
 def speed_command(
     model: str = typer.Option(..., "--model", help="Model alias (`cdi models`), Hugging Face hub id, or local pipeline folder."),
-    features: str = typer.Option(None, "--features", help="cdi, cdi+clid, or a comma-separated list of families (default: cdi+clid for conditional models, cdi otherwise)."),
+    features: str = typer.Option(None, "--features", help=FEATURES_HELP),
     batch_size: str = typer.Option("auto", "--batch-size", help=BATCH_SIZE_HELP),
     images: int = typer.Option(None, "--images", help="Images to time: synthetic ones (default two batches, at least 32), or the first N of --images-dir (default all)."),
     images_dir: str = typer.Option(None, "--images-dir", help="Time these images instead of synthetic ones."),

@@ -22,6 +22,9 @@ BATCH_SIZE_HELP = (
     "elsewhere 32; `cdi speed`: the fastest). Halved when the GPU runs out of memory; recorded in the result."
 )
 COMPILE_HELP = "Compile the denoiser with torch.compile: slow first calls (minutes), faster after; for long runs."
+#: What ``--features`` says in every command's help (the sets are ``cdi.features.registry.FEATURE_SETS``).
+FEATURES_HELP = ("A feature set (cdi, cdi+clid, cdi+sima, cdi+clid+sima) or a comma-separated list of families "
+                 "(default: cdi+clid+sima for conditional models, cdi+sima otherwise).")
 
 
 def choice(default: str | None, flag: str, values: tuple[str, ...], help: str) -> Any:

@@ -7,6 +7,13 @@ model calls per image as the reference counts them, 43 forward and 14
 backward here, because the calls that several families make are made once
 (``features.calls``). ``cdi+clid`` appends CLiD's ``[L(c), D_1..D_k]``
 (REFERENCE.md section 2), an addition of this toolkit, for conditional models.
+
+The default sets are ``cdi+sima`` (unconditional models) and
+``cdi+clid+sima`` (conditional ones): the paper's families, CLiD where there
+is a condition, and SimA (REFERENCE.md section 9), whose four columns cost
+three network calls per image (its t = 0 call is PIA's) and which raised the
+verdict's power at every size of the toy power table (docs/notes/issue-12-verdict.md).
+``cdi`` and ``cdi+clid`` stay as the sets of the papers, for reproducing them.
 """
 
 from __future__ import annotations
@@ -38,6 +45,8 @@ FEATURE_SETS: dict[str, list[str]] = {
     "cdi": ["denoising_loss", "secmi", "pia", "multiple_loss", "noise_optimization", "gradient_masking"],
 }
 FEATURE_SETS["cdi+clid"] = FEATURE_SETS["cdi"] + ["clid"]
+FEATURE_SETS["cdi+sima"] = FEATURE_SETS["cdi"] + ["sima"]
+FEATURE_SETS["cdi+clid+sima"] = FEATURE_SETS["cdi+clid"] + ["sima"]
 
 
 def resolve_features(spec: str) -> list[FeatureFamily]:
@@ -70,13 +79,13 @@ def resolve_features(spec: str) -> list[FeatureFamily]:
 
 
 def default_feature_set(adapter: DiffusionAdapter) -> str:
-    """``"cdi+clid"`` for conditional models (text or class), ``"cdi"`` otherwise."""
+    """``"cdi+clid+sima"`` for conditional models (text or class), ``"cdi+sima"`` otherwise."""
     return default_set_for(adapter.conditioning)
 
 
 def default_set_for(conditioning: str) -> str:
     """The default feature set of a model conditioned on ``"text"``, ``"class"`` or ``"none"``."""
-    return "cdi" if conditioning == "none" else "cdi+clid"
+    return "cdi+sima" if conditioning == "none" else "cdi+clid+sima"
 
 
 def columns_of(families: Sequence[FeatureFamily], adapter: DiffusionAdapter | None = None) -> list[str]:
