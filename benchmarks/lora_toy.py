@@ -108,15 +108,23 @@ def directions(with_raw: bool = False) -> list[int]:
     return d + d if with_raw else d
 
 
-def power(tables: dict, strength: str, sizes=(25, 50, 100, 200), draws: int = 40, seed: int = 0) -> dict:
-    """Share of draws with p < 0.01: P from the LoRA's training images, U from the artist's unseen images."""
+VARIANTS = {  # name: (calibrated, with_raw)
+    "without reference": (False, False),
+    "with reference (difference only)": (True, False),
+    "with reference (raw + difference)": (True, True),
+}
+
+
+def power(tables: dict, strength: str, sizes=(25, 50, 100, 200), draws: int = 200, seed: int = 0) -> dict:
+    """Share of draws with p < 0.01 (the verdict, ``cdi.stats.audit_test``): P from the LoRA's training
+    images, U from the artist's images it never saw, for each of VARIANTS on the same draws."""
     from cdi.stats import audit_test
 
     target, base = tables[strength], tables["base"]
     out = {}
-    for calibrated in (False, True):
-        pool_p = matched(target, base, "artist_published", calibrated=calibrated)
-        pool_u = np.vstack([matched(target, base, f, calibrated=calibrated)
+    for name, (calibrated, with_raw) in VARIANTS.items():
+        pool_p = matched(target, base, "artist_published", calibrated=calibrated, with_raw=with_raw)
+        pool_u = np.vstack([matched(target, base, f, calibrated=calibrated, with_raw=with_raw)
                             for f in ("artist_unpublished", "artist_unused")])
         rng = np.random.default_rng(seed)
         row = {}
@@ -125,9 +133,9 @@ def power(tables: dict, strength: str, sizes=(25, 50, 100, 200), draws: int = 40
             for i in range(draws):
                 p = pool_p[rng.choice(len(pool_p), n, replace=False)]
                 u = pool_u[rng.choice(len(pool_u), n, replace=False)]
-                hits += audit_test(p, u, directions=directions(), permutations=0, seed=i).verdict_p < 0.01
+                hits += audit_test(p, u, directions=directions(with_raw), permutations=0, seed=i).verdict_p < 0.01
             row[n] = hits / draws
-        out["with reference" if calibrated else "without reference"] = row
+        out[name] = row
     return out
 
 
@@ -170,7 +178,7 @@ def main() -> None:
     f.add_argument("--threads", type=int, default=1)
     p = sub.add_parser("power")
     p.add_argument("--data", default="tests/data")
-    p.add_argument("--draws", type=int, default=40)
+    p.add_argument("--draws", type=int, default=200)
     p.add_argument("--audits", type=int, default=200)
     args = parser.parse_args()
     if args.command == "features":
@@ -180,7 +188,7 @@ def main() -> None:
     for strength in ("light", "strong"):
         if strength in tables:
             for name, row in power(tables, strength, draws=args.draws).items():
-                print(f"{strength:6s} {name:18s} " + "  ".join(f"n={n}: {share:.2f}" for n, share in row.items()))
+                print(f"{strength:6s} {name:34s} " + "  ".join(f"n={n}: {share:.2f}" for n, share in row.items()))
     for with_raw in (False, True):
         for case, (pool_p, pool_u) in null_pools(tables, with_raw=with_raw).items():
             rate = null_rate(pool_p, pool_u, n=100, audits=args.audits, with_raw=with_raw)

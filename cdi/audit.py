@@ -509,7 +509,9 @@ def run_audit(config: AuditConfig, *, progress: bool = True) -> AuditResult:
     model = {**adapter.describe(), "files": dict(getattr(adapter, "files", {}))}
     result = build_result(analysis, tables[0], tables[1], families=families, feature_spec=feature_spec,
                           directions=directions, model=model, config=config, timings=timings)
-    result.extraction = extraction_record(config.batch_size, batch_size, adapter.device, tables)
+    # the batch size was chosen for the device that computed: the Ray workers' when --ray
+    compute_device = adapter.device if runner is None else runner.compute_device
+    result.extraction = extraction_record(config.batch_size, batch_size, compute_device, tables)
     result.inputs, result.captions = inputs, caption_record
     if reference is not None:
         result.reference_model = reference.describe()

@@ -261,6 +261,11 @@ class RayRunner:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    @property
+    def compute_device(self) -> str:
+        """The device type the workers compute on (``"cuda"`` or ``"cpu"``), for the batch-size record."""
+        return "cuda" if self.use_gpu else "cpu"
+
     def describe(self) -> dict:
         """What ``meta["extraction"]["distributed"]`` records."""
         return {

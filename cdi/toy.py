@@ -156,7 +156,7 @@ TRAIN_CONFIGS: dict[tuple[str, str], TrainConfig] = {
     ("ddpm", "light"): TrainConfig(epochs=160, lr=1e-3, batch_size=32),
     ("ddpm", "overtrained"): TrainConfig(epochs=400, lr=1e-3, batch_size=32),
     # cdi.toy_flow: a tiny SD3 transformer, rectified-flow objective, the toy SD's VAE stage.
-    ("flow", "overtrained"): TrainConfig(epochs=60, lr=1e-3, batch_size=16, vae_epochs=10),
+    ("flow", "overtrained"): TrainConfig(epochs=500, lr=1e-3, batch_size=16, vae_epochs=10),
 }
 
 

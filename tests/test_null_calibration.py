@@ -1,6 +1,6 @@
 """Null calibration on real model features: no false accusations.
 
-``tests/data/toy_sd_light_features.csv`` holds the 31 cdi+clid features of
+``tests/data/toy_sd_light_features.csv`` holds the 35 default (cdi+clid+sima) features of
 every image of the light toy world, produced by
 
     python benchmarks/toy_features.py --strength light --out tests/data/toy_sd_light_features.csv
@@ -28,7 +28,7 @@ TABLE = Path(__file__).parent / "data" / "toy_sd_light_features.csv"
 @pytest.fixture(scope="module")
 def nonmember_pool():
     table = FeatureTable.from_csv(TABLE)
-    families = resolve_features("cdi+clid")
+    families = resolve_features("cdi+clid+sima")
     assert table.columns == columns_of(families)  # text model: k = 4 reduced captions
     rows = [i for i, p in enumerate(table.paths) if p.startswith("nonmembers/")]
     assert len(rows) == 899
