@@ -161,11 +161,12 @@ VERDICTS = ("parametric", "permutation")
 SEED_DEPENDENCE = {
     "pooled": ("The verdict's parametric p-value uses no random draw: it is a function of the feature table "
                "alone, the same for every seed. Only the permutation p-value depends on the seed, through "
-               "the Monte Carlo draw of its permutations."),
+               "the Monte Carlo draw of its permutations: permutation_p_interval holds the 99% interval "
+               "within which another seed's permutation p-value would fall."),
     "sequential": ("The p-value depends on how the seed deals the images into blocks; on the demo's table it "
                    "varied by a factor of 10,000 over 20 seeds. Prefer protocol 'pooled'."),
     "crossfit": ("The permutation p-value depends on the seed through the folds and the Monte Carlo draw "
-                 "of its permutations."),
+                 "of its permutations (permutation_p_interval: the 99% Monte Carlo interval for these folds)."),
 }
 
 #: One paragraph per protocol, for reports (the module docstring has the details).
@@ -326,7 +327,9 @@ class TestResult:
     precision of p-values that underflow a float (below about 1e-308).
     ``rejected`` is ``verdict_p < alpha``. ``pooled``: the parts of the
     pooled test (``cdi.pooled.PooledParts``). ``seed_dependence``: how the
-    p-values depend on the seed, in words.
+    p-values depend on the seed, in words. ``permutation_p_interval``: the
+    99% interval where the permutation p-value of another seed would fall
+    (``monte_carlo_interval``).
     """
 
     __test__ = False  # not a pytest class
@@ -362,6 +365,7 @@ class TestResult:
     scoring: ScoringResult = field(repr=False)
     verdict_choice: str = "parametric"
     permutation_at_floor: bool | None = None
+    permutation_p_interval: list[float] | None = None
     pooled: dict | None = None
     seed_dependence: str = ""
 
@@ -500,7 +504,7 @@ def audit_test(
 
     choice = "permutation" if protocol == "crossfit" else verdict
     return TestResult(
-        **_verdict_fields(choice, log_p, perm_p, count, alpha),
+        **_verdict_fields(choice, log_p, perm_p, count, int(permutations), alpha),
         ttest_p=math.exp(log_p),
         ttest_log10_p=log_p / LN10,
         statistic=z_obs if protocol == "sequential" else float(parts[0][1][0]),
@@ -529,8 +533,8 @@ def audit_test(
     )
 
 
-def _verdict_fields(choice: str, log_p: float, perm_p: float | None, count: int | None, alpha: float,
-                    parametric: str = "t-test") -> dict:
+def _verdict_fields(choice: str, log_p: float, perm_p: float | None, count: int | None, permutations: int,
+                    alpha: float, parametric: str = "t-test") -> dict:
     """The verdict's fields of ``TestResult`` for a verdict ``choice`` (``parametric``: the parametric test's name)."""
     if choice == "permutation":
         verdict_p, verdict_log10, name = perm_p, math.log10(perm_p), "permutation"
@@ -538,7 +542,23 @@ def _verdict_fields(choice: str, log_p: float, perm_p: float | None, count: int 
         verdict_p, verdict_log10, name = math.exp(log_p), log_p / LN10, parametric
     return dict(verdict_p=verdict_p, verdict_log10_p=verdict_log10, verdict_test=name,
                 rejected=bool(verdict_p < alpha), alpha=float(alpha), verdict_choice=choice,
-                permutation_at_floor=None if count is None else count == 0)
+                permutation_at_floor=None if count is None else count == 0,
+                permutation_p_interval=None if count is None else monte_carlo_interval(count, permutations))
+
+
+def monte_carlo_interval(count: int, permutations: int, level: float = 0.99) -> list[float]:
+    """Where the permutation p-value of another seed would fall: a ``level`` interval for the exceedance probability.
+
+    ``count`` of ``permutations`` shuffled statistics reached the observed
+    one. Their exceedance probability q (the p-value with infinitely many
+    permutations) gets the Clopper-Pearson interval; a run with another seed
+    draws other permutations and lands near q, so this is the spread over
+    seeds that the Monte Carlo leaves, stated in ``result.json`` and the report.
+    """
+    tail = (1.0 - level) / 2.0
+    low = 0.0 if count == 0 else float(stats.beta.ppf(tail, count, permutations - count + 1))
+    high = 1.0 if count == permutations else float(stats.beta.ppf(1.0 - tail, count + 1, permutations - count))
+    return [low, high]
 
 
 def _pooled_test(X: np.ndarray, y: np.ndarray, directions: np.ndarray | None, columns: list[str], *,
@@ -572,7 +592,7 @@ def _pooled_test(X: np.ndarray, y: np.ndarray, directions: np.ndarray | None, co
         constant_columns=[c for c, k in zip(columns, pooled.constant) if k],
     )
     return TestResult(
-        **_verdict_fields(verdict, parts.log_p, perm_p, count, alpha, parametric="pooled t+F"),
+        **_verdict_fields(verdict, parts.log_p, perm_p, count, int(permutations), alpha, parametric="pooled t+F"),
         ttest_p=math.exp(parts.log_p),
         ttest_log10_p=parts.log_p / LN10,
         statistic=parts.z,

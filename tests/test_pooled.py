@@ -94,6 +94,22 @@ def test_permutation_verdict_and_its_floor():
         audit_test(P, U, directions=DIRECTIONS, scorer="xgboost")
 
 
+def test_permutation_interval_holds_the_p_values_of_other_seeds():
+    """The recorded 99% Monte Carlo interval is where other seeds' permutation p-values fall."""
+    rng = np.random.default_rng(7)
+    P, U = draw(60, rng, 0.12), draw(60, rng)
+    runs = [audit_test(P, U, directions=DIRECTIONS, permutations=199, seed=s) for s in range(20)]
+    low, high = runs[0].permutation_p_interval
+    assert 0.0 < low < runs[0].permutation_p < high < 1.0
+    # the interval is for the exceedance probability; the recorded p is (1 + count) / (B + 1)
+    inside = [low - 1 / 200 <= r.permutation_p <= high + 1 / 200 for r in runs]
+    assert sum(inside) >= 18, [r.permutation_p for r in runs]
+    assert len({r.permutation_p for r in runs}) > 1  # the Monte Carlo does move it
+    floor = audit_test(draw(200, rng, 0.5), draw(200, rng), directions=DIRECTIONS, permutations=99, seed=1)
+    assert floor.permutation_p_interval[0] == 0.0 and 0.0 < floor.permutation_p_interval[1] < 0.06
+    assert audit_test(P, U, directions=DIRECTIONS, permutations=0).permutation_p_interval is None
+
+
 def test_without_directions_the_test_is_hotellings():
     rng = np.random.default_rng(5)
     P, U = draw(80, rng, 0.3), draw(80, rng)
