@@ -156,7 +156,7 @@ def _collection(images: Any, name: str):
 def _audit_images(published, unpublished, model, config: AuditConfig, progress: bool, load_kwargs):
     from cdi.audit import _check_sizes
     from cdi.batching import resolve_batch_size
-    from cdi.data import check_disjoint
+    from cdi.duplicates import check_disjoint
     from cdi.shift_guard import image_embeddings
     from cdi.features.extract import extract_features
     from cdi.features.registry import default_feature_set, directions_of, resolve_features

@@ -6,7 +6,7 @@
    loaded before the inputs are known to be usable): seed, workers, an
    output folder that can be written and holds no files of the user's,
    images (``cdi.data``: hostile names, FIFOs, duplicates within and
-   across the folders, perceptual near-duplicates warned about), and the
+   across the folders; ``cdi.duplicates``: perceptual near-duplicates warned about), and the
    captions the model and features need (``cdi.captions.check_captions``);
 2. with ``--captions auto``, caption every image (``cdi.captions``); load the
    model and resolve the feature families;
@@ -42,7 +42,8 @@ from typing import Any, Sequence
 import numpy as np
 from scipy import special
 
-from cdi.data import DEFAULT_MAX_PIXELS, ImageCollection, load_audit_collections, near_duplicates
+from cdi.data import DEFAULT_MAX_PIXELS, ImageCollection, load_audit_collections
+from cdi.duplicates import NEAR_DUPLICATE_BITS, near_duplicates
 from cdi.environment import environment_report
 from cdi.errors import CDIError
 from cdi.result import (
@@ -544,11 +545,9 @@ def input_record(published: ImageCollection, unpublished: ImageCollection) -> di
     Per collection: ``root``, ``counts`` (``ImageCollection.file_counts``) and
     ``files`` (``ImageCollection.file_log``); then ``near_duplicates``, the
     (published, unpublished) pairs whose perceptual hashes almost agree
-    (``cdi.data.near_duplicates``), each also logged as a warning. Exact
+    (``cdi.duplicates.near_duplicates``), each also logged as a warning. Exact
     duplicates across the folders never get here: they are refused.
     """
-    from cdi.data import NEAR_DUPLICATE_BITS
-
     near = near_duplicates(published, unpublished)
     if near:
         logger.warning(

@@ -360,7 +360,7 @@ def caption_collections(collections: Sequence[Any], captioner: Captioner, cache:
     """
     from PIL import Image
 
-    from cdi.data import _pillow_limits, _upright_rgb, open_regular_file
+    from cdi.image_files import open_regular_file, pillow_limits, upright_rgb
 
     todo = sorted({r.sha256: (c, r) for c in collections for r in c.records if r.sha256 not in cache.captions}.items())
     generated = 0
@@ -368,12 +368,12 @@ def caption_collections(collections: Sequence[Any], captioner: Captioner, cache:
         chunk = todo[start:start + batch_size]
         images = []
         for _, (collection, record) in chunk:
-            with open_regular_file(collection.root / record.path) as fh, _pillow_limits(collection.max_pixels):
+            with open_regular_file(collection.root / record.path) as fh, pillow_limits(collection.max_pixels):
                 data = fh.read()
                 if hashlib.sha256(data).hexdigest() != record.sha256:
                     raise CDIError(f"the {collection.name} image {record.path} changed since the folder was "
                                    "scanned; scan it again")
-                images.append(_upright_rgb(Image.open(io.BytesIO(data))))
+                images.append(upright_rgb(Image.open(io.BytesIO(data))))
         for (sha, _), text in zip(chunk, captioner(images)):
             cache.captions[sha] = text
         generated += len(chunk)

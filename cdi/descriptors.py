@@ -63,14 +63,14 @@ def as_unit_tensor(images) -> torch.Tensor:
     """Images as a float32 tensor (N, 3, H, W) in [0, 1].
 
     Accepts a tensor or array (N, C, H, W) in [-1, 1] (the preprocessed
-    pixels of ``cdi.data``, C = 1 or 3) or a sequence of PIL images (prepared
-    with ``cdi.data.preprocess_image`` at ``RESOLUTION``, centre crop).
+    pixels of ``cdi.image_loader``, C = 1 or 3) or a sequence of PIL images (prepared
+    with ``cdi.preprocess.preprocess_image`` at ``RESOLUTION``, centre crop).
     """
     if isinstance(images, (torch.Tensor, np.ndarray)):
         x = torch.as_tensor(np.asarray(images) if isinstance(images, np.ndarray) else images)
         x = x.detach().to("cpu", torch.float32)
     else:
-        from cdi.data import Preprocess, preprocess_image
+        from cdi.preprocess import Preprocess, preprocess_image
 
         images = list(images)
         if not images:

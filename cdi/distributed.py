@@ -114,7 +114,7 @@ class ExtractionWorker:
 
     def info(self) -> dict:
         """Where this worker runs and which model it loaded (its store key)."""
-        from cdi.data import Preprocess
+        from cdi.preprocess import Preprocess
         from cdi.features.extract import model_key
 
         adapter = self.adapter
@@ -139,7 +139,7 @@ class ExtractionWorker:
         ``items`` are ``(ImageRecord, file bytes, name for errors)``; each
         file's SHA-256 is checked against its record before it is decoded.
         """
-        from cdi.data import decode_checked
+        from cdi.image_loader import decode_checked
         from cdi.features.extract import BatchComputer
 
         records = [record for record, _, _ in items]
@@ -228,7 +228,7 @@ class RayRunner:
         self._check_models(adapter)
 
     def _check_models(self, adapter) -> None:
-        from cdi.data import Preprocess
+        from cdi.preprocess import Preprocess
         from cdi.features.extract import model_key
 
         expected = model_key(adapter, Preprocess(adapter.resolution, adapter.image_channels))
@@ -290,7 +290,7 @@ class RayRunner:
         the values and the store), ``plan`` its ``[(families, rows)]``,
         ``advance(n)`` moves the progress bar by n images.
         """
-        from cdi.data import CollectionDataset
+        from cdi.image_loader import CollectionDataset
 
         self.start(extraction.adapter)
         ray = self._ray

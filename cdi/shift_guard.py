@@ -107,7 +107,8 @@ def _clip_input(x: torch.Tensor) -> torch.Tensor:
 def _batches(images, resolution: int, batch_size: int, num_workers: int | None):
     """Yield (N, 3, H, W) [0, 1] tensors from a collection, a tensor/array, or PIL images."""
     if hasattr(images, "records"):  # a cdi.data.ImageCollection
-        from cdi.data import Preprocess, image_batches
+        from cdi.image_loader import image_batches
+        from cdi.preprocess import Preprocess
 
         pre = Preprocess(resolution, channels=3, crop="center", resample="bicubic")
         for pixels, _ in image_batches(images, pre, batch_size=batch_size, num_workers=num_workers):

@@ -48,7 +48,7 @@ import torch
 from PIL import Image
 
 from cdi.batching import resolve_batch_size, roofline_seconds_per_call, sync
-from cdi.data import ImageCollection, Preprocess
+from cdi.data import ImageCollection
 from cdi.errors import CDIError
 from cdi.models.base import DiffusionAdapter
 from cdi.features.base import Cost, EncodedBatch, FeatureFamily
@@ -175,7 +175,7 @@ def measure_speed(
     seed : int
         Seed of the extraction's noise draws and of the synthetic images.
     num_workers : int or None
-        Image-decoding worker processes (None: ``cdi.data``'s default).
+        Image-decoding worker processes (None: ``cdi.image_loader``'s default).
 
     Returns
     -------

@@ -319,14 +319,16 @@ def _check_images(result: AuditResult, folders: dict[str, str | Path | None]) ->
     given = {name: Path(f) for name, f in folders.items() if f is not None}
     if not given:
         return Check("images", "skipped", "not checked: pass --published and --unpublished (the audited folders)")
-    from cdi.data import METADATA_NAME, _image_extensions, _walk
+    from cdi.caption_files import METADATA_NAME
+    from cdi.folder_walk import walk_folder
+    from cdi.image_files import image_extensions
 
-    image_ext = _image_extensions()
+    image_ext = image_extensions()
     problems = []
     counted = 0
     for collection, root in given.items():
         manifest = {s.path: s.sha256 for s in result.scores if s.collection == collection}
-        present = _walk(root.resolve()).files
+        present = walk_folder(root.resolve()).files
         present_set = set(present)
         seen = _recorded_files(result, collection)  # None: a result without the record of every file
         by_hash = {sha: path for path, sha in manifest.items()}

@@ -1,4 +1,4 @@
-"""Image collections (cdi.data): scanning, captions, preprocessing, loading.
+"""Image collections (cdi.data and the modules it uses): scanning, captions, preprocessing, loading.
 
 Every image is built here with Pillow, tiny (16x12 px). The bad-input paths
 through the command line are in test_cli_inputs.py.
@@ -20,17 +20,10 @@ import pytest
 import torch
 from PIL import Image, ImageFile
 
-from cdi.data import (
-    DEFAULT_MAX_PIXELS,
-    CollectionDataset,
-    ImageCollection,
-    ImageRecord,
-    Preprocess,
-    check_disjoint,
-    image_batches,
-    load_audit_collections,
-    preprocess_image,
-)
+from cdi.data import DEFAULT_MAX_PIXELS, ImageCollection, ImageRecord, load_audit_collections
+from cdi.duplicates import check_disjoint
+from cdi.image_loader import CollectionDataset, image_batches
+from cdi.preprocess import Preprocess, preprocess_image
 from cdi.errors import CDIError
 
 

@@ -26,7 +26,8 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from cdi.batching import CPU_AUTO_BATCH
-from cdi.data import ImageCollection, Preprocess
+from cdi.data import ImageCollection
+from cdi.preprocess import Preprocess
 from cdi.cli import app
 from cdi.errors import CDIError
 from cdi.models import load_model
@@ -307,7 +308,8 @@ KILLED_RUN = """
     import torch
     torch.set_num_threads(1)
     sys.path.insert(0, {tests!r})
-    from cdi.data import ImageCollection, Preprocess
+    from cdi.data import ImageCollection
+    from cdi.preprocess import Preprocess
     from cdi.features.extract import extract_features
     from cdi.features.registry import resolve_features
     from test_extract import CHEAP, Recorder, load_float64
