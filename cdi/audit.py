@@ -612,7 +612,7 @@ def _free_device_memory() -> None:
 
 
 def _check_sizes(published: ImageCollection, unpublished: ImageCollection, folds: int) -> None:
-    from cdi.scoring import minimum_images
+    from cdi.blocks import minimum_images
 
     need = minimum_images(folds)
     for collection in (published, unpublished):

@@ -85,7 +85,7 @@ def run_audit_from_features(config):
     from cdi.audit import analyse_tables, build_result
     from cdi.data import load_audit_collections
     from cdi.evidence import write_evidence
-    from cdi.scoring import minimum_images
+    from cdi.blocks import minimum_images
 
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
     t0 = time.perf_counter()

@@ -26,8 +26,9 @@ from typing import Sequence
 import numpy as np
 from scipy import stats
 
+from cdi.blocks import minimum_images
 from cdi.errors import CDIError
-from cdi.scoring import check_directions, check_features, minimum_images
+from cdi.feature_checks import check_directions, check_features
 from cdi.stats import _validate_common, audit_test
 
 

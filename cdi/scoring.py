@@ -8,8 +8,9 @@ deterministic given ``seed``.
 
 The pieces, in order
 --------------------
-1. **Validation.** Both matrices must be finite, 2-D and have the same
-   columns; a NaN or inf is a ``CDIError`` that names the columns.
+1. **Validation** (``cdi.feature_checks``). Both matrices must be finite,
+   2-D and have the same columns; a NaN or inf is a ``CDIError`` that names
+   the columns.
 2. **Standardisation without labels.** Every column is centred and scaled by
    the mean and standard deviation of the pooled rows ``P + U``. The labels
    are not used, so the transformation is the same for the observed labels
@@ -22,12 +23,12 @@ The pieces, in order
    combination that needs no labels. REFERENCE.md section 7 measured that at
    a few hundred images such a combination keeps far more power than a
    learned scorer.
-4. **Blocks.** The images are split into ``K = folds`` blocks, stratified:
-   published and unpublished images are each shuffled with ``seed`` and dealt
-   round-robin, so every block holds the same share of each class (unequal
-   ``|P|`` and ``|U|`` are fine).
-5. **Learned scorer.** ``scorer="logistic"``: L2-penalised logistic regression
-   on ``[1, prior, z_1..z_d]``; the feature coefficients carry the penalty
+4. **Blocks** (``cdi.blocks.assign_blocks``). The images are split into
+   ``K = folds`` blocks, stratified: published and unpublished images are
+   each shuffled with ``seed`` and dealt round-robin, so every block holds
+   the same share of each class (unequal ``|P|`` and ``|U|`` are fine).
+5. **Learned scorer.** ``scorer="logistic"`` (``cdi.logistic``):
+   L2-penalised logistic regression on ``[1, prior, z_1..z_d]``; the feature coefficients carry the penalty
    (``penalty`` is scikit-learn's ``1/C``), the intercept is free and the
    prior's coefficient is free but constrained to be >= 0, so a small noisy
    training set cannot turn the prior upside down. With little data the
@@ -46,7 +47,7 @@ Protocols (which images train the scorer of which block)
 * block ``k >= 2`` by one of two candidates, the prior score or the learned
   scorer trained on blocks ``0..k-1``: the one with the better record on the
   blocks already tested, i.e. the larger ``sum_{j=1..k-1} w_j z_j`` where
-  ``z_j`` is the candidate's block statistic on block ``j`` (``block_z``:
+  ``z_j`` is the candidate's block statistic on block ``j`` (``cdi.blocks.block_z``:
   Welch's t-test on the block's rank-based normal scores, as a normal
   deviate) and ``w_j`` the block's fixed weight; ties go to the prior.
 
@@ -78,7 +79,7 @@ Permutations
 every block's counts of published and unpublished images, and
 ``CrossFit.scores`` re-runs everything label-dependent (fits, the candidate
 choice) for many label vectors at once. For the logistic scorer all label
-vectors are fitted together by ``fit_logistic``, which reuses the Gram
+vectors are fitted together by ``cdi.logistic.fit_logistic``, which reuses the Gram
 matrix of each training set and reaches the same penalised optimum as a
 one-at-a-time fit (to 1e-10 on the coefficients).
 """
@@ -89,17 +90,15 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 import numpy as np
-from scipy import special, stats
 from threadpoolctl import threadpool_limits
 
+from cdi.blocks import assign_blocks, block_z, normal_scores
 from cdi.errors import CDIError
+from cdi.feature_checks import check_directions, check_finite, check_not_constant, column_names
+from cdi.logistic import fit_logistic
 
 SCORERS = ("logistic", "xgboost")
 PROTOCOLS = ("sequential", "crossfit")
-
-#: Fewest images of each class that every block must hold: a block's Welch
-#: t-test needs a variance per class, and a scorer needs both classes.
-MIN_PER_BLOCK = 5
 
 #: Default L2 penalty (1/C) on the standardised feature coefficients, per
 #: protocol. Sequential: 3, the best all-round value of the simulations in
@@ -126,92 +125,7 @@ XGBOOST_PARAMS = dict(
 
 
 # --------------------------------------------------------------------------
-# validation
-# --------------------------------------------------------------------------
-
-
-def column_names(n_columns: int, columns: Sequence[str] | None) -> list[str]:
-    """The given column names, or ``feature_0..`` when there are none."""
-    if columns is None:
-        return [f"feature_{j}" for j in range(n_columns)]
-    columns = [str(c) for c in columns]
-    if len(columns) != n_columns:
-        raise CDIError(f"got {len(columns)} column names for {n_columns} feature columns")
-    return columns
-
-
-def check_finite(X: np.ndarray, columns: Sequence[str], name: str) -> None:
-    """``CDIError`` naming the columns of ``X`` that hold NaN or infinite values."""
-    bad = ~np.isfinite(X)
-    if bad.any():
-        cols = np.flatnonzero(bad.any(axis=0))
-        listing = ", ".join(f"{columns[j]} ({int(bad[:, j].sum())} rows)" for j in cols[:10])
-        more = f" and {len(cols) - 10} more" if len(cols) > 10 else ""
-        raise CDIError(
-            f"{name} features contain NaN or infinite values in {len(cols)} column(s): {listing}{more}; "
-            "re-extract the features of the affected images (or drop those columns) before testing"
-        )
-
-
-def check_features(
-    X_published: np.ndarray,
-    X_unpublished: np.ndarray,
-    columns: Sequence[str] | None = None,
-) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """Validate the two feature matrices and stack them.
-
-    Returns
-    -------
-    X : ndarray of shape (n_published + n_unpublished, d), float64
-        Published rows first.
-    y : ndarray of shape (n,), int8
-        1 for published, 0 for unpublished.
-    columns : list of str
-    """
-    mats = []
-    for name, X in (("published", X_published), ("unpublished", X_unpublished)):
-        X = np.asarray(X, dtype=np.float64)
-        if X.ndim != 2:
-            raise CDIError(f"{name} features must be a 2-D array (images x features), got shape {X.shape}")
-        if X.shape[0] == 0:
-            raise CDIError(f"no {name} images: the audit needs feature rows for both collections")
-        mats.append(X)
-    if mats[0].shape[1] != mats[1].shape[1]:
-        raise CDIError(
-            f"published features have {mats[0].shape[1]} columns but unpublished have {mats[1].shape[1]}; "
-            "extract both collections with the same feature set"
-        )
-    if mats[0].shape[1] == 0:
-        raise CDIError("the feature matrices have no columns")
-    columns = column_names(mats[0].shape[1], columns)
-    check_finite(mats[0], columns, "published")
-    check_finite(mats[1], columns, "unpublished")
-    X = np.concatenate(mats, axis=0)
-    y = np.concatenate([np.ones(len(mats[0]), np.int8), np.zeros(len(mats[1]), np.int8)])
-    check_not_constant(X)
-    return X, y, columns
-
-
-def check_not_constant(X: np.ndarray) -> None:
-    """``CDIError`` when every column is constant (nothing to test)."""
-    if np.all(X.max(axis=0) == X.min(axis=0)):
-        raise CDIError("every feature column is constant over all images: there is nothing to test")
-
-
-def check_directions(directions: np.ndarray | Sequence[int] | None, n_columns: int) -> np.ndarray | None:
-    """Validate member directions: one of -1, 0, +1 per column, or None."""
-    if directions is None:
-        return None
-    d = np.asarray(directions, dtype=np.float64).reshape(-1)
-    if d.shape[0] != n_columns:
-        raise CDIError(f"got {d.shape[0]} member directions for {n_columns} feature columns")
-    if not np.all(np.isin(d, (-1.0, 0.0, 1.0))):
-        raise CDIError("member directions must be +1 (higher = member), -1 (lower = member) or 0 (unknown)")
-    return d
-
-
-# --------------------------------------------------------------------------
-# label-free pieces: standardisation, prior score, blocks
+# label-free pieces: standardisation, prior score (blocks: cdi.blocks)
 # --------------------------------------------------------------------------
 
 
@@ -251,268 +165,6 @@ def prior_score(Z: np.ndarray, directions: np.ndarray | None) -> np.ndarray | No
     if not use.any():
         return None
     return Z[:, use] @ directions[use] / use.sum()
-
-
-def minimum_images(folds: int) -> int:
-    """Fewest published (and fewest unpublished) images for ``folds`` blocks."""
-    return MIN_PER_BLOCK * folds
-
-
-def assign_blocks(y: np.ndarray, folds: int, seed: int) -> np.ndarray:
-    """Stratified block of every image: each class shuffled, then dealt round-robin.
-
-    Returns an int array of shape (n,) with values in ``0..folds-1``. Every
-    block holds ``floor`` or ``ceil`` of ``n_class / folds`` images of each
-    class.
-    """
-    if isinstance(folds, bool) or not isinstance(folds, (int, np.integer)) or folds < 2:
-        raise CDIError(f"folds must be a whole number of at least 2, got {folds!r}")
-    folds = int(folds)
-    need = minimum_images(folds)
-    counts = {"published": int((y == 1).sum()), "unpublished": int((y == 0).sum())}
-    short = {name: c for name, c in counts.items() if c < need}
-    if short:
-        got = ", ".join(f"{c} {name}" for name, c in short.items())
-        raise CDIError(
-            f"too few images for folds={folds}: every block needs at least {MIN_PER_BLOCK} published and "
-            f"{MIN_PER_BLOCK} unpublished images, so the audit needs at least {need} of each; got {got}. "
-            f"Add images or lower --folds (the minimum is 2, which needs {minimum_images(2)} of each)"
-        )
-    rng = np.random.default_rng([int(seed), 0x5C0])
-    blocks = np.empty(len(y), dtype=np.int64)
-    for label in (1, 0):
-        idx = np.flatnonzero(y == label)
-        blocks[rng.permutation(idx)] = np.arange(len(idx)) % folds
-    return blocks
-
-
-# --------------------------------------------------------------------------
-# logistic regression for many label vectors at once
-# --------------------------------------------------------------------------
-
-
-def _objectives(D: np.ndarray, Y: np.ndarray, beta: np.ndarray, penalty: np.ndarray) -> np.ndarray:
-    """Penalised negative log-likelihood of every column of ``beta``."""
-    eta = D @ beta
-    return (np.logaddexp(0.0, eta) - Y * eta).sum(axis=0) + 0.5 * (penalty[:, None] * beta**2).sum(axis=0)
-
-
-def _hessians(D: np.ndarray, W: np.ndarray, penalty: np.ndarray) -> np.ndarray:
-    """``D.T @ diag(W[:, b]) @ D + diag(penalty)`` for every column b, shape (B, p, p).
-
-    One matrix product over the row-wise outer products of ``D`` (upper
-    triangle only) serves all columns.
-    """
-    p = D.shape[1]
-    iu, ju = np.triu_indices(p)
-    flat = W.T @ (D[:, iu] * D[:, ju])  # (B, p(p+1)/2)
-    H = np.zeros((W.shape[1], p, p))
-    H[:, iu, ju] = flat
-    H[:, ju, iu] = flat
-    H[:, np.arange(p), np.arange(p)] += penalty
-    return H
-
-
-def _newton_steps(D: np.ndarray, Y: np.ndarray, beta: np.ndarray, penalty: np.ndarray, tol: float,
-                  max_iter: int) -> np.ndarray:
-    """Damped Newton (Armijo backtracking per column) for the columns of ``Y``, batched."""
-    beta = beta.copy()
-    active = np.arange(Y.shape[1])
-    for _ in range(max_iter):
-        if active.size == 0:
-            break
-        b, Ya = beta[:, active], Y[:, active]
-        mu = special.expit(D @ b)
-        grad = D.T @ (mu - Ya) + penalty[:, None] * b
-        step = np.linalg.solve(_hessians(D, mu * (1.0 - mu), penalty), grad.T[:, :, None])[:, :, 0].T
-        decrease = np.sum(grad * step, axis=0)  # squared Newton decrement
-        f0 = _objectives(D, Ya, b, penalty)
-        t = np.ones(active.size)
-        # Near the optimum the decrease is below round-off: take the full step.
-        search = decrease > 1e-12 * (1.0 + np.abs(f0))
-        for _ in range(60):
-            if not search.any():
-                break
-            f = _objectives(D, Ya[:, search], b[:, search] - t[search] * step[:, search], penalty)
-            bad = f > f0[search] - 1e-4 * t[search] * decrease[search]
-            if not bad.any():
-                break
-            idx = np.flatnonzero(search)
-            t[idx[bad]] *= 0.5
-            search[idx[~bad]] = False
-        b = b - t * step
-        beta[:, active] = b
-        moved = np.max(np.abs(t * step), axis=0)
-        active = active[moved > tol * (1.0 + np.max(np.abs(b), axis=0))]
-    return beta
-
-
-def fit_logistic(
-    D: np.ndarray,
-    Y: np.ndarray,
-    penalty: np.ndarray,
-    *,
-    gram: np.ndarray | None = None,
-    tol: float = 1e-10,
-    max_iter: int = 200,
-    nonnegative: int | None = None,
-) -> np.ndarray:
-    """L2-penalised logistic regression fitted for many label vectors at once.
-
-    Minimises, for every column ``b`` of ``Y`` separately,
-    ``sum_i [log(1 + exp(eta_i)) - y_ib * eta_i] + 0.5 * sum_j penalty_j * beta_j**2``
-    with ``eta = D @ beta``. The objective is strictly convex when every
-    direction in the null space of ``D`` is penalised, so the optimum is
-    unique and does not depend on how it is reached.
-
-    Method. All columns start at the intercept-only point and take
-    quasi-Newton steps with the fixed Hessian ``w0 * D.T @ D + diag(penalty)``,
-    ``w0 = ybar (1 - ybar)`` (the exact Hessian at the start), inverted once
-    and shared: two matrix products per step for all columns together. For
-    label vectors that carry little signal (the permutations of a null, on
-    many images) the logistic weights stay near ``w0`` and these steps
-    contract fast. A column whose steps shrink by less than a factor 4 per
-    iteration (strong signal, few images, unbalanced labels) is handed to
-    batched damped Newton with the exact Hessian, which converges from
-    anywhere. A column is done when no coefficient moves by more than
-    ``tol * (1 + max |beta|)``.
-
-    Parameters
-    ----------
-    D : ndarray (m, p)
-        Design matrix; column 0 must be the intercept (all ones).
-    Y : ndarray (m, B)
-        0/1 labels, one column per fit.
-    penalty : ndarray (p,)
-        Ridge weight per coefficient (0 for unpenalised ones).
-    gram : ndarray (p, p), optional
-        ``D.T @ D`` when the caller already has it.
-    nonnegative : int, optional
-        Index of one coefficient constrained to be >= 0.
-
-    Returns
-    -------
-    ndarray (p, B)
-    """
-    D = np.asarray(D, dtype=np.float64)
-    Y = np.asarray(Y, dtype=np.float64)
-    p, B = D.shape[1], Y.shape[1]
-    ybar = Y.mean(axis=0)
-    if np.any(ybar <= 0) or np.any(ybar >= 1):
-        raise CDIError("a scorer's training set holds only one class; use fewer folds or more images")
-    start = np.zeros((p, B))
-    start[0] = np.log(ybar / (1.0 - ybar))
-    beta = start.copy()
-    gram = D.T @ D if gram is None else gram
-    w0 = float(np.mean(ybar * (1.0 - ybar)))
-    H0_inv = np.linalg.inv(w0 * gram + np.diag(penalty))
-    active = np.arange(B)
-    previous = np.full(B, np.inf)
-    slow_cols = []
-    for it in range(max_iter):
-        if active.size == 0:
-            break
-        b = beta[:, active]
-        grad = D.T @ (special.expit(D @ b) - Y[:, active]) + penalty[:, None] * b
-        step = H0_inv @ grad
-        b = b - step
-        size = np.max(np.abs(step), axis=0)
-        done = size <= tol * (1.0 + np.max(np.abs(b), axis=0))
-        slow = ~np.isfinite(size) | ((it >= 2) & (size > 0.25 * previous[active]) & ~done)
-        beta[:, active] = b
-        previous[active] = size
-        slow_cols.append(active[slow])
-        active = active[~done & ~slow]
-    slow_cols.append(active)  # not converged within max_iter
-    slow = np.concatenate(slow_cols)
-    if slow.size:
-        # Newton from where the cheap steps got to (from the start if they diverged).
-        origin = beta[:, slow]
-        diverged = ~np.all(np.isfinite(origin), axis=0)
-        origin[:, diverged] = start[:, slow[diverged]]
-        beta[:, slow] = _newton_steps(D, Y[:, slow], origin, penalty, tol, max_iter)
-    if nonnegative is not None:
-        # One bound on a convex problem: where the free optimum violates it, the
-        # constrained optimum lies on the bound, i.e. is the fit without that column.
-        flipped = np.flatnonzero(beta[nonnegative] < 0)
-        if flipped.size:
-            keep = np.arange(p) != nonnegative
-            beta[:, flipped] = 0.0
-            beta[np.ix_(keep, flipped)] = fit_logistic(
-                D[:, keep], Y[:, flipped], penalty[keep], gram=gram[np.ix_(keep, keep)], tol=tol,
-                max_iter=max_iter)
-    return beta
-
-
-# --------------------------------------------------------------------------
-# Welch's t-test for many columns at once (the block statistic)
-# --------------------------------------------------------------------------
-
-
-def welch_t(S: np.ndarray, Y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Welch's t and Welch-Satterthwaite df per column; group 1 = rows with Y == 1.
-
-    S, Y : (m, B). Returns t (B,), df (B,); t > 0 when group 1 scores higher.
-    A column whose two groups both have zero variance gets t = 0 (equal
-    means) or +-inf, and df = 1.
-    """
-    Y = np.asarray(Y, dtype=np.float64)
-    n1 = Y.sum(axis=0)
-    n0 = Y.shape[0] - n1
-    m1 = (Y * S).sum(axis=0) / n1
-    m0 = ((1.0 - Y) * S).sum(axis=0) / n0
-    a = (Y * (S - m1) ** 2).sum(axis=0) / (n1 - 1.0) / n1
-    b = ((1.0 - Y) * (S - m0) ** 2).sum(axis=0) / (n0 - 1.0) / n0
-    se = np.sqrt(a + b)
-    diff = m1 - m0
-    with np.errstate(divide="ignore", invalid="ignore"):
-        t = np.where(se > 0, diff / se, np.sign(diff) * np.inf)
-        t = np.where((se == 0) & (diff == 0), 0.0, t)
-        df = np.where(se > 0, (a + b) ** 2 / (a**2 / (n1 - 1.0) + b**2 / (n0 - 1.0)), 1.0)
-    return t, df
-
-
-def z_from_t(t: np.ndarray, df: np.ndarray) -> np.ndarray:
-    """Normal score with the same one-sided p-value: ``Phi^-1(1 - P(T_df >= t))``.
-
-    Computed from whichever tail is small, so p-values far below 1e-300 keep
-    their precision.
-    """
-    t = np.asarray(t, dtype=np.float64)
-    df = np.asarray(df, dtype=np.float64)
-    with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
-        a = np.abs(t)
-        log_tail = stats.t.logsf(a, df)
-        # Beyond what scipy resolves: the first term of the tail's asymptotic
-        # expansion, P(T > a) ~ f(a) (df + a^2) / (df a).
-        far = ~np.isfinite(log_tail) & np.isfinite(a)
-        if far.any():
-            log_tail = np.where(far, stats.t.logpdf(a, df) + np.log((df + a * a) / (df * a)), log_tail)
-        z = -special.ndtri_exp(log_tail)
-    return np.where(t >= 0, z, -z)
-
-
-def normal_scores(S: np.ndarray) -> np.ndarray:
-    """Rank-based normal scores per column: ``Phi^-1(rank / (m + 1))``, ties averaged.
-
-    A label-free, order-preserving transformation of a block's pooled scores
-    (van der Waerden's scores). The Welch t-test on normal scores is as
-    efficient as on the raw scores when they are normal, and keeps its level
-    when they are skewed or heavy-tailed, where a one-sided t-test on small
-    unequal groups does not.
-    """
-    ranks = stats.rankdata(S, axis=0)
-    return special.ndtri(ranks / (S.shape[0] + 1.0))
-
-
-def block_z(S: np.ndarray, Y: np.ndarray) -> np.ndarray:
-    """The sequential protocol's statistic of one block, per column, on the normal scale.
-
-    Welch's one-sided t-test (published higher) on the block's normal scores
-    (``normal_scores``), its p-value from the t-distribution with Welch's df,
-    mapped to ``Phi^-1(1 - p)``.
-    """
-    return z_from_t(*welch_t(normal_scores(S), Y))
 
 
 # --------------------------------------------------------------------------
@@ -842,7 +494,7 @@ def cross_fit_scores(
         1 for published, 0 for unpublished.
     scorer : {"logistic", "xgboost"}
     folds : int
-        Number of blocks K; needs ``MIN_PER_BLOCK * K`` images of each class.
+        Number of blocks K; needs ``cdi.blocks.MIN_PER_BLOCK * K`` images of each class.
     seed : int
         Fixes the blocks (and XGBoost's subsampling).
     directions : array (d,) of {-1, 0, +1}, optional

@@ -47,9 +47,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from cdi.blocks import MIN_PER_BLOCK
 from cdi.descriptors import RESOLUTION, as_unit_tensor, descriptor_features
 from cdi.errors import CDIError
-from cdi.scoring import MIN_PER_BLOCK
 
 logger = logging.getLogger("cdi")
 

@@ -113,7 +113,7 @@ within blocks (keeping every block's class counts) and the whole procedure
 (fits, block t-tests, combination) is re-run for every shuffle:
 ``p = (1 + #{b: Z_b >= Z}) / (1 + B)``. This is exact under exchangeability
 for any scorer and protocol, at the cost of ``B`` re-runs (batched: see
-``cdi.scoring.fit_logistic``). Under ``protocol="crossfit"`` the t-test is
+``cdi.logistic.fit_logistic``). Under ``protocol="crossfit"`` the t-test is
 not calibrated, so the verdict is the permutation p-value.
 
 Effect size: Hedges' g (bias-corrected Cohen's d) of published versus
@@ -135,18 +135,11 @@ from typing import Sequence
 import numpy as np
 from scipy import special, stats
 
+from cdi.blocks import MIN_PER_BLOCK, normal_scores, welch_t, z_from_t
 from cdi.errors import CDIError
+from cdi.feature_checks import check_directions, check_features
 from cdi.pooled import PooledStatistic
-from cdi.scoring import (
-    MIN_PER_BLOCK,
-    CrossFit,
-    ScoringResult,
-    check_directions,
-    check_features,
-    normal_scores,
-    welch_t,
-    z_from_t,
-)
+from cdi.scoring import CrossFit, ScoringResult
 
 #: Label vectors fitted together in one batch of the permutation test.
 PERMUTATION_CHUNK = 200
@@ -290,7 +283,7 @@ def protocol_statistic(crossfit: CrossFit, S: np.ndarray, Y: np.ndarray) -> tupl
     parts ``[(block or None, t (B,), df (B,))]``. Sequential: Stouffer
     combination, with the fixed weights ``crossfit.block_weights``, of the
     blocks' Welch tests on within-block normal scores
-    (``cdi.scoring.block_z``). Crossfit: one Welch test on all raw
+    (``cdi.blocks.block_z``). Crossfit: one Welch test on all raw
     out-of-fold scores (the reference).
     """
     if crossfit.protocol == "crossfit":
@@ -422,7 +415,7 @@ def audit_test(
         protocol learns no scorer: leave it at "logistic").
     folds : int
         Number of blocks K of the sequential and crossfit protocols (at
-        least ``cdi.scoring.MIN_PER_BLOCK`` images of each class per block).
+        least ``cdi.blocks.MIN_PER_BLOCK`` images of each class per block).
     permutations : int
         Permutations of the reported permutation test (0: skip it; not
         allowed with ``protocol="crossfit"`` or ``verdict="permutation"``).

@@ -7,16 +7,10 @@ import pytest
 from sklearn.linear_model import LogisticRegression
 
 from cdi.errors import CDIError
-from cdi.scoring import (
-    MIN_PER_BLOCK,
-    CrossFit,
-    Standardization,
-    assign_blocks,
-    check_features,
-    cross_fit_scores,
-    fit_logistic,
-    prior_score,
-)
+from cdi.blocks import MIN_PER_BLOCK, assign_blocks
+from cdi.feature_checks import check_features
+from cdi.logistic import fit_logistic
+from cdi.scoring import CrossFit, Standardization, cross_fit_scores, prior_score
 
 
 def gaussian_audit(n_pub=60, n_unp=80, d=6, shift=0.0, seed=0):

@@ -10,8 +10,10 @@ import pytest
 from scipy import special, stats
 from sklearn.metrics import roc_auc_score
 
+from cdi.blocks import normal_scores, z_from_t
 from cdi.errors import CDIError
-from cdi.scoring import CrossFit, check_features, normal_scores, z_from_t
+from cdi.feature_checks import check_features
+from cdi.scoring import CrossFit
 from cdi.calibration import null_calibration
 from cdi.sample_size import sample_size_curve
 from cdi.stats import (
