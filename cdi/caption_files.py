@@ -99,6 +99,7 @@ def _has_lone_surrogate(text: str) -> bool:
 
 
 def read_sidecar(root: Path, rel: str, name: str) -> str:
+    """The caption in the sidecar file ``rel`` (UTF-8 text, surrounding whitespace stripped)."""
     try:
         return _read_text_file(root / rel).strip()
     except (OSError, UnicodeDecodeError, NotRegular) as exc:

@@ -33,11 +33,13 @@ BAD_NAME_REASON = ("its file name is not valid UTF-8 (undecodable bytes shown as
 
 
 def known_non_image(rel: str) -> bool:
+    """Whether ``rel`` is a file never offered to Pillow (captions, metadata, data files, archives)."""
     name = posixpath.basename(rel)
     return name in _NON_IMAGE_NAMES or posixpath.splitext(name)[1].lower() in _NON_IMAGE_EXTENSIONS
 
 
 def checked_folder(folder: str | os.PathLike, name: str) -> Path:
+    """``folder`` resolved, or a ``CDIError`` if it does not exist or is not a folder."""
     path = Path(folder).expanduser()
     if not path.exists():
         raise CDIError(f"the {name} folder {path} does not exist: check the path")
