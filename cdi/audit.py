@@ -6,8 +6,9 @@
    loaded before the inputs are known to be usable): seed, workers, an
    output folder that can be written and holds no files of the user's,
    images (``cdi.data``: hostile names, FIFOs, duplicates within and
-   across the folders; ``cdi.duplicates``: perceptual near-duplicates warned about), and the
-   captions the model and features need (``cdi.captions.check_captions``);
+   across the folders; ``cdi.duplicates``: perceptual near-duplicates
+   warned about), and the captions the model and features need
+   (``cdi.captions.check_captions``);
 2. with ``--captions auto``, caption every image (``cdi.captions``); load the
    model and resolve the feature families;
 3. extract per-image features of P and U (one encode per image, cached in
