@@ -149,8 +149,9 @@ class AuditConfig:
 
         parse_captions_option(self.captions)
         self.loading_options()
-        if self.reference_model is not None and not str(self.reference_model).strip():
-            raise CDIError("--reference-model is empty; name the base model (alias, hub id or folder)")
+        from cdi.reference import check_reference_name
+
+        check_reference_name(self.reference_model)
         from cdi.evidence import check_out_folder
 
         check_out_folder(self.out, force=self.force)

@@ -191,6 +191,9 @@ class BenchmarkConfig:
     shift_encoder: str = "auto"
     lora: list[str] = field(default_factory=list)  # LoRA files fused into --model (cdi.models.finetune)
     lora_scale: list[float] = field(default_factory=list)
+    unet: str | None = None
+    component: list[str] = field(default_factory=list)  # NAME=FOLDER replacements
+    config: str | None = None  # configuration of a single-file --model
     reference_model: str | None = None  # every feature becomes target minus reference (cdi.reference)
 
     def method_list(self) -> list[str]:
@@ -236,12 +239,20 @@ class BenchmarkConfig:
         if self.mix_fractions() and self.reference_model:
             raise CDIError("--mix and --reference-model cannot be combined yet; run the mixing experiment without "
                            "the reference")
-        from cdi.models.finetune import parse_loras
+        self.loading_options()
+        from cdi.reference import check_reference_name
 
-        parse_loras(self.lora, self.lora_scale)
+        check_reference_name(self.reference_model)
         out = Path(self.out)
         if out.exists() and not out.is_dir():
             raise CDIError(f"--out {out} exists and is not a folder; choose a folder for the benchmark's files")
+
+    def loading_options(self) -> dict[str, Any]:
+        """The ``load_model`` keywords for the LoRAs, replaced components and single-file config (checked)."""
+        from cdi.models.finetune import loading_options
+
+        return loading_options(self.lora, self.lora_scale, self.unet, self.component, self.config,
+                               allow_pickle=self.allow_pickle)
 
 
 # ----------------------------------------------------------------------------- running
@@ -468,12 +479,10 @@ def run_benchmark(config: BenchmarkConfig, *, progress: bool = True) -> dict[str
     split = split_calibration_test(len(members), len(nonmembers), calibration_fraction=config.calibration_fraction,
                                    seed=config.seed)
 
-    from cdi.models.finetune import parse_loras
-
     hub = dict(local_files_only=config.local_files_only, cache_dir=config.cache_dir, token=config.token)
     adapter = load_model(model, dtype=config.dtype, device=config.device, revision=config.revision,
                          variant=config.variant, allow_pickle=config.allow_pickle, compile=config.compile,
-                         loras=parse_loras(config.lora, config.lora_scale), **hub)
+                         **config.loading_options(), **hub)
     reference = None
     if config.reference_model:
         from cdi.reference import check_reference

@@ -9,6 +9,7 @@ traceback written to a file whose path the line gives).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from pathlib import Path
 import sys
 import tempfile
@@ -20,7 +21,8 @@ from rich.console import Console
 from rich.table import Table
 
 from cdi import __version__
-from cdi.cli_options import BATCH_SIZE_HELP, FEATURES_HELP, LoaderOptions, choice, format_option, with_loader_options
+from cdi.cli_options import (BATCH_SIZE_HELP, FEATURES_HELP, LoaderOptions, choice, format_option, reference_option,
+                             with_loader_options)
 from cdi.errors import CDIError
 from cdi.terminal import console_text, sanitise_cdi_log
 
@@ -81,17 +83,6 @@ CAPTIONS_HELP = ("files (default): captions from metadata.jsonl or NAME.txt; aut
                  "image-to-text model (default florence2; blip, florence2-large, a hub id or a folder), cached by image hash.")
 SKIP_BAD_HELP = ("Leave unusable files out (unreadable, oversized, FIFOs, non-UTF-8 names) instead of failing; "
                  "each is recorded with its reason.")
-#: Help of the fine-tune loading options (cdi.models.finetune), shared by extract, audit and benchmark.
-LORA_HELP = ("LoRA weight file (.safetensors, diffusers or kohya/community format) or its folder, fused into --model; "
-             "repeat for several.")
-LORA_SCALE_HELP = "Scale of the LoRA(s): one for all, or one per --lora in order (default 1.0)."
-UNET_HELP = "Load the denoiser from this folder instead of the base's (a fine-tune that ships only its UNet)."
-COMPONENT_HELP = "NAME=FOLDER: load this pipeline component (unet, vae, text_encoder, ...) from FOLDER; repeatable."
-CONFIG_HELP = ("For a single-file --model (.safetensors, .ckpt with --allow-pickle): the pipeline folder, alias or "
-               "cached hub id whose configs describe it (default: guessed from its keys, looked up offline).")
-REFERENCE_HELP = ("Reference model (e.g. the base of a LoRA or fine-tune): test the difference of every feature "
-                  "between --model and it, i.e. whether the images were used beyond the reference model.")
-
 
 @contextlib.contextmanager
 def _user_errors() -> Iterator[None]:
@@ -317,11 +308,6 @@ def extract_command(
     max_pixels: int = typer.Option(None, "--max-pixels", help=MAX_PIXELS_HELP),
     captions: str = typer.Option(None, "--captions", help=CAPTIONS_HELP),
     loader: LoaderOptions = None,
-    lora: list[str] = typer.Option(None, "--lora", help=LORA_HELP),
-    lora_scale: list[float] = typer.Option(None, "--lora-scale", help=LORA_SCALE_HELP),
-    unet: str = typer.Option(None, "--unet", help=UNET_HELP),
-    component: list[str] = typer.Option(None, "--component", help=COMPONENT_HELP),
-    model_config: str = typer.Option(None, "--config", help=CONFIG_HELP),
     fmt: str = format_option(),
 ) -> None:
     """Compute feature values for a folder of images and write them to a CSV file.
@@ -351,9 +337,6 @@ def extract_command(
         check_writable(out_path.parent, "--out")
         shard_spec = parse_shard(shard)
         check_ray_options(ray, ray_workers, ray_threads, loader.device, loader.dtype)
-        from cdi.models.finetune import loading_options
-
-        loading = loading_options(lora, lora_scale, unet, component, model_config, allow_pickle=loader.allow_pickle)
         families = resolve_features(features) if features is not None else None
         loader.check()
         collection = ImageCollection.from_folder(images, skip_bad=skip_bad,
@@ -368,13 +351,13 @@ def extract_command(
         with contextlib.ExitStack() as stack:
             cache = stack.enter_context(FeatureStore(store)) if store is not None else None
             options = dict(name=model, revision=loader.revision, variant=loader.variant, dtype=loader.dtype,
-                           allow_pickle=loader.allow_pickle, compile=loader.compile, **loading)
+                           allow_pickle=loader.allow_pickle, compile=loader.compile, **loader.loading_options())
             runner = ray_runner(ray, workers=ray_workers, threads=ray_threads, device=loader.device, **options)
             if runner is not None:
                 stack.enter_context(runner)
             # with --ray this process only derives the store key and the columns: a CPU copy of the model
-            adapter = LoaderOptions(**{**loader.as_config(), "compile": loader.compile and runner is None,
-                                       "device": "cpu" if runner is not None else loader.device}).load(model, **loading)
+            adapter = dataclasses.replace(loader, compile=loader.compile and runner is None,
+                                          device="cpu" if runner is not None else loader.device).load(model)
             if families is None:
                 families = resolve_features(default_feature_set(adapter))
             table = extract_features(adapter, collection, families, seed=seed, batch_size=batch_size,
@@ -566,12 +549,7 @@ def audit_command(
     force: bool = typer.Option(False, "--force", help="Replace an earlier audit in --out."),
     fmt: str = format_option(),
     loader: LoaderOptions = None,
-    lora: list[str] = typer.Option(None, "--lora", help=LORA_HELP),
-    lora_scale: list[float] = typer.Option(None, "--lora-scale", help=LORA_SCALE_HELP),
-    unet: str = typer.Option(None, "--unet", help=UNET_HELP),
-    component: list[str] = typer.Option(None, "--component", help=COMPONENT_HELP),
-    model_config: str = typer.Option(None, "--config", help=CONFIG_HELP),
-    reference_model: str = typer.Option(None, "--reference-model", help=REFERENCE_HELP),
+    reference_model: str = reference_option(),
 ) -> None:
     """Audit: were the published images used to train the model? Writes result.json, features.csv and report.html."""
     with _user_errors():
@@ -586,8 +564,7 @@ def audit_command(
             force=force, published_features=published_features, unpublished_features=unpublished_features,
             ray=ray, ray_workers=ray_workers, ray_threads=ray_threads, captions=captions,
             **({} if max_pixels is None else {"max_pixels": max_pixels}), **loader.as_config(),
-            lora=list(lora or []), lora_scale=list(lora_scale or []), unet=unet, component=list(component or []),
-            config=model_config, reference_model=reference_model,
+            reference_model=reference_model,
         )
         result = run_audit(config, progress=fmt == "text")
         _print_result(result, fmt, out)
@@ -713,9 +690,7 @@ def benchmark_command(
     alpha: float = typer.Option(0.01, "--alpha", help="Significance level of the audit run beside the attacks."),
     fmt: str = format_option(),
     loader: LoaderOptions = None,
-    lora: list[str] = typer.Option(None, "--lora", help=LORA_HELP),
-    lora_scale: list[float] = typer.Option(None, "--lora-scale", help=LORA_SCALE_HELP),
-    reference_model: str = typer.Option(None, "--reference-model", help=REFERENCE_HELP),
+    reference_model: str = reference_option(),
 ) -> None:
     """Benchmark single-image membership inference attacks (CopyMark protocol) beside the CDI audit."""
     with _user_errors():
@@ -725,7 +700,7 @@ def benchmark_command(
             out=out, setup=setup, members=members, nonmembers=nonmembers, model=model, methods=methods,
             calibration_fraction=calibration_fraction, quick=quick, seed=seed, batch_size=batch_size,
             store=store, mix=mix, permutations=permutations, folds=folds, alpha=alpha, **loader.as_config(),
-            lora=list(lora or []), lora_scale=list(lora_scale or []), reference_model=reference_model,
+            reference_model=reference_model,
         )
         result = run_benchmark(config, progress=fmt == "text")
         if fmt == "json":

@@ -84,6 +84,12 @@ def difference_table(target: FeatureTable, reference: FeatureTable) -> FeatureTa
                         columns=[difference_column(c) for c in target.columns], values=values, meta=meta)
 
 
+def check_reference_name(reference_model: str | None) -> None:
+    """Refuse an empty ``--reference-model`` (None: no reference) before any model loads."""
+    if reference_model is not None and not str(reference_model).strip():
+        raise CDIError("--reference-model is empty; name the base model (alias, hub id or folder)")
+
+
 def check_reference(adapter, reference) -> None:
     """Refuse a reference that cannot be compared feature by feature with the audited model.
 

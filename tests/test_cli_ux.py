@@ -23,7 +23,8 @@ runner = CliRunner()
 ROOT = Path(__file__).resolve().parents[1]
 LOADING_COMMANDS = ("extract", "audit", "speed", "benchmark")
 LOADER_FLAGS = ("--device", "--dtype", "--revision", "--variant", "--allow-pickle", "--compile",
-                "--local-files-only", "--cache-dir", "--token")
+                "--local-files-only", "--cache-dir", "--token", "--lora", "--lora-scale", "--unet", "--component",
+                "--config")
 
 
 def test_short_help_and_version():
@@ -42,7 +43,43 @@ def test_every_loading_command_has_the_same_loader_options(command):
         assert flag in text, f"cdi {command} lacks {flag}"
     if command in ("audit", "benchmark"):
         assert "--alpha" in text
+    assert ("--reference-model" in text) == (command in ("audit", "benchmark"))
     assert "--format" in text
+
+
+def _loading_command(command, tmp_path):
+    """The arguments of a ``command`` that would load the model ``m``, all else valid."""
+    return {
+        "extract": ["extract", "--images", str(tmp_path), "--model", "m", "--out", str(tmp_path / "f.csv")],
+        "audit": ["audit", "--published", str(tmp_path), "--unpublished", str(tmp_path), "--model", "m",
+                  "--out", str(tmp_path / "out")],
+        "speed": ["speed", "--model", "m"],
+        "benchmark": ["benchmark", "--members", str(tmp_path), "--nonmembers", str(tmp_path), "--model", "m",
+                      "--out", str(tmp_path / "b")],
+    }[command]
+
+
+@pytest.mark.parametrize("command", LOADING_COMMANDS)
+@pytest.mark.parametrize("options, message", [
+    (["--lora-scale", "0.5"], "without --lora"),
+    (["--lora", "missing.safetensors"], "does not exist"),
+    (["--component", "unet"], "NAME=FOLDER"),
+    (["--unet", "no/such/folder"], "does not exist"),
+])
+def test_bad_fine_tune_options_exit_2_before_any_model_loads(monkeypatch, tmp_path, command, options, message):
+    def no_load(*args, **kwargs):
+        raise AssertionError("a model was loaded before the options were checked")
+
+    monkeypatch.setattr("cdi.models.load_model", no_load)
+    result = runner.invoke(app, _loading_command(command, tmp_path) + options)
+    assert result.exit_code == 2 and message in result.stderr, result.output
+
+
+@pytest.mark.parametrize("command", ("audit", "benchmark"))
+def test_an_empty_reference_model_exits_2(monkeypatch, tmp_path, command):
+    monkeypatch.setattr("cdi.models.load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    result = runner.invoke(app, _loading_command(command, tmp_path) + ["--reference-model", " "])
+    assert result.exit_code == 2 and "--reference-model is empty" in result.stderr, result.output
 
 
 def test_loader_options_reach_load_model(monkeypatch):
@@ -59,10 +96,35 @@ def test_loader_options_reach_load_model(monkeypatch):
     assert result.exit_code == 2 and "stop here" in result.stderr
     assert seen == {"name": "some/model", "device": "CPU", "dtype": "auto", "revision": "abc", "variant": "fp16",
                     "allow_pickle": True, "compile": False, "local_files_only": True, "cache_dir": "/tmp/hf",
-                    "token": "hf_x"}
+                    "token": "hf_x", "loras": [], "components": {}, "config": None}
     seen.clear()
     runner.invoke(app, ["speed", "--model", "m"])
     assert seen["local_files_only"] is None and seen["token"] is None  # None: follow HF_HUB_OFFLINE / HF_TOKEN
+
+
+def test_fine_tune_options_reach_load_model(monkeypatch, tmp_path):
+    from cdi.models.finetune import LoraSpec
+
+    seen = {}
+
+    def fake_load_model(name, **kwargs):
+        seen.update(kwargs, name=name)
+        raise CDIError("stop here")
+
+    monkeypatch.setattr("cdi.models.load_model", fake_load_model)
+    for name in ("a.safetensors", "b.safetensors"):
+        (tmp_path / name).write_bytes(b"")
+    (tmp_path / "unet").mkdir()
+    (tmp_path / "vae").mkdir()
+    result = runner.invoke(app, ["speed", "--model", "base", "--lora", str(tmp_path / "a.safetensors"),
+                                 "--lora", str(tmp_path / "b.safetensors"), "--lora-scale", "0.5",
+                                 "--lora-scale", "2", "--unet", str(tmp_path / "unet"),
+                                 "--component", f"vae={tmp_path / 'vae'}", "--config", "sd15"])
+    assert result.exit_code == 2 and "stop here" in result.stderr, result.output
+    assert seen["loras"] == [LoraSpec((tmp_path / "a.safetensors").resolve(), 0.5),
+                             LoraSpec((tmp_path / "b.safetensors").resolve(), 2.0)]
+    assert seen["components"] == {"unet": (tmp_path / "unet").resolve(), "vae": (tmp_path / "vae").resolve()}
+    assert seen["config"] == "sd15"
 
 
 def test_dtype_auto_is_float32_on_the_cpu():
