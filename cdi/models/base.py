@@ -36,6 +36,17 @@ Conditioning = Literal["text", "class", "none"]
 PredictionType = Literal["epsilon", "v_prediction", "sample", "flow_prediction"]
 
 
+def prediction_type_of(scheduler) -> str:
+    """The scheduler's ``prediction_type`` (what the network outputs), default ``"epsilon"``."""
+    prediction_type = getattr(scheduler.config, "prediction_type", None) or "epsilon"
+    if prediction_type not in ("epsilon", "v_prediction", "sample"):
+        raise CDIError(
+            f"unsupported prediction_type {prediction_type!r} in the scheduler config; "
+            "cdi supports epsilon, v_prediction and sample"
+        )
+    return prediction_type
+
+
 @dataclass
 class Condition:
     """A batch of conditioning inputs; every tensor has the batch on dim 0.
@@ -168,6 +179,18 @@ class DiffusionAdapter:
         self.dtype = dtype
         self.alphas_cumprod = alphas_cumprod.to(device=self.device, dtype=torch.float32)
 
+    def _read_scheduler(self, scheduler, denoiser: torch.nn.Module) -> None:
+        """Keep the diffusers noise scheduler of an eps/v/x0 model and what it says of the network.
+
+        ``prediction_type`` from the scheduler's config (``prediction_type_of``);
+        ``learned_variance`` when the denoiser outputs twice its input channels
+        (eps and variance). The flow-matching adapters read their scheduler
+        differently (``cdi.models.flow_matching``).
+        """
+        self.scheduler = scheduler
+        self.prediction_type = prediction_type_of(scheduler)
+        self.learned_variance = denoiser.config.out_channels == 2 * denoiser.config.in_channels
+
     # ------------------------------------------------------------------ info
     @property
     def num_train_timesteps(self) -> int:
@@ -186,6 +209,15 @@ class DiffusionAdapter:
         check captions before the model is loaded.
         """
         return cls.conditioning
+
+    @classmethod
+    def extra_inputs(cls, folder: Path, index: dict) -> dict:
+        """Constructor arguments read from the pipeline folder besides the components; none by default.
+
+        Families that read more override this (DiT's class names, DDPM's
+        labels.json, LDM's latent scale, SDXL's empty-prompt rule).
+        """
+        return {}
 
     def describe(self) -> dict:
         """Provenance of the loaded model, for results and reports."""

@@ -23,7 +23,7 @@ from diffusers import SchedulerMixin, UNet2DModel
 
 from cdi.errors import CDIError
 from cdi.models.base import Condition, DiffusionAdapter
-from cdi.models.loading import prediction_type_of, square_resolution
+from cdi.models.loading import square_resolution
 
 
 class DDPMAdapter(DiffusionAdapter):
@@ -58,9 +58,7 @@ class DDPMAdapter(DiffusionAdapter):
         dtype: torch.dtype = torch.float32,
     ) -> None:
         self.unet = self.denoiser = unet
-        self.scheduler = scheduler
-        self.prediction_type = prediction_type_of(scheduler)
-        self.learned_variance = unet.config.out_channels == 2 * unet.config.in_channels
+        self._read_scheduler(scheduler, unet)
         self.num_class_embeds = unet.config.num_class_embeds
         self.id2label: dict[int, str] = {}
         self.null_class_id: int | None = None

@@ -26,7 +26,7 @@ from diffusers import AutoencoderKL, DiTTransformer2DModel, SchedulerMixin
 
 from cdi.errors import CDIError
 from cdi.models.base import Condition, DiffusionAdapter
-from cdi.models.loading import autoencoder_downsampling, prediction_type_of, square_resolution
+from cdi.models.loading import autoencoder_downsampling, square_resolution
 from cdi.models.stable_diffusion import encode_autoencoder_kl
 
 
@@ -65,9 +65,7 @@ class DiTAdapter(DiffusionAdapter):
     ) -> None:
         self.transformer = self.denoiser = transformer
         self.vae = vae
-        self.scheduler = scheduler
-        self.prediction_type = prediction_type_of(scheduler)
-        self.learned_variance = transformer.config.out_channels == 2 * transformer.config.in_channels
+        self._read_scheduler(scheduler, transformer)
         self.num_classes = int(transformer.config.num_embeds_ada_norm)
         self.null_class_id = self.num_classes
         self.id2label = {int(k): str(v) for k, v in (id2label or {}).items()}

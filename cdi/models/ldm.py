@@ -30,7 +30,7 @@ import torch
 from diffusers import SchedulerMixin, UNet2DModel, VQModel
 
 from cdi.models.base import Condition, DiffusionAdapter
-from cdi.models.loading import autoencoder_downsampling, prediction_type_of, square_resolution
+from cdi.models.loading import autoencoder_downsampling, square_resolution
 
 
 class LDMAdapter(DiffusionAdapter):
@@ -68,10 +68,8 @@ class LDMAdapter(DiffusionAdapter):
     ) -> None:
         self.vqvae = vqvae
         self.unet = self.denoiser = unet
-        self.scheduler = scheduler
         self.latent_scale = float(latent_scale)
-        self.prediction_type = prediction_type_of(scheduler)
-        self.learned_variance = unet.config.out_channels == 2 * unet.config.in_channels
+        self._read_scheduler(scheduler, unet)
         super().__init__(
             model_id=model_id,
             revision=revision,

@@ -771,14 +771,3 @@ def square_resolution(sample_size: int | list[int] | tuple[int, ...], downsampli
             raise CDIError(f"non-square models are not supported (sample_size {list(sample_size)})")
         sample_size = sample_size[0]
     return int(sample_size) * downsampling
-
-
-def prediction_type_of(scheduler) -> str:
-    """The scheduler's ``prediction_type`` (what the network outputs), default ``"epsilon"``."""
-    prediction_type = getattr(scheduler.config, "prediction_type", None) or "epsilon"
-    if prediction_type not in ("epsilon", "v_prediction", "sample"):
-        raise CDIError(
-            f"unsupported prediction_type {prediction_type!r} in the scheduler config; "
-            "cdi supports epsilon, v_prediction and sample"
-        )
-    return prediction_type

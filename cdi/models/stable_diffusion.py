@@ -19,14 +19,13 @@ A ``StableDiffusionPipeline`` folder holds ``unet`` (UNet2DConditionModel),
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, SchedulerMixin, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from cdi.models.base import Condition, DiffusionAdapter
-from cdi.models.loading import autoencoder_downsampling, prediction_type_of, square_resolution
+from cdi.models.loading import autoencoder_downsampling, square_resolution
 
 logger = logging.getLogger("cdi")
 
@@ -103,9 +102,7 @@ class StableDiffusionAdapter(DiffusionAdapter):
         self.vae = vae
         self.text_encoder = text_encoder
         self.tokenizer = tokenizer
-        self.scheduler = scheduler
-        self.prediction_type = prediction_type_of(scheduler)
-        self.learned_variance = unet.config.out_channels == 2 * unet.config.in_channels
+        self._read_scheduler(scheduler, unet)
         super().__init__(
             model_id=model_id,
             revision=revision,
@@ -116,11 +113,6 @@ class StableDiffusionAdapter(DiffusionAdapter):
             device=device,
             dtype=dtype,
         )
-
-    @classmethod
-    def extra_inputs(cls, folder: Path, index: dict) -> dict:
-        """Constructor arguments read from the pipeline folder besides the components (none)."""
-        return {}
 
     def _encode(self, pixels: torch.Tensor) -> torch.Tensor:
         return encode_autoencoder_kl(self.vae, pixels)
