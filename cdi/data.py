@@ -55,9 +55,7 @@ from cdi.duplicates import check_disjoint
 from cdi.errors import LISTED, CDIError, listing
 from cdi.folder_walk import BAD_NAME_REASON, checked_folder, known_non_image, link_targets, walk_folder
 from cdi.image_files import pillow_limits, scan_file
-from cdi.image_loader import image_batches  # noqa: F401  re-exported for features/extract.py
 from cdi.io import atomic_write_text
-from cdi.preprocess import Preprocess  # noqa: F401  re-exported for features/extract.py
 
 logger = logging.getLogger("cdi")
 

@@ -64,9 +64,10 @@ from rich.text import Text
 
 from cdi import __version__
 from cdi.batching import auto_batch_size, parse_batch_size, sync
-from cdi.data import Preprocess, image_batches
+from cdi.image_loader import image_batches
 from cdi.errors import CDIError
 from cdi.models.base import DiffusionAdapter
+from cdi.preprocess import Preprocess
 from cdi.progress import progress_bar
 from cdi.store import FeatureStore
 from cdi.table import FeatureTable
@@ -195,7 +196,7 @@ def extract_features(
     shard : (i, n), "i/n" or None
         Handle only the images with ``int(sha256, 16) % n == i``.
     num_workers : int or None
-        Image-decoding worker processes (None: ``cdi.data``'s default).
+        Image-decoding worker processes (None: ``cdi.image_loader.default_num_workers``).
     progress : bool
         Show a progress bar (images/s, ETA) on stderr.
     runner : cdi.distributed.RayRunner or None

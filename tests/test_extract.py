@@ -454,7 +454,7 @@ def test_cli_default_features_follow_the_model(tmp_path, tiny_model_dirs):
                          "--device", "cpu", "--workers", 0)
     assert result.exit_code == 0, result.output
     table = FeatureTable.from_csv(out)
-    assert table.columns == columns_of(resolve_features("cdi")) and len(table.columns) == 26
+    assert table.columns == columns_of(resolve_features("cdi+sima")) and len(table.columns) == 30
     assert "tip: pass --store" in result.stdout
 
 
