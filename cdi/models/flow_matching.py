@@ -15,7 +15,9 @@ and an eps-prediction. The two are the same process after a rescaling
 ``FlowMatchingAdapter`` does this once, so every family (loss, SecMI,
 PIA/PIAN, multiple loss, noise optimisation, gradient masking, CLiD, SimA,
 PFAMI, GSA) runs unchanged; a family adapter only encodes images and
-captions and calls its network on ``x_s`` (``_velocity``).
+captions and calls its network on ``x_s`` (``_velocity``). The latent
+families (SD3, FLUX, Z-Image) share ``encode_flow_autoencoder`` and, for
+resolution-dependent shifting, ``dynamic_shift_mu``.
 
 **Which ``s`` a discrete ``t`` means (the timestep grid).** Default
 ``grid="model"``: the model's own shifted training sigmas, read from its
@@ -59,6 +61,7 @@ import torch
 
 from cdi.errors import CDIError
 from cdi.models.base import Condition, DiffusionAdapter
+from cdi.models.loading import autoencoder_downsampling
 
 logger = logging.getLogger("cdi")
 
@@ -97,6 +100,38 @@ def training_sigmas(scheduler, mu: float | None = None) -> torch.Tensor:
     if config.shift_terminal:
         sigmas = scheduler.stretch_shift_to_terminal(sigmas)
     return torch.as_tensor(sigmas, dtype=torch.float64).flip(0).float()
+
+
+def dynamic_shift_mu(scheduler, image_seq_len: int) -> float | None:
+    """The pipelines' ``calculate_shift`` of ``image_seq_len`` (None without ``use_dynamic_shifting``)."""
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    config = scheduler.config
+    if not config.use_dynamic_shifting:
+        return None
+    return float(calculate_shift(
+        image_seq_len, config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096),
+        config.get("base_shift", 0.5), config.get("max_shift", 1.15),
+    ))
+
+
+def autoencoder_native_size(vae, scheduler) -> tuple[int, float | None]:
+    """The native resolution of a model sized by its autoencoder, and ``mu`` there (FLUX.1, Z-Image).
+
+    The resolution is the autoencoder's ``sample_size``; ``mu`` is
+    ``dynamic_shift_mu`` of its latent's token count in 2x2 patches,
+    ``(resolution / downsampling / 2)^2``, as both pipelines compute it.
+    """
+    resolution = int(vae.config.sample_size)
+    latent = resolution // autoencoder_downsampling(vae)
+    return resolution, dynamic_shift_mu(scheduler, (latent // 2) ** 2)
+
+
+def encode_flow_autoencoder(vae, pixels: torch.Tensor) -> torch.Tensor:
+    """``(posterior mean - shift_factor) * scaling_factor``: the latents SD3, FLUX and Z-Image denoise."""
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    latents = vae.encode(pixels.to(vae.dtype)).latent_dist.mean
+    return (latents - shift) * vae.config.scaling_factor
 
 
 def sd15_alphas_cumprod(num_train_timesteps: int = 1000) -> torch.Tensor:

@@ -14,7 +14,8 @@ adapter computes what the pipeline computes, through ``FlowMatchingAdapter``:
   unpacked again (``_unpack_latents``).
 * native resolution: the autoencoder's ``sample_size`` (1024 for FLUX.1);
   the timestep grid's ``mu`` is the pipeline's ``calculate_shift`` of that
-  resolution's token count (4096 tokens: ``mu = max_shift = 1.15``).
+  resolution's token count (4096 tokens: ``mu = max_shift = 1.15``;
+  ``autoencoder_native_size``).
 * condition: ``encode_prompt`` of the pipeline: T5's last hidden states
   (``max_sequence_length`` 512 for dev, 256 for schnell, whose T5 was
   trained on 256, capped at the T5 tokenizer's ``model_max_length``) and
@@ -30,32 +31,16 @@ adapter computes what the pipeline computes, through ``FlowMatchingAdapter``:
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 from diffusers import AutoencoderKL, FluxTransformer2DModel, SchedulerMixin
 from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
 from cdi.models.base import Condition
-from cdi.models.flow_matching import FlowMatchingAdapter
+from cdi.models.flow_matching import FlowMatchingAdapter, autoencoder_native_size, encode_flow_autoencoder
 from cdi.models.loading import autoencoder_downsampling
-from cdi.models.sd3 import encode_flow_autoencoder
 
 #: FluxPipeline.__call__'s default T5 length; schnell must use 256.
 FLUX_MAX_SEQUENCE_LENGTH = {"dev": 512, "schnell": 256}
-
-
-def dynamic_shift_mu(scheduler, image_seq_len: int) -> float | None:
-    """The pipelines' ``calculate_shift`` of ``image_seq_len`` (None without ``use_dynamic_shifting``)."""
-    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
-
-    config = scheduler.config
-    if not config.use_dynamic_shifting:
-        return None
-    return float(calculate_shift(
-        image_seq_len, config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096),
-        config.get("base_shift", 0.5), config.get("max_shift", 1.15),
-    ))
 
 
 class FluxAdapter(FlowMatchingAdapter):
@@ -119,18 +104,12 @@ class FluxAdapter(FlowMatchingAdapter):
         self.guidance_scale = float(guidance_scale)
         variant = "dev" if self.guidance_distilled else "schnell"
         self.max_sequence_length = min(FLUX_MAX_SEQUENCE_LENGTH[variant], int(tokenizer_2.model_max_length))
-        resolution = int(vae.config.sample_size)
-        latent = resolution // self.vae_scale_factor
+        resolution, mu = autoencoder_native_size(vae, scheduler)
         super().__init__(
-            scheduler=scheduler, resolution=resolution, image_channels=vae.config.in_channels,
-            mu=dynamic_shift_mu(scheduler, (latent // 2) ** 2), grid=grid,
+            scheduler=scheduler, resolution=resolution, image_channels=vae.config.in_channels, mu=mu, grid=grid,
             offload_text_encoders=offload_text_encoders, model_id=model_id, revision=revision,
             fingerprint=fingerprint, device=device, dtype=dtype,
         )
-
-    @classmethod
-    def extra_inputs(cls, folder: Path, index: dict) -> dict:
-        return {}
 
     def describe(self) -> dict:
         guidance = self.guidance_scale if self.guidance_distilled else None

@@ -8,7 +8,8 @@ The folder holds ``transformer`` (SD3Transformer2DModel), ``vae``
 pipeline computes, through ``FlowMatchingAdapter`` (``cdi.models.flow_matching``):
 
 * x0 = ``(posterior mean - shift_factor) * scaling_factor`` (the pipeline
-  decodes ``latents / scaling_factor + shift_factor``).
+  decodes ``latents / scaling_factor + shift_factor``;
+  ``encode_flow_autoencoder``).
 * a caption's condition is the pipeline's own ``encode_prompt``: the
   penultimate hidden states of both CLIPs, concatenated and zero-padded to
   T5's width, followed on the sequence axis by T5's last hidden states (zeros
@@ -21,25 +22,16 @@ pipeline computes, through ``FlowMatchingAdapter`` (``cdi.models.flow_matching``
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 from diffusers import AutoencoderKL, SchedulerMixin, SD3Transformer2DModel
 from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
 from cdi.models.base import Condition
-from cdi.models.flow_matching import FlowMatchingAdapter
+from cdi.models.flow_matching import FlowMatchingAdapter, encode_flow_autoencoder
 from cdi.models.loading import autoencoder_downsampling, square_resolution
 
 #: StableDiffusion3Pipeline.__call__'s default T5 length.
 SD3_MAX_SEQUENCE_LENGTH = 256
-
-
-def encode_flow_autoencoder(vae: AutoencoderKL, pixels: torch.Tensor) -> torch.Tensor:
-    """``(posterior mean - shift_factor) * scaling_factor``: the latents SD3, FLUX and Z-Image denoise."""
-    shift = getattr(vae.config, "shift_factor", None) or 0.0
-    latents = vae.encode(pixels.to(vae.dtype)).latent_dist.mean
-    return (latents - shift) * vae.config.scaling_factor
 
 
 class SD3Adapter(FlowMatchingAdapter):
@@ -111,10 +103,6 @@ class SD3Adapter(FlowMatchingAdapter):
             image_channels=vae.config.in_channels, grid=grid, offload_text_encoders=offload_text_encoders,
             model_id=model_id, revision=revision, fingerprint=fingerprint, device=device, dtype=dtype,
         )
-
-    @classmethod
-    def extra_inputs(cls, folder: Path, index: dict) -> dict:
-        return {}
 
     def _encode(self, pixels: torch.Tensor) -> torch.Tensor:
         return encode_flow_autoencoder(self.vae, pixels)

@@ -12,7 +12,8 @@ its chat template) and a ``FlowMatchEulerDiscreteScheduler``. Through
 ``FlowMatchingAdapter``:
 
 * x0 = ``(posterior mean - shift_factor) * scaling_factor``; native
-  resolution: the autoencoder's ``sample_size`` (1024).
+  resolution: the autoencoder's ``sample_size`` (1024), ``mu`` at its
+  token count (``autoencoder_native_size``).
 * condition: the pipeline's ``encode_prompt`` (the caption in the chat
   template, Qwen3's penultimate hidden states of the non-padding tokens,
   ``max_sequence_length`` 512). Captions have different token counts; the
@@ -26,17 +27,12 @@ its chat template) and a ``FlowMatchEulerDiscreteScheduler``. Through
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 from diffusers import AutoencoderKL, SchedulerMixin, ZImageTransformer2DModel
 from transformers import AutoTokenizer, Qwen3Model
 
 from cdi.models.base import Condition
-from cdi.models.flow_matching import FlowMatchingAdapter
-from cdi.models.flux import dynamic_shift_mu
-from cdi.models.loading import autoencoder_downsampling
-from cdi.models.sd3 import encode_flow_autoencoder
+from cdi.models.flow_matching import FlowMatchingAdapter, autoencoder_native_size, encode_flow_autoencoder
 
 #: ZImagePipeline.__call__'s default text length.
 ZIMAGE_MAX_SEQUENCE_LENGTH = 512
@@ -90,18 +86,12 @@ class ZImageAdapter(FlowMatchingAdapter):
         self.pipeline = ZImagePipeline(
             scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer)
         self.max_sequence_length = ZIMAGE_MAX_SEQUENCE_LENGTH
-        resolution = int(vae.config.sample_size)
-        latent = resolution // autoencoder_downsampling(vae)
+        resolution, mu = autoencoder_native_size(vae, scheduler)
         super().__init__(
-            scheduler=scheduler, resolution=resolution, image_channels=vae.config.in_channels,
-            mu=dynamic_shift_mu(scheduler, (latent // 2) ** 2), grid=grid,
+            scheduler=scheduler, resolution=resolution, image_channels=vae.config.in_channels, mu=mu, grid=grid,
             offload_text_encoders=offload_text_encoders, model_id=model_id, revision=revision,
             fingerprint=fingerprint, device=device, dtype=dtype,
         )
-
-    @classmethod
-    def extra_inputs(cls, folder: Path, index: dict) -> dict:
-        return {}
 
     def _encode(self, pixels: torch.Tensor) -> torch.Tensor:
         return encode_flow_autoencoder(self.vae, pixels)
