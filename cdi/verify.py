@@ -369,12 +369,19 @@ def _check_model(result: AuditResult, model: str | None) -> Check:
     if model is None:
         return Check("model", "skipped", "not checked: pass --model (the model the audit used)")
     from cdi.models import load_model
+    from cdi.models.finetune import loading_options
 
     params = result.parameters
     recorded_files = result.model.get("files") or {}
+    try:  # the audit's own fine-tune parts (LoRAs, replaced components, single-file config) on top of --model
+        finetune = loading_options(params.get("lora"), params.get("lora_scale"), params.get("unet"),
+                                   params.get("component"), params.get("config"),
+                                   allow_pickle=bool(params.get("allow_pickle")))
+    except CDIError as exc:
+        return Check("model", "failed", "the fine-tune parts the audit recorded cannot be loaded", [str(exc)])
     adapter = load_model(model, revision=result.model.get("revision") or params.get("revision"),
                          variant=params.get("variant"), device="cpu", dtype="float32",
-                         allow_pickle=bool(params.get("allow_pickle")))
+                         allow_pickle=bool(params.get("allow_pickle")), **finetune)
     files = dict(getattr(adapter, "files", {}))
     problems = []
     for rel in sorted(set(recorded_files) | set(files)):

@@ -88,6 +88,15 @@ def test_audit_of_a_lora_against_its_base(tiny_model_dirs, tmp_path):
     assert "--lora" in saved.command and "--reference-model" in saved.command
     header = (out / "features.csv").read_text().splitlines()[0]
     assert header.endswith("denoising_loss_minus_ref")
+    # cdi verify --model re-loads the base with the recorded LoRA and scale: the fingerprint matches
+    verified = CliRunner().invoke(app, ["verify", str(out), "--model", base])
+    assert verified.exit_code == 0, verified.output
+    save_file({k: 2 * v for k, v in lora.items()}, str(tmp_path / "style.safetensors"))  # another LoRA, same path
+    changed = CliRunner().invoke(app, ["verify", str(out), "--model", base])
+    assert changed.exit_code == 1 and "the model differs from the one audited" in changed.output, changed.output
+    (tmp_path / "style.safetensors").unlink()
+    gone = CliRunner().invoke(app, ["verify", str(out), "--model", base])
+    assert gone.exit_code == 1 and "fine-tune parts the audit recorded cannot be loaded" in gone.output, gone.output
 
 
 # ------------------------------------------------------------ fine-tune toy world, stored features
