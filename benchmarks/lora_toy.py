@@ -17,7 +17,8 @@ seeded draws with p < 0.01 at n = 25, 50, 100, 200 (P from the LoRA's
 training images, U from the artist's images it never saw), for the plain
 audit of base + LoRA and for the reference-calibrated audit; then the null
 rejection rates of the calibrated audit (differences only, and raw +
-differences) in the two null cases.
+differences) in the two null cases, and how much of the base's memory of
+its own members each model keeps (``base_memory``).
 """
 
 from __future__ import annotations
@@ -169,6 +170,29 @@ def null_rate(p_pool, u_pool, *, n: int, audits: int, with_raw: bool = False, se
     return hits / audits
 
 
+def base_memory(tables: dict, n: int = 100, draws: int = 200, seed: int = 0) -> dict[str, float]:
+    """Share of draws with p < 0.01 for "the base's members vs plain non-members" on each model's raw features.
+
+    How much of the base's memory of its own training images a model keeps:
+    what raw target columns would carry into the reference-calibrated audit
+    (see ``cdi.reference``).
+    """
+    from cdi.stats import audit_test
+
+    out = {}
+    for model in ("base", "strong"):
+        table = tables[model]
+        members, plain = table.values[rows_of(table, "members")], table.values[rows_of(table, "nonmembers")]
+        rng = np.random.default_rng(seed)
+        hits = 0
+        for _ in range(draws):
+            p = members[rng.choice(len(members), n, replace=False)]
+            u = plain[rng.choice(len(plain), n, replace=False)]
+            hits += audit_test(p, u, directions=directions(), permutations=0).verdict_p < 0.01
+        out[model] = hits / draws
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -189,6 +213,8 @@ def main() -> None:
         if strength in tables:
             for name, row in power(tables, strength, draws=args.draws).items():
                 print(f"{strength:6s} {name:34s} " + "  ".join(f"n={n}: {share:.2f}" for n, share in row.items()))
+    for model, share in base_memory(tables).items():
+        print(f"{model:6s} raw features, the base's members vs plain non-members (n=100): {share:.2f} of draws p < 0.01")
     for with_raw in (False, True):
         for case, (pool_p, pool_u) in null_pools(tables, with_raw=with_raw).items():
             rate = null_rate(pool_p, pool_u, n=100, audits=args.audits, with_raw=with_raw)

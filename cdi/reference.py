@@ -18,22 +18,34 @@ image's own difficulty and everything the base learnt (including images
 from the base's own training data), cancels; the question becomes "were the
 published images used in training *beyond* the reference model".
 
-Only the differences enter the scoring model, not the raw target columns
-beside them: raw target features also carry the base's own membership
-signal, so with them a scoring model could learn to separate P from U when P
-was in the *base's* training data and never in the fine-tune's. That was the
-reasoning; the measurement on the fine-tune toy world
-(``benchmarks/lora_toy.py``, the note of issue 13; n = 100 + 100, 200
-audits, alpha 0.01) does not support it: in the null "P = base members, U =
-base non-members, neither in the LoRA's data" differences only reject 8.0%,
-raw + differences 3.0%; with P and U both new to both models 1.5% and 0.5%.
-(These rates were measured with the verdict test before the pooled verdict;
-with the pooled verdict now in ``cdi.stats`` the 200-audit calibration test
-of both nulls, ``tests/test_reference.py``, passes.) Fine-tuning changes the
-base's behaviour on the base's own training images, and the differences can
-carry that. So "beyond the reference" is answered
-reliably only when P is not in the reference's own training data; which
-columns to use should be revisited with power measured for both choices.
+Only the differences enter the test, not the raw target columns beside
+them, although the raw columns would add power. Measured on the fine-tune
+toy world with the pooled verdict (``python benchmarks/lora_toy.py power``,
+200 draws per cell, share with p < 0.01, P from the LoRA's training images,
+U from the artist's images it never saw):
+
+    LoRA    columns                n=25  n=50  n=100  n=200
+    light   difference only        0.04  0.12  0.21   0.54
+    light   raw + difference       0.10  0.24  0.62   0.99
+    strong  difference only        0.24  0.64  0.98   1.00
+    strong  raw + difference       0.52  0.89  1.00   1.00
+
+Why not take the power: the raw target columns carry everything the base
+learnt, including the base's own training images, so with them the test
+rejects when P was in the *base's* training data and never in the
+fine-tune's, the false accusation the reference exists to prevent. The toy's
+null "P = the base's training images, neither in the LoRA's data" does not
+show it (both choices reject 0.0% of 200 audits at n = 100), but only
+because the toy LoRA erased the base's memory of its own images: the base
+alone detects them in 66% of draws at n = 100, base + strong LoRA in 0%.
+A real LoRA, trained for far fewer steps, keeps most of the base's memory,
+and the raw columns would then carry it into the verdict. The differences
+cancel it whatever the LoRA keeps. (With the sequential verdict before
+issue 12 that null rejected 8.0% with differences only: fine-tuning can
+also change how the model treats the base's own training images; with the
+pooled verdict the 200-audit calibration tests of both nulls in
+``tests/test_reference.py`` pass.) ``calibrated_matrix(with_raw=True)``
+stays for that measurement.
 """
 
 from __future__ import annotations
