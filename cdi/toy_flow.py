@@ -11,7 +11,7 @@ split, VAE stage and frozen CLIP text encoder as the toy SD model
   ``CLIPTextModelWithProjection``), ``text_encoder_2`` (a second seeded
   random 2-layer CLIP with projection), no T5 (``text_encoder_3`` None: the
   pipeline then feeds zeros in its place, as SD3 "without T5" does),
-  ``transformer`` (``SD3Transformer2DModel``: patch 2, 4 joint blocks,
+  ``transformer`` (``SD3Transformer2DModel``: patch 2, 2 joint blocks,
   2 heads of 32, joint attention over 64 text tokens and 16 image tokens)
   and SD3's scheduler configuration (``FlowMatchEulerDiscreteScheduler``,
   1000 steps, ``shift=3.0``).
