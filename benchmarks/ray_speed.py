@@ -74,7 +74,10 @@ def main() -> None:
                                             num_workers=0, progress=False, **kw)
             row[name] = len(part) / (time.perf_counter() - t0)
         a, b = tables.values()
-        row["max_abs_difference"] = float(np.abs(a.values - b.values).max())
+        diff = np.abs(a.values - b.values)
+        row["max_abs_difference"] = float(diff.max())
+        row["max_difference_column"] = a.columns[int(diff.max(axis=0).argmax())]
+        row["max_relative_difference"] = float((diff / np.maximum(np.abs(a.values), 1e-12)).max())
         rounds.append(row)
         print(json.dumps(row), flush=True)
     runner.close()
