@@ -9,10 +9,10 @@ split, VAE stage and frozen CLIP text encoder as the toy SD model
   8x8x4 latents, ``shift_factor`` 0), ``text_encoder`` (the toy SD's CLIP
   text encoder with a seeded random 32-wide projection, as SD3's
   ``CLIPTextModelWithProjection``), ``text_encoder_2`` (a second seeded
-  random 2-layer CLIP with projection), no T5 (``text_encoder_3`` None: the
-  pipeline then feeds zeros in its place, as SD3 "without T5" does),
-  ``transformer`` (``SD3Transformer2DModel``: patch 2, 2 joint blocks,
-  2 heads of 32, joint attention over 64 text tokens and 16 image tokens)
+  random 2-layer CLIP with projection), ``text_encoder_3`` (a tiny seeded
+  random T5 encoder, 64 wide, over a character tokenizer of 8 tokens that
+  knows the caption words), ``transformer`` (``SD3Transformer2DModel``: patch 2, 2 joint blocks,
+  2 heads of 32, joint attention over the text tokens and 16 image tokens)
   and SD3's scheduler configuration (``FlowMatchEulerDiscreteScheduler``,
   1000 steps, ``shift=3.0``).
 * **Objective.** Rectified flow as SD3 trains it: ``x_s = (1 - s) x0 + s eps``,
@@ -90,7 +90,7 @@ def flow_components(seed: int = 0) -> dict:
 
 
 def flow_pipeline(parts: dict):
-    """A ``StableDiffusion3Pipeline`` over ``parts`` (no T5)."""
+    """A ``StableDiffusion3Pipeline`` over ``parts`` (three text encoders, the third a tiny T5)."""
     from diffusers import StableDiffusion3Pipeline
 
     return StableDiffusion3Pipeline(
