@@ -667,9 +667,11 @@ def test_feature_sets_and_columns(oracles):
     assert FEATURE_SETS["cdi+clid"] == FEATURE_SETS["cdi"] + ["clid"]
     assert [f.name for f in resolve_features(" PIA, secmi,pia ")] == ["pia", "secmi"]
     assert [f.name for f in resolve_features("cdi,clid")] == FEATURE_SETS["cdi+clid"]
-    assert default_feature_set(oracles["text"]) == "cdi+clid"
-    assert default_feature_set(oracles["class"]) == "cdi+clid"
-    assert default_feature_set(oracles["none"]) == "cdi"
+    assert default_feature_set(oracles["text"]) == "cdi+clid+sima"
+    assert default_feature_set(oracles["class"]) == "cdi+clid+sima"
+    assert default_feature_set(oracles["none"]) == "cdi+sima"
+    assert FEATURE_SETS["cdi+clid+sima"] == FEATURE_SETS["cdi+clid"] + ["sima"]
+    assert len(columns_of(resolve_features("cdi+clid+sima"), oracles["text"])) == 35
 
 
 def test_unknown_feature_names_are_user_errors():
@@ -719,7 +721,7 @@ def test_every_applicable_family_runs_on_tiny_adapters(request, key):
     batch = EncodedBatch(x0, _hashes(n), captions, adapter.conditions(captions), SEED)
     families = _all_families(adapter)
     if not adapter.is_conditional:
-        assert [f.name for f in families] == FEATURE_SETS["cdi"]
+        assert [f.name for f in families] == FEATURE_SETS["cdi+sima"]
         with pytest.raises(CDIError, match="conditional"):
             CLiD().check_applicable(adapter)
     for family in families:
