@@ -268,7 +268,8 @@ def verify_command(
     folder: str = typer.Argument(..., help="Audit folder (the --out of an audit)."),
     published: str = typer.Option(None, "--published", help="Re-hash the published images against the manifest."),
     unpublished: str = typer.Option(None, "--unpublished", help="Re-hash the unpublished images against the manifest."),
-    model: str = typer.Option(None, "--model", help="Re-fingerprint this model (alias, hub id or folder) against the record."),
+    model: str = typer.Option(None, "--model", help="Re-fingerprint this model (alias, hub id or folder) against the record, with the audit's recorded LoRAs and replaced components."),
+    reference_model: str = typer.Option(None, "--reference-model", help="Re-fingerprint the audit's reference model against the record."),
     quick: bool = typer.Option(False, "--quick", help="Do not re-run the sample-size curve (the slowest part)."),
     fmt: str = format_option(),
 ) -> None:
@@ -280,7 +281,7 @@ def verify_command(
 
     with _user_errors():
         verification = verify_audit(folder, published=published, unpublished=unpublished, model=model,
-                                    curve=not quick)
+                                    reference_model=reference_model, curve=not quick)
     if fmt == "json":
         print(verification_json(verification))
     else:

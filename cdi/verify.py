@@ -198,6 +198,7 @@ def verify_audit(
     published: str | Path | None = None,
     unpublished: str | Path | None = None,
     model: str | None = None,
+    reference_model: str | None = None,
     curve: bool = True,
 ) -> Verification:
     """Run the checks of the module docstring on an audit folder.
@@ -237,6 +238,7 @@ def verify_audit(
         checks.append(_check_statistics(folder, checks[-1], curve))
     checks.append(_check_images(result, {"published": published, "unpublished": unpublished}))
     checks.append(_check_model(result, model))
+    checks.append(_check_reference(result, reference_model))
     return verification
 
 
@@ -397,6 +399,25 @@ def _check_model(result: AuditResult, model: str | None) -> Check:
         return Check("model", "failed", "the model differs from the one audited", problems)
     return Check("model", "passed", f"fingerprint {adapter.fingerprint} and the SHA-256 of its "
                  f"{len(files)} files match the record")
+
+
+def _check_reference(result: AuditResult, reference: str | None) -> Check:
+    """The ``--reference-model`` of a reference-calibrated audit, re-fingerprinted against the record."""
+    recorded = result.reference_model or {}
+    if reference is None:
+        if recorded:
+            return Check("reference", "skipped", "not checked: pass --reference-model (the audit's reference model)")
+        return Check("reference", "skipped", "the audit used no reference model")
+    if not recorded:
+        return Check("reference", "failed", "a reference model was given, but the audit recorded none")
+    from cdi.models import load_model
+
+    adapter = load_model(reference, revision=recorded.get("revision"), device="cpu", dtype="float32",
+                         allow_pickle=bool(result.parameters.get("allow_pickle")))
+    if adapter.fingerprint != recorded.get("fingerprint"):
+        return Check("reference", "failed", "the reference model differs from the one audited",
+                     [f"fingerprint {adapter.fingerprint}, recorded {recorded.get('fingerprint')}"])
+    return Check("reference", "passed", f"fingerprint {adapter.fingerprint} matches the record")
 
 
 def verification_json(verification: Verification) -> str:

@@ -89,8 +89,10 @@ def test_audit_of_a_lora_against_its_base(tiny_model_dirs, tmp_path):
     header = (out / "features.csv").read_text().splitlines()[0]
     assert header.endswith("denoising_loss_minus_ref")
     # cdi verify --model re-loads the base with the recorded LoRA and scale: the fingerprint matches
-    verified = CliRunner().invoke(app, ["verify", str(out), "--model", base])
-    assert verified.exit_code == 0, verified.output
+    verified = CliRunner().invoke(app, ["verify", str(out), "--model", base, "--reference-model", base])
+    assert verified.exit_code == 0 and "[PASSED ] reference: fingerprint" in verified.output, verified.output
+    other = CliRunner().invoke(app, ["verify", str(out), "--reference-model", str(tiny_model_dirs["sd_v"])])
+    assert other.exit_code == 1 and "the reference model differs" in other.output, other.output
     save_file({k: 2 * v for k, v in lora.items()}, str(tmp_path / "style.safetensors"))  # another LoRA, same path
     changed = CliRunner().invoke(app, ["verify", str(out), "--model", base])
     assert changed.exit_code == 1 and "the model differs from the one audited" in changed.output, changed.output
