@@ -32,7 +32,7 @@ import numpy as np
 
 def write_toy_images(folder: Path, count: int, seed: int = 0) -> Path:
     """``count`` distinct jittered toy digits with captions (``metadata.jsonl``) in ``folder``."""
-    from cdi.toy import load_digit_images, write_image_folder
+    from cdi.toy_data import load_digit_images, write_image_folder
 
     images, labels = load_digit_images()
     rows = np.arange(count) % len(images)

@@ -409,7 +409,7 @@ def _mixing(fractions, members, nonmembers_dir: str, used_nonmembers, adapter, f
     (``cdi.toy.write_shifted_images`` with the run's seed), so the split and
     the members stay the same and only the shift changes.
     """
-    from cdi.toy import write_shifted_images
+    from cdi.toy_data import write_shifted_images
 
     rows = []
     wanted = [r.path for r in used_nonmembers.records]

@@ -62,19 +62,20 @@ def flow_components(seed: int = 0) -> dict:
 
     from cdi.models.tiny import build_char_clip_tokenizer
     from cdi.models.tiny_flow import build_char_t5_tokenizer, tiny_t5_encoder
-    from cdi.toy import DIGIT_WORDS, IMAGE_SIZE, _seeded_init, sd_components
+    from cdi.toy_data import DIGIT_WORDS, IMAGE_SIZE
+    from cdi.toy_training import sd_components, seeded_init
 
     sd = sd_components(seed)
     config = sd["text_encoder"].config
-    with _seeded_init(seed, "init-text-projection"):
+    with seeded_init(seed, "init-text-projection"):
         text_encoder = CLIPTextModelWithProjection(config)
     text_encoder.text_model.load_state_dict(sd["text_encoder"].state_dict(), strict=True)
-    with _seeded_init(seed, "init-text-encoder-2"):
+    with seeded_init(seed, "init-text-encoder-2"):
         text_encoder_2 = CLIPTextModelWithProjection(config)
     tokenizer_3 = build_char_t5_tokenizer(max_length=T5_TOKENS, words=("a", "handwritten", "digit", *DIGIT_WORDS))
-    with _seeded_init(seed, "init-text-encoder-3"):
+    with seeded_init(seed, "init-text-encoder-3"):
         text_encoder_3 = tiny_t5_encoder(tokenizer_3, d_model=2 * TEXT_WIDTH)
-    with _seeded_init(seed, "init-transformer"):
+    with seeded_init(seed, "init-transformer"):
         transformer = SD3Transformer2DModel(
             sample_size=IMAGE_SIZE // 4, patch_size=2, in_channels=4, out_channels=4, num_layers=LAYERS,
             attention_head_dim=32, num_attention_heads=2, joint_attention_dim=2 * TEXT_WIDTH,
@@ -102,7 +103,7 @@ def flow_pipeline(parts: dict):
 
 
 def flow_matching_loss(scheduler) -> Callable[..., torch.Tensor]:
-    """The rectified-flow objective for ``cdi.toy._fit_denoiser``: MSE between ``eps - x0`` and the velocity.
+    """The rectified-flow objective for ``cdi.toy_training.fit_denoiser``: MSE between ``eps - x0`` and the velocity.
 
     ``t`` indexes the scheduler's shifted training sigmas
     (``cdi.models.flow_matching.training_sigmas``); the transformer gets
@@ -124,19 +125,20 @@ def flow_matching_loss(scheduler) -> Callable[..., torch.Tensor]:
 def train_flow_model(images: np.ndarray, labels: np.ndarray, config, seed: int, report, on_epoch=None):
     """Train the toy flow model on ``images`` (the members); returns ``cdi.toy.ToyWeights``.
 
-    The VAE stage is the toy SD's (``cdi.toy._train_vae``, same seed and
+    The VAE stage is the toy SD's (``cdi.toy_training.train_vae``, same seed and
     config, so the same VAE); the transformer then learns on its
     posterior-mean latents times the scaling factor.
     """
-    from cdi.toy import NULL_CLASS_ID, ToyWeights, _fit_denoiser, _state_dict, _to_pixels, _train_vae, caption
+    from cdi.toy_data import NULL_CLASS_ID, caption
+    from cdi.toy_training import ToyWeights, detached_state_dict, fit_denoiser, to_pixels, train_vae
 
-    pixels = _to_pixels(images)
+    pixels = to_pixels(images)
     labels_t = torch.as_tensor(np.asarray(labels), dtype=torch.long)
     parts = flow_components(seed)
     vae = parts["vae"]
     scaling = _shipped_sd_vae(vae, config, seed)
     if scaling is None:
-        scaling = _train_vae(vae, pixels, config, seed, lambda m: report(f"[flow vae] {m}"))
+        scaling = train_vae(vae, pixels, config, seed, lambda m: report(f"[flow vae] {m}"))
     else:
         report("[flow vae] the shipped toy SD VAE (same seed and VAE config, so the same weights)")
     vae.register_to_config(scaling_factor=scaling)
@@ -153,14 +155,14 @@ def train_flow_model(images: np.ndarray, labels: np.ndarray, config, seed: int, 
         cls = torch.where(drop, torch.full_like(labels_t[idx], NULL_CLASS_ID), labels_t[idx])
         return {"encoder_hidden_states": embeds[cls], "pooled_projections": pooled[cls]}
 
-    _fit_denoiser(parts["transformer"], parts["scheduler"], latents, cond_of, config, seed,
+    fit_denoiser(parts["transformer"], parts["scheduler"], latents, cond_of, config, seed,
                   lambda m: report(f"[flow transformer] {m}"), on_epoch, loss_of=flow_matching_loss(parts["scheduler"]))
     modules = {k: parts[k] for k in ("vae", "text_encoder", "text_encoder_2", "text_encoder_3", "transformer")}
-    return ToyWeights("flow", {k: _state_dict(m) for k, m in modules.items()}, scaling)
+    return ToyWeights("flow", {k: detached_state_dict(m) for k, m in modules.items()}, scaling)
 
 
 def _shipped_sd_vae(vae, config, seed: int) -> float | None:
-    """Load the shipped toy SD's VAE into ``vae`` when ``_train_vae`` would reproduce it; its scaling factor.
+    """Load the shipped toy SD's VAE into ``vae`` when ``train_vae`` would reproduce it; its scaling factor.
 
     The VAE stage depends only on the seed, the VAE fields of the config and
     the images, so for seed 0 and the same VAE settings the toy SD's shipped
@@ -182,13 +184,13 @@ def _shipped_sd_vae(vae, config, seed: int) -> float | None:
 def save_flow_pipeline(weights, model_dir) -> None:
     """Assemble the ``StableDiffusion3Pipeline`` folder of trained toy flow weights."""
     from cdi.models.tiny import save_char_clip_tokenizer
-    from cdi.toy import _no_transformers_progress_bars
+    from cdi.toy import no_transformers_progress_bars
 
     parts = flow_components(0)
     for name in ("vae", "text_encoder", "text_encoder_2", "text_encoder_3", "transformer"):
         parts[name].load_state_dict(weights.state_dicts[name], strict=True)
     parts["vae"].register_to_config(scaling_factor=weights.scaling_factor)
-    with _no_transformers_progress_bars():
+    with no_transformers_progress_bars():
         flow_pipeline(parts).save_pretrained(model_dir, safe_serialization=True)
     for name in ("tokenizer", "tokenizer_2"):  # adds the vocab.json/merges.txt pair older transformers read
         save_char_clip_tokenizer(Path(model_dir) / name, max_length=32)

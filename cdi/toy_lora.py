@@ -48,22 +48,9 @@ import torch
 from cdi import __version__
 from cdi.errors import CDIError
 from cdi.io import sha256_file
-from cdi.toy import (
-    DIGIT_WORDS,
-    WEIGHTS_ROOT,
-    TrainConfig,
-    _atomic_dir,
-    _fit_denoiser,
-    _seeded_init,
-    _text_embeddings,
-    _to_pixels,
-    _training_threads,
-    _write_json,
-    build_world,
-    default_world_dir,
-    load_digit_images,
-    split_members,
-)
+from cdi.toy import WEIGHTS_ROOT, build_world, default_world_dir
+from cdi.toy_data import DIGIT_WORDS, atomic_dir, load_digit_images, split_members, write_json
+from cdi.toy_training import TrainConfig, fit_denoiser, seeded_init, text_embeddings, to_pixels, training_threads
 
 BASE_STRENGTH = "light"
 LORA_STRENGTHS = ("light", "strong")
@@ -110,7 +97,7 @@ def add_toy_lora(unet, seed: int = 0) -> None:
     from peft import LoraConfig
 
     unet.requires_grad_(False)
-    with _seeded_init(seed, "init-lora"):
+    with seeded_init(seed, "init-lora"):
         unet.add_adapter(LoraConfig(r=LORA_RANK, lora_alpha=LORA_RANK, init_lora_weights="gaussian",
                                     target_modules=list(LORA_TARGETS)))
 
@@ -129,7 +116,7 @@ def save_toy_lora(unet, folder: Path, info: dict) -> dict[str, str]:
     StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=layers, safe_serialization=True)
     (folder / LORA_FILE).chmod(0o644)
     hashes = {LORA_FILE: sha256_file(folder / LORA_FILE)}
-    _write_json(folder / "training.json", {**info, "sha256": hashes})
+    write_json(folder / "training.json", {**info, "sha256": hashes})
     return hashes
 
 
@@ -143,11 +130,11 @@ def train_shipped(folder: str | Path | None = None, progress: bool = True) -> di
     images, labels = load_digit_images()
     _, nonmembers = split_members(labels, 0)
     published = artist_split(nonmembers, 0)["artist_published"]
-    pixels = _to_pixels(colourise(images[published]))
-    with _training_threads():
+    pixels = to_pixels(colourise(images[published]))
+    with training_threads():
         with torch.no_grad():
             latents = base.encode(pixels)
-        table = _text_embeddings(base.text_encoder, base.tokenizer, [artist_caption(c) for c in range(10)] + [""])
+        table = text_embeddings(base.text_encoder, base.tokenizer, [artist_caption(c) for c in range(10)] + [""])
         label_t = torch.as_tensor(labels[published], dtype=torch.long)
         unet = base.unet
         unet.requires_grad_(False)
@@ -171,7 +158,7 @@ def train_shipped(folder: str | Path | None = None, progress: bool = True) -> di
                             "cdi": __version__}
                     out[strength] = save_toy_lora(net, target, info)
 
-        _fit_denoiser(unet, base.scheduler, latents, cond_of, LORA_CONFIG, 0, report, on_epoch,
+        fit_denoiser(unet, base.scheduler, latents, cond_of, LORA_CONFIG, 0, report, on_epoch,
                       stage="lora-denoiser")
     return out
 
@@ -222,7 +209,7 @@ def build_lora_world(out: str | Path | None = None, *, force: bool = False, prog
 
     base_world = build_world("sd", BASE_STRENGTH, progress=progress)
     report(f"building the sd-lora toy world in {out}")
-    with _atomic_dir(out) as tmp:
+    with atomic_dir(out) as tmp:
         shutil.copytree(base_world.model_dir, tmp / "base")
         for name in ("members", "nonmembers"):
             shutil.copytree(getattr(base_world, f"{name}_dir"), tmp / name)
@@ -237,7 +224,7 @@ def build_lora_world(out: str | Path | None = None, *, force: bool = False, prog
                               "artist_unpublished": "kept by the artist (never trained on)",
                               "artist_unused": "never trained on", "members": "base training data (plain style)",
                               "nonmembers": "never trained on (plain style)"}}
-        _write_json(tmp / "world.json", info)
+        write_json(tmp / "world.json", info)
     report(f"toy world ready: {out}")
     return LoraWorld(out, out / "base", files, folders, info)
 

@@ -192,7 +192,7 @@ def test_mixing_raises_frechet_and_blind_auc_with_the_shifted_share(tmp_path):
     from cdi.attacks.shift import frechet_distance
     from cdi.data import ImageCollection
     from cdi.shift_guard import image_embeddings
-    from cdi.toy import load_digit_images, write_image_folder, write_shifted_images
+    from cdi.toy_data import load_digit_images, write_image_folder, write_shifted_images
 
     images, labels = load_digit_images()
     write_image_folder(tmp_path / "members", range(0, 400, 2), images, labels)

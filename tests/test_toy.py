@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from cdi import toy
+from cdi import toy, toy_data, toy_training
 from cdi.cli import app
 from cdi.errors import CDIError
 
@@ -35,7 +35,7 @@ def _folder(folder):
 
 
 def test_world_layout(sd_world):
-    images, labels = toy.load_digit_images()
+    images, labels = toy_data.load_digit_images()
     expected = {"members": 898, "nonmembers": 899, "nonmembers_shifted": 899}
     seen = {}
     for name, count in expected.items():
@@ -44,13 +44,13 @@ def test_world_layout(sd_world):
         for file_name in names:
             match = re.fullmatch(r"digit_(\d{4})\.png", file_name)
             assert match, file_name
-            assert captions[file_name] == toy.caption(labels[int(match.group(1))])
+            assert captions[file_name] == toy_data.caption(labels[int(match.group(1))])
         seen[name] = set(names)
     assert not seen["members"] & seen["nonmembers"]
     assert len(seen["members"] | seen["nonmembers"]) == len(labels)
     assert seen["nonmembers_shifted"] == seen["nonmembers"]
     # Images are the upsampled digits, white on black, RGB 32 px.
-    first = int(toy.split_members(labels, 0)[0][0])
+    first = int(toy_data.split_members(labels, 0)[0][0])
     with Image.open(sd_world.members_dir / f"digit_{first:04d}.png") as image:
         assert image.mode == "RGB" and image.size == (32, 32)
         assert np.array_equal(np.asarray(image), images[first])
@@ -115,15 +115,15 @@ def test_members_have_lower_denoising_loss(sd_world):
 
 
 def test_split_is_stratified_and_seeded():
-    _, labels = toy.load_digit_images()
-    members, nonmembers = toy.split_members(labels, seed=0)
+    _, labels = toy_data.load_digit_images()
+    members, nonmembers = toy_data.split_members(labels, seed=0)
     assert len(members) == 898 and len(nonmembers) == 899
     assert np.array_equal(np.sort(np.concatenate([members, nonmembers])), np.arange(len(labels)))
     per_class = np.bincount(labels[members], minlength=10)
     total = np.bincount(labels, minlength=10)
     assert np.all(np.abs(2 * per_class - total) <= 1)
-    again, _ = toy.split_members(labels, seed=0)
-    other, _ = toy.split_members(labels, seed=1)
+    again, _ = toy_data.split_members(labels, seed=0)
+    other, _ = toy_data.split_members(labels, seed=1)
     assert np.array_equal(members, again)
     assert not np.array_equal(members, other)
 
@@ -149,19 +149,19 @@ def test_shifted_folder_differs_visibly(sd_world):
 def test_write_shifted_images_fraction(sd_world, tmp_path):
     src = sd_world.nonmembers_dir
     names, _ = _folder(src)
-    toy.write_shifted_images(src, tmp_path / "half", fraction=0.5, seed=3)
+    toy_data.write_shifted_images(src, tmp_path / "half", fraction=0.5, seed=3)
     changed = [n for n in names if (src / n).read_bytes() != (tmp_path / "half" / n).read_bytes()]
     assert len(changed) == round(0.5 * len(names))
     assert (tmp_path / "half" / "metadata.jsonl").read_bytes() == (src / "metadata.jsonl").read_bytes()
-    toy.write_shifted_images(src, tmp_path / "half_again", fraction=0.5, seed=3)
+    toy_data.write_shifted_images(src, tmp_path / "half_again", fraction=0.5, seed=3)
     again = [n for n in names if (src / n).read_bytes() != (tmp_path / "half_again" / n).read_bytes()]
     assert again == changed
-    toy.write_shifted_images(src, tmp_path / "none", fraction=0.0)
+    toy_data.write_shifted_images(src, tmp_path / "none", fraction=0.0)
     assert all((src / n).read_bytes() == (tmp_path / "none" / n).read_bytes() for n in names)
     with pytest.raises(CDIError, match="fraction"):
-        toy.write_shifted_images(src, tmp_path / "bad", fraction=1.5)
+        toy_data.write_shifted_images(src, tmp_path / "bad", fraction=1.5)
     with pytest.raises(CDIError, match="not empty"):
-        toy.write_shifted_images(src, tmp_path / "half", fraction=0.5)
+        toy_data.write_shifted_images(src, tmp_path / "half", fraction=0.5)
     assert not (tmp_path / "bad").exists()
 
 
@@ -239,14 +239,14 @@ def test_shipped_weights_are_intact_and_small():
     assert total < 20 * 2**20
 
 
-@pytest.mark.parametrize("kind", toy.KINDS)
+@pytest.mark.parametrize("kind", toy_training.KINDS)
 def test_training_is_deterministic(kind):
-    images, labels = toy.load_digit_images()
-    config = toy.TrainConfig(epochs=1, lr=1e-3, batch_size=8, vae_epochs=1, vae_batch_size=8)
+    images, labels = toy_data.load_digit_images()
+    config = toy_training.TrainConfig(epochs=1, lr=1e-3, batch_size=8, vae_epochs=1, vae_batch_size=8)
     subset = slice(0, 16)
-    first = toy.train_toy_model(kind, images[subset], labels[subset], config, seed=0)
-    second = toy.train_toy_model(kind, images[subset], labels[subset], config, seed=0)
-    other = toy.train_toy_model(kind, images[subset], labels[subset], config, seed=1)
+    first = toy_training.train_toy_model(kind, images[subset], labels[subset], config, seed=0)
+    second = toy_training.train_toy_model(kind, images[subset], labels[subset], config, seed=0)
+    other = toy_training.train_toy_model(kind, images[subset], labels[subset], config, seed=1)
     assert first.state_dicts.keys() == second.state_dicts.keys()
     for name, state in first.state_dicts.items():
         for key, value in state.items():
