@@ -173,6 +173,9 @@ def test_permutation_verdict_end_to_end(demo_used, tmp_path, store):
     assert "--verdict permutation" in saved.command
     report = (out / "report.html").read_text()
     assert 'id="verdict-floor"' in report and 'id="sample-size-estimate"' in report
+    low, high = saved.protocol["permutation_p_interval"]  # where another seed's permutation p would fall
+    assert low == 0.0 and 0.0 < high < 0.15
+    assert 'id="permutation-interval">another seed: at most' in report
 
 
 def _demo_folders(demo_out: Path) -> list[str]:
