@@ -216,6 +216,9 @@ def verify_audit(
     files = resolve(folder)
     if not files[RESULT_FILE].is_file():
         raise CDIError(f"{folder} holds no {RESULT_FILE}: pass the --out folder of an audit")
+    for option, given in (("--model", model), ("--reference-model", reference_model)):
+        if given is not None and not str(given).strip():
+            raise CDIError(f"{option} is empty: give the model (alias, hub id or folder) to re-fingerprint, or leave it out")
     for name, given in (("published", published), ("unpublished", unpublished)):
         if given is not None and not Path(given).is_dir():
             raise CDIError(f"the {name} folder {given} does not exist or is not a folder")

@@ -91,6 +91,8 @@ def test_audit_of_a_lora_against_its_base(tiny_model_dirs, tmp_path):
     # cdi verify --model re-loads the base with the recorded LoRA and scale: the fingerprint matches
     verified = CliRunner().invoke(app, ["verify", str(out), "--model", base, "--reference-model", base])
     assert verified.exit_code == 0 and "[PASSED ] reference: fingerprint" in verified.output, verified.output
+    empty = CliRunner().invoke(app, ["verify", str(out), "--reference-model", " "])
+    assert empty.exit_code == 2 and "--reference-model is empty" in empty.output, empty.output
     other = CliRunner().invoke(app, ["verify", str(out), "--reference-model", str(tiny_model_dirs["sd_v"])])
     assert other.exit_code == 1 and "the reference model differs" in other.output, other.output
     save_file({k: 2 * v for k, v in lora.items()}, str(tmp_path / "style.safetensors"))  # another LoRA, same path
