@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from cdi.errors import CDIError
+from cdi.reference import check_reference_name
 from cdi.evidence import COLLECTIONS, HASHED_FILES, resolve, split_table, swap_pending
 from cdi.io import sha256_file
 from cdi.result import FEATURES_FILE, REPORT_FILE, RESULT_FILE, AuditResult
@@ -216,9 +217,9 @@ def verify_audit(
     files = resolve(folder)
     if not files[RESULT_FILE].is_file():
         raise CDIError(f"{folder} holds no {RESULT_FILE}: pass the --out folder of an audit")
-    for option, given in (("--model", model), ("--reference-model", reference_model)):
-        if given is not None and not str(given).strip():
-            raise CDIError(f"{option} is empty: give the model (alias, hub id or folder) to re-fingerprint, or leave it out")
+    if model is not None and not str(model).strip():
+        raise CDIError("--model is empty: give the model (alias, hub id or folder) to re-fingerprint, or leave it out")
+    check_reference_name(reference_model)
     for name, given in (("published", published), ("unpublished", unpublished)):
         if given is not None and not Path(given).is_dir():
             raise CDIError(f"the {name} folder {given} does not exist or is not a folder")
