@@ -8,30 +8,46 @@ answer), then 200 audits each at n = 50, 100, 150: the median and quartiles
 of ``cdi.sample_size.forward_sample_size``'s estimate and the share of its
 95% intervals that hold the true range (200 to 225 images on the light toy).
 """
+
+from __future__ import annotations
+
 import sys
 
 import numpy as np
-from cdi.table import FeatureTable
-from cdi.stats import audit_test
-from cdi.sample_size import forward_sample_size
+
 from cdi.features.registry import directions_of, resolve_features
-t = FeatureTable.from_csv(sys.argv[1] if len(sys.argv) > 1 else "tests/data/toy_sd_light_features.csv")
-fam = resolve_features("cdi+clid+sima"); d = directions_of(fam)
-m = np.array([p.startswith("members/") for p in t.paths])
-M, N = t.values[m], t.values[~m]
-rng = np.random.default_rng(11)
-def draw(n):
-    return M[rng.choice(len(M), n, replace=False)], N[rng.choice(len(N), 2 * n, replace=False)][:n]
-# true power curve
-for n in (150, 175, 200, 225, 250):
-    hits = np.mean([audit_test(*draw(n), directions=d, permutations=0).verdict_p < 0.01 for _ in range(200)])
-    print("true power n=%d: %.3f" % (n, hits), flush=True)
-for n0 in (50, 100, 150):
-    est, lo, hi = [], [], []
-    for _ in range(200):
-        r = audit_test(*draw(n0), directions=d, permutations=0)
-        f = forward_sample_size(r.statistic, n0, n0)
-        est.append(f.published_needed or np.inf); lo.append(f.published_low or np.inf); hi.append(f.published_high or np.inf)
-    est = np.array(est, float)
-    print(f"from audits at n={n0}: median estimate {np.median(est):.0f}, quartiles {np.percentile(est,25):.0f}-{np.percentile(est,75):.0f}, "
-          f"share of 95% intervals holding 200..225: {np.mean((np.array(lo) <= 225) & (np.array(hi) >= 200)):.2f}", flush=True)
+from cdi.sample_size import forward_sample_size
+from cdi.stats import audit_test
+from cdi.table import FeatureTable
+
+DRAWS = 200
+TRUE_RANGE = (200, 225)
+
+
+def main() -> None:
+    table = FeatureTable.from_csv(sys.argv[1] if len(sys.argv) > 1 else "tests/data/toy_sd_light_features.csv")
+    directions = directions_of(resolve_features("cdi+clid+sima"))
+    is_member = np.array([p.startswith("members/") for p in table.paths])
+    members, nonmembers = table.values[is_member], table.values[~is_member]
+    rng = np.random.default_rng(11)
+
+    def draw(n: int) -> tuple[np.ndarray, np.ndarray]:
+        return (members[rng.choice(len(members), n, replace=False)],
+                nonmembers[rng.choice(len(nonmembers), n, replace=False)])
+
+    for n in (150, 175, 200, 225, 250):
+        hits = [audit_test(*draw(n), directions=directions, permutations=0).verdict_p < 0.01 for _ in range(DRAWS)]
+        print(f"true power n={n}: {np.mean(hits):.3f}", flush=True)
+    for n in (50, 100, 150):
+        estimates = [forward_sample_size(audit_test(*draw(n), directions=directions, permutations=0).statistic, n, n)
+                     for _ in range(DRAWS)]
+        needed = np.array([e.published_needed or np.inf for e in estimates], float)
+        covered = [(e.published_low or np.inf) <= TRUE_RANGE[1] and (e.published_high or np.inf) >= TRUE_RANGE[0]
+                   for e in estimates]
+        print(f"from audits at n={n}: median estimate {np.median(needed):.0f}, quartiles "
+              f"{np.percentile(needed, 25):.0f}-{np.percentile(needed, 75):.0f}, share of 95% intervals holding "
+              f"{TRUE_RANGE[0]}..{TRUE_RANGE[1]}: {np.mean(covered):.2f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

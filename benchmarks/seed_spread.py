@@ -7,22 +7,29 @@ directions), runs ``cdi.stats.audit_test`` with seeds 0..19 under the
 pooled (the verdict), sequential and crossfit (200 permutations) protocols
 and prints min, max and max/min of each as JSON lines.
 """
+from __future__ import annotations
+
 import json
 import sys
 
 from cdi.evidence import split_table
-from cdi.verify import read_evidence_table
 from cdi.result import AuditResult
 from cdi.stats import audit_test
+from cdi.verify import read_evidence_table
 
-folder = sys.argv[1]
-rec = AuditResult.load(folder)
-P, U = split_table(read_evidence_table(folder))
-d = rec.features["directions"]
-print("table", P.values.shape, U.values.shape, "recorded verdict p", rec.p_value)
-out = {}
-for protocol in ("pooled", "sequential", "crossfit"):
-    ps = [audit_test(P.values, U.values, directions=d, permutations=0 if protocol != "crossfit" else 200,
-                     seed=s, protocol=protocol).verdict_p for s in range(20)]
-    out[protocol] = {"min": min(ps), "max": max(ps), "max_over_min": max(ps) / min(ps)}
-    print(json.dumps({"protocol": protocol, **out[protocol]}), flush=True)
+
+def main() -> None:
+    folder = sys.argv[1]
+    recorded = AuditResult.load(folder)
+    published, unpublished = split_table(read_evidence_table(folder))
+    directions = recorded.features["directions"]
+    print("table", published.values.shape, unpublished.values.shape, "recorded verdict p", recorded.p_value)
+    for protocol in ("pooled", "sequential", "crossfit"):
+        ps = [audit_test(published.values, unpublished.values, directions=directions, seed=seed, protocol=protocol,
+                         permutations=200 if protocol == "crossfit" else 0).verdict_p for seed in range(20)]
+        print(json.dumps({"protocol": protocol, "min": min(ps), "max": max(ps), "max_over_min": max(ps) / min(ps)}),
+              flush=True)
+
+
+if __name__ == "__main__":
+    main()
