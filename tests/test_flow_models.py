@@ -266,3 +266,24 @@ def test_gated_alias_without_a_token_says_what_to_do(monkeypatch):
     with pytest.raises(CDIError, match=r"gated: accept its licence on https://huggingface.co/black-forest-labs/FLUX"
                                        r".*hf auth login.*no Hugging Face token"):
         load_model("flux-dev", device="cpu", local_files_only=False)
+
+
+@pytest.mark.parametrize("key", ["sd3", "zimage"])
+def test_timestep_reaches_a_bfloat16_transformer_in_float32(tiny_flow_dirs, key):
+    """As the diffusers pipelines pass it: a bfloat16 cast would round Z-Image's 1 - s to steps of 0.004."""
+    adapter = load_model(str(tiny_flow_dirs[key]), device="cpu", dtype="bfloat16")
+    seen = []
+    hook = adapter.transformer.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs["timestep"] if "timestep" in kwargs else args[1]),
+        with_kwargs=True)
+    try:
+        x_t = torch.randn(2, adapter.transformer.config.in_channels, 4, 4, generator=torch.Generator().manual_seed(0))
+        t = torch.tensor([0, 37])
+        adapter.eps(x_t, t, adapter.conditions(["a cat", "a dog"]))
+    finally:
+        hook.remove()
+    s = adapter.sigmas[t]
+    expected = 1000 * s if key == "sd3" else 1 - s
+    assert seen[0].dtype == torch.float32
+    torch.testing.assert_close(seen[0], expected, rtol=0, atol=0)
+    assert not torch.equal(expected.to(torch.bfloat16).float(), expected)  # the test can tell the cast apart

@@ -17,7 +17,8 @@ pipeline computes, through ``FlowMatchingAdapter`` (``cdi.models.flow_matching``
   (``pooled_projections``). ``max_sequence_length`` is the pipeline's
   default 256, capped at the T5 tokenizer's ``model_max_length``. The null
   condition is the empty prompt, the pipeline's negative prompt.
-* the transformer sees ``x_s`` at timestep ``1000 s`` and predicts the velocity.
+* the transformer sees ``x_s`` at timestep ``1000 s`` (float32, as the pipeline passes the scheduler's
+  timesteps) and predicts the velocity.
 """
 
 from __future__ import annotations
@@ -118,7 +119,8 @@ class SD3Adapter(FlowMatchingAdapter):
         def cast(name: str) -> torch.Tensor:
             return cond.tensors[name].to(device=self.device, dtype=self.dtype)
 
-        timestep = (s * self.scheduler.config.num_train_timesteps).to(self.dtype)
+        # float32, as StableDiffusion3Pipeline passes the scheduler's timesteps (not the compute dtype)
+        timestep = s.float() * self.scheduler.config.num_train_timesteps
         return self.transformer(
             hidden_states=x_s, timestep=timestep, encoder_hidden_states=cast("encoder_hidden_states"),
             pooled_projections=cast("pooled_projections"),

@@ -20,7 +20,7 @@ its chat template) and a ``FlowMatchEulerDiscreteScheduler``. Through
   condition stores them padded to 512 with ``caption_lengths``, and each
   network call passes the unpadded list, as the pipeline does. The null
   condition is the empty prompt (the pipeline's negative prompt).
-* the transformer takes the timestep ``1 - s`` and a list of (C, 1, H, W)
+* the transformer takes the timestep ``1 - s`` (float32, as the pipeline passes it) and a list of (C, 1, H, W)
   latents, and outputs the negative velocity (the pipeline negates it
   before the scheduler step); the adapter negates it too.
 """
@@ -112,5 +112,7 @@ class ZImageAdapter(FlowMatchingAdapter):
         lengths = cond.tensors["caption_lengths"].tolist()
         captions = [hidden[i, : int(n)] for i, n in enumerate(lengths)]
         latents = list(x_s.unsqueeze(2).unbind(dim=0))
-        out = self.transformer(latents, (1 - s).to(self.dtype), captions, return_dict=False)[0]
+        # ZImagePipeline passes (1000 - t) / 1000 in float32; casting it to bfloat16 first would round sigma
+        # to steps of 0.004 (at t = 0 the model would see 0.0040 instead of 0.0030).
+        out = self.transformer(latents, (1 - s).float(), captions, return_dict=False)[0]
         return -torch.stack(out, dim=0).squeeze(2)
