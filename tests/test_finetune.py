@@ -180,3 +180,63 @@ def test_lora_options_are_checked_before_loading(tmp_path):
         parse_loras([str(tmp_path / "b.ckpt")], None)
     with pytest.raises(CDIError, match="NAME=FOLDER"):
         parse_components(["unet"])
+
+
+# ------------------------------------------------------------ a LoRA loads completely or the audit stops
+def _kohya_dora_and_stray(kohya: dict, folder) -> dict:
+    """The two files of issue 23's probe: kohya DoRA (``dora_scale`` per layer) and one key for a missing block."""
+    g = torch.Generator().manual_seed(3)
+    dora = dict(kohya)
+    for key in [k for k in kohya if k.endswith(".lora_down.weight")]:
+        out = kohya[key.replace("lora_down", "lora_up")].shape[0]
+        dora[key.replace("lora_down.weight", "dora_scale")] = 1 + 0.1 * torch.randn(out, 1, generator=g)
+    stray = dict(kohya)
+    # the tiny UNet has two down blocks: down_blocks_3 does not exist
+    bad = "lora_unet_down_blocks_3_attentions_0_transformer_blocks_0_attn1_to_q"
+    stray.update({f"{bad}.lora_down.weight": torch.randn(4, 16, generator=g),
+                  f"{bad}.lora_up.weight": torch.randn(16, 4, generator=g), f"{bad}.alpha": torch.tensor(2.0)})
+    files = {}
+    for name, tensors in (("dora", dora), ("stray", stray)):
+        files[name] = folder / f"{name}.safetensors"
+        save_file(tensors, str(files[name]))
+    return files
+
+
+def test_a_lora_with_unused_keys_is_refused_naming_them(tiny_model_dirs, loras, tmp_path):
+    files = _kohya_dora_and_stray(loras["kohya"][1], tmp_path)
+    # DoRA: refused from the file's header, before the model loads
+    with pytest.raises(CDIError, match=r"DoRA.*4 magnitude keys.*lora_te_text_model.*dora_scale"):
+        parse_loras([str(files["dora"])], None)
+    # a key for a block the model lacks: diffusers only logs it; the value match finds it
+    with pytest.raises(CDIError, match=r"2 of the 15 tensors.*lora_unet_down_blocks_3_attentions_0_transformer_blocks"
+                                       r"_0_attn1_to_q.lora_down.weight, lora_unet_down_blocks_3.*lora_up.weight"):
+        load_model(str(tiny_model_dirs["sd"]), device="cpu", loras=parse_loras([str(files["stray"])], None))
+    # the complete file: its record counts the tensors and the weights they changed (4 layers)
+    adapter = load_model(str(tiny_model_dirs["sd"]), device="cpu", loras=parse_loras([str(loras["kohya"][0])], None))
+    record = adapter.describe()["loras"][0]
+    assert record["tensors"] == 12 and record["weights_changed"] == 4
+
+
+def test_cli_audit_with_a_dora_or_stray_key_lora_exits_2(tiny_model_dirs, loras, tmp_path):
+    from typer.testing import CliRunner
+
+    from PIL import Image
+
+    from cdi.cli import app
+
+    files = _kohya_dora_and_stray(loras["kohya"][1], tmp_path)
+    for name in ("published", "unpublished"):
+        (tmp_path / name).mkdir()
+        for i in range(10):
+            Image.new("RGB", (16, 16), (20 * i, 10, 200 if name == "published" else 20)).save(
+                tmp_path / name / f"{name}{i}.png")
+    for name, needle in (("dora", "dora_scale"), ("stray", "lora_unet_down_blocks_3")):
+        out = tmp_path / f"audit_{name}"
+        result = CliRunner().invoke(app, [
+            "audit", "--published", str(tmp_path / "published"), "--unpublished", str(tmp_path / "unpublished"),
+            "--model", str(tiny_model_dirs["sd"]), "--lora", str(files[name]), "--out", str(out),
+            "--features", "denoising_loss", "--folds", "2", "--permutations", "0", "--sample-size-resamples", "0",
+            "--shift-encoder", "builtin", "--device", "cpu"])
+        assert result.exit_code == 2, result.output
+        assert needle in result.output and "Traceback" not in result.output
+        assert not out.exists()

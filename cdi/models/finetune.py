@@ -31,14 +31,16 @@ X + this LoRA file at this scale", not just "some weights".
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
+import logging
 import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 from cdi.errors import CDIError
 from cdi.io import sha256_file
@@ -85,8 +87,22 @@ def parse_loras(paths: Sequence[str] | None, scales: Sequence[float] | None, *, 
     for text, scale in zip(paths, scales):
         if not (scale == scale and abs(scale) < 1e6):
             raise CDIError(f"--lora-scale {scale} is not a usable number")
-        specs.append(LoraSpec(_lora_file(Path(text).expanduser(), allow_pickle), scale))
+        path = _lora_file(Path(text).expanduser(), allow_pickle)
+        if path.suffix.lower() == ".safetensors":
+            refuse_dora(path, _safetensors_keys(path))
+        specs.append(LoraSpec(path, scale))
     return specs
+
+
+def _safetensors_keys(path: Path) -> list[str]:
+    """The tensor names of a safetensors file, read from its header only."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return list(f.keys())
+    except Exception as exc:  # noqa: BLE001 -- a damaged header raises several types
+        raise CDIError(f"cannot read the LoRA {path} ({type(exc).__name__}: {exc}); is it a safetensors file?") from None
 
 
 def _lora_file(path: Path, allow_pickle: bool) -> Path:
@@ -150,7 +166,13 @@ def fuse_loras(family: str, components: Mapping[str, Any], loras: Sequence[LoraS
 
     diffusers decides which component each key belongs to (UNet, text
     encoder(s)) and converts community key layouts; a file it cannot read
-    is a ``CDIError`` naming the file.
+    is a ``CDIError`` naming the file. A LoRA is applied completely or not
+    at all: every weight tensor of the file must reach a LoRA layer and every
+    LoRA layer must be merged into a base weight (``_check_lora_complete``),
+    since diffusers only logs the keys it drops (``logger.warning`` in
+    ``diffusers.utils.peft_utils``, and for kohya DoRA files in
+    ``diffusers.loaders.lora_pipeline``). The record counts the file's
+    tensors and the base weights the LoRA changed.
     """
     if not loras:
         return []
@@ -158,19 +180,148 @@ def fuse_loras(family: str, components: Mapping[str, Any], loras: Sequence[LoraS
     records = []
     for i, lora in enumerate(loras):
         name = f"cdi_lora_{i}"
+        tensors = read_lora_tensors(lora.path)
+        refuse_dora(lora.path, tensors)
         try:
-            with warnings.catch_warnings(record=True) as caught:
+            with warnings.catch_warnings(record=True) as caught, _diffusers_log() as logged:
                 warnings.simplefilter("always")
                 pipe.load_lora_weights(str(lora.path.parent), weight_name=lora.path.name, adapter_name=name,
                                        local_files_only=True)
             _check_all_layers_loaded(lora.path, caught)
+            layers = _lora_layers(components, name)
+            _check_lora_complete(lora.path, tensors, layers, name, logged)
             pipe.fuse_lora(lora_scale=lora.scale, adapter_names=[name])
+            fused = sum(1 for layer in layers.values() if name in getattr(layer, "merged_adapters", ()))
+            if fused != len(layers):
+                raise CDIError(f"only {fused} of the {len(layers)} layers of the LoRA {lora.path} were merged "
+                               "into the model's weights; the audited model would differ from the shared one")
             pipe.unload_lora_weights()
         except (ValueError, KeyError, RuntimeError, OSError, TypeError) as exc:
             raise CDIError(f"cannot apply the LoRA {lora.path} ({type(exc).__name__}: {exc}); check that it was "
                            f"made for this model's architecture ({family})") from None
-        records.append({"file": str(lora.path), "sha256": sha256_file(lora.path), "scale": lora.scale})
+        records.append({"file": str(lora.path), "sha256": sha256_file(lora.path), "scale": lora.scale,
+                        "tensors": len(tensors), "weights_changed": fused})
     return records
+
+
+#: Key fragments of weight-decomposed (DoRA) LoRAs: kohya's ``dora_scale``, peft's ``lora_magnitude_vector``.
+DORA_KEYS = ("dora_scale", "lora_magnitude_vector")
+
+
+def read_lora_tensors(path: Path) -> dict[str, Any]:
+    """The tensors of a LoRA file (safetensors, or a pickle already allowed by ``parse_loras``), on the CPU."""
+    import torch
+
+    try:
+        if path.suffix.lower() == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path), device="cpu")
+        return dict(torch.load(str(path), map_location="cpu", weights_only=True))
+    except Exception as exc:  # noqa: BLE001 -- a damaged file raises many types
+        raise CDIError(f"cannot read the LoRA {path} ({type(exc).__name__}: {exc}); is the file complete?") from None
+
+
+def refuse_dora(path: Path, keys: Iterable[str]) -> None:
+    """Refuse a DoRA file: diffusers drops its magnitude vectors for SD/SDXL (``dora_scale`` keys).
+
+    Fusing such a file without them gives a model that was never trained, so
+    the audit stops here, before any model loads, naming the keys.
+    """
+    dora = sorted(k for k in keys if any(part in k for part in DORA_KEYS))
+    if dora:
+        raise CDIError(
+            f"the LoRA {path} is a DoRA (weight-decomposed LoRA): {len(dora)} magnitude keys ({_names(dora)}) "
+            "that diffusers drops when it loads a LoRA into Stable Diffusion / SDXL, so the fused model would "
+            "not be the one that was trained. cdi refuses DoRA files; audit a model with the DoRA merged into "
+            "its weights (--unet or a single-file checkpoint) instead")
+
+
+def _names(keys: Sequence[str], shown: int = 8) -> str:
+    more = f", ... ({len(keys) - shown} more)" if len(keys) > shown else ""
+    return ", ".join(keys[:shown]) + more
+
+
+@contextlib.contextmanager
+def _diffusers_log() -> Iterator[list[str]]:
+    """Collect what diffusers logs at WARNING while loading a LoRA (it reports dropped keys there)."""
+    messages: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            messages.append(record.getMessage())
+
+    handler = Collect(level=logging.WARNING)
+    logger = logging.getLogger("diffusers")
+    logger.addHandler(handler)
+    try:
+        yield messages
+    finally:
+        logger.removeHandler(handler)
+
+
+def _lora_layers(components: Mapping[str, Any], adapter_name: str) -> dict[str, Any]:
+    """The peft LoRA layers holding adapter ``adapter_name``, by ``component.module`` name."""
+    layers = {}
+    for component, model in components.items():
+        if not hasattr(model, "named_modules"):
+            continue
+        for module_name, module in model.named_modules():
+            a = getattr(module, "lora_A", None)
+            if a is not None and hasattr(a, "keys") and adapter_name in a.keys():
+                layers[f"{component}.{module_name}"] = module
+    return layers
+
+
+def _fingerprint(tensor, dtype) -> tuple[int, bytes]:
+    """Equal for a file tensor and the LoRA parameter made from it (cast to its dtype, any shape)."""
+    flat = tensor.detach().to("cpu", dtype).float().flatten()
+    return int(flat.numel()), hashlib.sha256(flat.numpy().tobytes()).digest() if flat.numel() else b""
+
+
+def _check_lora_complete(path: Path, tensors: Mapping[str, Any], layers: Mapping[str, Any], adapter_name: str,
+                         logged: Sequence[str]) -> None:
+    """Every weight tensor of the file reached a LoRA layer, or ``CDIError`` naming the ones that did not.
+
+    Each matrix (rank > 0 tensors: down/up, A/B) of the file is matched by
+    value to a parameter of the loaded LoRA layers (diffusers renames keys
+    across formats but copies values; the file tensor is cast to the
+    parameter's dtype first, as loading does), counting repeats, so two
+    identical matrices need two parameters. Scalars (kohya's ``alpha``) are
+    read into the layers' scaling and are not matched. A file tensor with no
+    parameter is a key diffusers left unused (a block the model does not
+    have, a misspelt layer): the audited model would not be the shared one.
+    """
+    import torch
+
+    params = [p for layer in layers.values() for attr in ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B")
+              if (holder := getattr(layer, attr, None)) is not None and adapter_name in holder.keys()
+              for p in ([holder[adapter_name]] if isinstance(holder[adapter_name], torch.Tensor)
+                        else holder[adapter_name].parameters())]
+    available: dict[tuple, int] = {}
+    dtypes = sorted({p.dtype for p in params}, key=str) or [torch.float32]
+    for p in params:
+        key = (p.dtype, *_fingerprint(p, p.dtype))
+        available[key] = available.get(key, 0) + 1
+    unused = []
+    for name in sorted(tensors):
+        tensor = tensors[name]
+        if tensor.dim() == 0 or tensor.numel() == 1:
+            continue
+        for dtype in dtypes:
+            key = (dtype, *_fingerprint(tensor, dtype))
+            if available.get(key, 0) > 0:
+                available[key] -= 1
+                break
+        else:
+            unused.append(name)
+    if unused:
+        said = [m for m in logged if "unexpected" in m.lower() or "missing" in m.lower() or "dora" in m.lower()]
+        why = f" diffusers said: {said[0][:300]}" if said else ""
+        raise CDIError(
+            f"{len(unused)} of the {len(tensors)} tensors of the LoRA {path} changed no weight of the model: "
+            f"{_names(unused)}.{why} The audited model would differ from the shared one; check that the LoRA "
+            "was made for this base model, or remove the stray keys")
 
 
 def _check_all_layers_loaded(path: Path, caught: list) -> None:
@@ -219,11 +370,12 @@ def combined_fingerprint(base_fingerprint: str, provenance: Mapping[str, Any]) -
 
 
 def _hashes_only(value: Any) -> Any:
-    """Drop local paths: two copies of the same file give the same fingerprint."""
+    """Drop local paths (two copies of the same file give the same fingerprint) and the LoRA check's counts."""
     if isinstance(value, list):
         return [_hashes_only(v) for v in value]
     if isinstance(value, dict):
-        return {k: _hashes_only(v) for k, v in value.items() if k not in ("file", "path", "folder")}
+        return {k: _hashes_only(v) for k, v in value.items()
+                if k not in ("file", "path", "folder", "tensors", "weights_changed")}
     return value
 
 
