@@ -16,11 +16,11 @@ $(VENV)/.torch:
 	touch $@
 
 $(VENV)/.installed: $(VENV)/.torch pyproject.toml
-	$(PIP) install -q -e . "$(TORCH_PIN)"
+	$(PIP) install -qq -e . "$(TORCH_PIN)"
 	touch $@
 
 $(VENV)/.installed-test: $(VENV)/.installed pyproject.toml
-	$(PIP) install -q -e ".[test,ray]" "$(TORCH_PIN)"
+	$(PIP) install -qq -e ".[test,ray]" "$(TORCH_PIN)"
 	touch $@
 
 install: $(VENV)/.installed

@@ -34,7 +34,7 @@ from typing import Sequence
 
 import numpy as np
 
-from cdi.errors import CDIError
+from cdi.utils.errors import CDIError
 
 
 def check_scores(scores: np.ndarray, labels: np.ndarray, what: str = "scores") -> tuple[np.ndarray, np.ndarray]:

@@ -51,7 +51,7 @@ from cdi.attacks.metrics import (
     roc_curve,
 )
 from cdi.attacks.scorers import Scorer
-from cdi.errors import CDIError
+from cdi.utils.errors import CDIError
 
 #: The FPR bounds of the protocol, keyed by the suffix used in result names
 #: (``tpr_at_1fpr`` is TPR at FPR <= 1%, ``tpr_at_01fpr`` at FPR <= 0.1%).

@@ -34,7 +34,7 @@ Column names follow ``features`` (``denoising_loss``, ``secmi``, ``pia``,
 
 from __future__ import annotations
 
-from typing import Callable, ClassVar, Sequence
+from typing import Callable, ClassVar, Literal, Sequence
 
 import numpy as np
 from sklearn.linear_model import LogisticRegression
@@ -42,7 +42,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from cdi.attacks.metrics import roc_auc
-from cdi.errors import CDIError
+from cdi.utils.errors import CDIError
 
 
 class Scorer:
@@ -263,7 +263,7 @@ class XGBoostScorer(Scorer):
         return list(columns)
 
     def fit(self, x: np.ndarray, y: np.ndarray) -> "XGBoostScorer":
-        from cdi.optional import require_xgboost
+        from cdi.utils.optional import require_xgboost
 
         require_xgboost(f"the {self.name} scorer")
         from xgboost import XGBClassifier
@@ -326,9 +326,38 @@ CLID_XGBOOST = {
 }
 
 
-def _blind(seed: int, columns: Sequence[str] | None) -> Scorer:
-    from cdi.attacks.blind import blind_baseline
+#: Trees of the gradient-boosted variant (other XGBoost settings default).
+BLIND_XGBOOST = {"n_estimators": 200, "max_depth": 3}
 
+
+def blind_baseline(
+    classifier: Literal["logistic", "xgboost"] = "logistic",
+    *,
+    seed: int = 0,
+    columns: Sequence[str] | None = None,
+) -> Scorer:
+    """The blind baseline as a scorer named ``"blind"``.
+
+    Parameters
+    ----------
+    classifier : {"logistic", "xgboost"}
+        ``"logistic"``: StandardScaler + LogisticRegression (max_iter 1000),
+        the default: a shift visible to a linear probe is the one to worry
+        about. ``"xgboost"``: 200 trees of depth 3.
+    seed : int
+        Seed of the classifier.
+    columns : sequence of str, optional
+        The embedding columns to read; None reads every column it is given
+        (give the protocol the embedding matrix, named by ``embedding_columns``).
+    """
+    if classifier == "logistic":
+        return LogisticScorer("blind", columns=columns, seed=seed)
+    if classifier == "xgboost":
+        return XGBoostScorer("blind", columns=columns, params=BLIND_XGBOOST, seed=seed)
+    raise CDIError(f"unknown blind classifier {classifier!r}; choose 'logistic' or 'xgboost'")
+
+
+def _blind(seed: int, columns: Sequence[str] | None) -> Scorer:
     return blind_baseline(seed=seed, columns=columns)
 
 

@@ -4,7 +4,7 @@ A membership benchmark is only meaningful when members and non-members come
 from the same distribution; otherwise an attack can score by recognising the
 distribution rather than the training set. These measures quantify that
 shift on image embeddings (CLIP ViT-L/14 in CopyMark; here whatever
-``cdi.shift_guard.image_embeddings`` provides), each row L2-normalised
+``cdi.data.shift_guard.image_embeddings`` provides), each row L2-normalised
 first by ``measure_shift``:
 
 * **Frechet distance** ``||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 (S_a S_b)^(1/2))``
@@ -50,7 +50,7 @@ from sklearn.model_selection import StratifiedKFold
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from cdi.errors import CDIError
+from cdi.utils.errors import CDIError
 
 #: Relative ridge added to a singular pooled covariance (times its mean eigenvalue).
 RIDGE = 1e-3
@@ -277,14 +277,14 @@ def shift_between_folders(
 
     ``encoder``: ``"auto"`` (CLIP ViT-L/14 when its weights are in the local
     Hugging Face cache, else the built-in colour/gradient descriptor),
-    ``"builtin"`` or ``"clip"`` (see ``cdi.shift_guard.image_embeddings``).
+    ``"builtin"`` or ``"clip"`` (see ``cdi.data.shift_guard.image_embeddings``).
     """
-    from cdi.data import DEFAULT_MAX_PIXELS, ImageCollection
+    from cdi.data.collection import DEFAULT_MAX_PIXELS, ImageCollection
 
     limit = DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels
     a = ImageCollection.from_folder(folder_a, name="a", max_pixels=limit)
     b = ImageCollection.from_folder(folder_b, name="b", max_pixels=limit)
-    from cdi.shift_guard import image_embeddings
+    from cdi.data.shift_guard import image_embeddings
 
     emb_a, used = image_embeddings(a, encoder=encoder)
     emb_b, used_b = image_embeddings(b, encoder=encoder)

@@ -5,7 +5,7 @@
 On a stored toy table (members and non-members): the verdict's power at
 n = 150..250 per side (200 draws each; where it crosses 0.9 is the true
 answer), then 200 audits each at n = 50, 100, 150: the median and quartiles
-of ``cdi.sample_size.forward_sample_size``'s estimate and the share of its
+of ``cdi.stats.sample_size.forward_sample_size``'s estimate and the share of its
 95% intervals that hold the true range (200 to 225 images on the light toy).
 """
 
@@ -16,9 +16,9 @@ import sys
 import numpy as np
 
 from cdi.features.registry import directions_of, resolve_features
-from cdi.sample_size import forward_sample_size
-from cdi.stats import audit_test
-from cdi.table import FeatureTable
+from cdi.stats.sample_size import forward_sample_size
+from cdi.stats.verdict import audit_test
+from cdi.engine.table import FeatureTable
 
 DRAWS = 200
 TRUE_RANGE = (200, 225)

@@ -1,4 +1,4 @@
-"""The fine-tune toy world (cdi.toy_lora): stored features, null calibration and power, with and without the reference.
+"""The fine-tune toy world (cdi.toy.lora): stored features, null calibration and power, with and without the reference.
 
     python benchmarks/lora_toy.py features --out tests/data      # extract (resumable with --store)
     python benchmarks/lora_toy.py power --data tests/data        # power table and null rejection rates
@@ -41,11 +41,11 @@ def table_path(folder: Path, model: str) -> Path:
 def extract(out: Path, store: str | None, threads: int) -> None:
     import torch
 
-    from cdi.data import ImageCollection
+    from cdi.data.collection import ImageCollection
     from cdi.models import load_model
     from cdi.models.finetune import LoraSpec
-    from cdi.table import FeatureTable
-    from cdi.toy_lora import build_lora_world
+    from cdi.engine.table import FeatureTable
+    from cdi.toy.lora import build_lora_world
     from cdi.features.extract import extract_features
     from cdi.features.registry import resolve_features
 
@@ -81,7 +81,7 @@ def extract(out: Path, store: str | None, threads: int) -> None:
 
 def load_tables(folder: Path) -> dict:
     """{model: FeatureTable} of the stored tables, rows in the base table's order."""
-    from cdi.table import FeatureTable
+    from cdi.engine.table import FeatureTable
 
     return {m: FeatureTable.from_csv(table_path(folder, m)) for m in MODELS if table_path(folder, m).is_file()}
 
@@ -92,7 +92,7 @@ def rows_of(table, prefix: str) -> np.ndarray:
 
 def matched(target, reference, prefix: str, *, calibrated: bool, with_raw: bool = False) -> np.ndarray:
     """Feature rows of one folder: raw target, or target minus reference (rows matched by image hash)."""
-    from cdi.reference import calibrated_matrix
+    from cdi.audit.reference import calibrated_matrix
 
     rows = rows_of(target, prefix)
     if not calibrated:
@@ -117,9 +117,9 @@ VARIANTS = {  # name: (calibrated, with_raw)
 
 
 def power(tables: dict, strength: str, sizes=(25, 50, 100, 200), draws: int = 200, seed: int = 0) -> dict:
-    """Share of draws with p < 0.01 (the verdict, ``cdi.stats.audit_test``): P from the LoRA's training
+    """Share of draws with p < 0.01 (the verdict, ``cdi.stats.verdict.audit_test``): P from the LoRA's training
     images, U from the artist's images it never saw, for each of VARIANTS on the same draws."""
-    from cdi.stats import audit_test
+    from cdi.stats.verdict import audit_test
 
     target, base = tables[strength], tables["base"]
     out = {}
@@ -156,7 +156,7 @@ def null_pools(tables: dict, strength: str = "strong", with_raw: bool = False) -
 
 def null_rate(p_pool, u_pool, *, n: int, audits: int, with_raw: bool = False, seed: int = 0) -> float:
     """Share of ``audits`` seeded draws (n + n) with p < 0.01; P and U from one pool when ``u_pool`` is None."""
-    from cdi.stats import audit_test
+    from cdi.stats.verdict import audit_test
 
     rng = np.random.default_rng(seed)
     hits = 0
@@ -175,9 +175,9 @@ def base_memory(tables: dict, n: int = 100, draws: int = 200, seed: int = 0) -> 
 
     How much of the base's memory of its own training images a model keeps:
     what raw target columns would carry into the reference-calibrated audit
-    (see ``cdi.reference``).
+    (see ``cdi.audit.reference``).
     """
-    from cdi.stats import audit_test
+    from cdi.stats.verdict import audit_test
 
     out = {}
     for model in ("base", "strong"):

@@ -46,9 +46,9 @@ import json, sys, tempfile, time
 from pathlib import Path
 import torch
 torch.set_num_threads(1)
-from cdi.data import ImageCollection
+from cdi.data.collection import ImageCollection
 from cdi.models import load_model
-from cdi.speed import synthetic_images
+from cdi.engine.speed import synthetic_images
 from cdi.features.extract import extract_features
 from cdi.features.registry import resolve_features, total_cost
 

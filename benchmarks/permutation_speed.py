@@ -1,6 +1,6 @@
 """Time the audit's permutation test (issue 7.3).
 
-Runs ``cdi.stats.audit_test`` with the default protocol on synthetic
+Runs ``cdi.stats.verdict.audit_test`` with the default protocol on synthetic
 features shaped like an audit's (correlated columns, a small member shift in
 the known directions) and prints the wall-clock time of the whole test and
 of the permutation part. Target: 1,000 permutations on 10,000 + 10,000
@@ -43,7 +43,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
-    from cdi.stats import audit_test
+    from cdi.stats.verdict import audit_test
 
     P, U, directions = synthetic_audit(args.published, args.unpublished, args.features, args.shift, args.seed)
     print(f"cpus: {os.cpu_count()}  load average: {os.getloadavg()}")

@@ -39,10 +39,10 @@ import math
 import numpy as np
 from scipy import stats as sps
 
-from cdi.feature_checks import check_features
-from cdi.scoring import CrossFit
-from cdi.stats import audit_test, permutation_pvalue, protocol_statistic
-from cdi.table import FeatureTable
+from cdi.stats.feature_checks import check_features
+from cdi.stats.scoring import CrossFit
+from cdi.stats.verdict import audit_test, permutation_pvalue, protocol_statistic
+from cdi.engine.table import FeatureTable
 from cdi.features.registry import columns_of, directions_of, resolve_features
 
 METHODS = ("pooled", "sequential", "crossfit", "loss")

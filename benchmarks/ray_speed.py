@@ -22,10 +22,10 @@ import time
 import numpy as np
 import torch
 
-from cdi.data import ImageCollection
-from cdi.distributed import RayRunner
+from cdi.data.collection import ImageCollection
+from cdi.engine.distributed import RayRunner
 from cdi.models import load_model
-from cdi.toy import build_world
+from cdi.toy.world import build_world
 from cdi.features.extract import extract_features
 from cdi.features.registry import resolve_features
 

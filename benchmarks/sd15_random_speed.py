@@ -147,9 +147,9 @@ import json, logging, sys, tempfile
 from pathlib import Path
 import numpy as np
 import torch
-from cdi.data import ImageCollection
+from cdi.data.collection import ImageCollection
 from cdi.models import load_model
-from cdi.speed import synthetic_images
+from cdi.engine.speed import synthetic_images
 from cdi.features.extract import extract_features
 from cdi.features.registry import resolve_features
 
@@ -190,7 +190,7 @@ def _run(command: list[str], timeout: float) -> tuple[int, str, str, float]:
 
 
 def _speed_step(model: Path, features: str, args, extra: list[str], out: Path, name: str) -> dict:
-    command = [sys.executable, "-m", "cdi.cli", "speed", "--model", str(model), "--features", features,
+    command = [sys.executable, "-m", "cdi.cli.main", "speed", "--model", str(model), "--features", features,
                "--device", args.device, "--dtype", args.dtype, "--batch-size", str(args.batch_size),
                "--images", str(args.images), "--format", "json", *extra]
     code, stdout, stderr, seconds = _run(command, args.step_timeout)

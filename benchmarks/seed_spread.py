@@ -3,7 +3,7 @@
     python benchmarks/seed_spread.py demo-out
 
 Reads the audit folder's ``features.csv`` and ``result.json`` (member
-directions), runs ``cdi.stats.audit_test`` with seeds 0..19 under the
+directions), runs ``cdi.stats.verdict.audit_test`` with seeds 0..19 under the
 pooled (the verdict), sequential and crossfit (200 permutations) protocols
 and prints min, max and max/min of each as JSON lines.
 """
@@ -12,10 +12,10 @@ from __future__ import annotations
 import json
 import sys
 
-from cdi.evidence import split_table
-from cdi.result import AuditResult
-from cdi.stats import audit_test
-from cdi.verify import read_evidence_table
+from cdi.audit.evidence import split_table
+from cdi.audit.result import AuditResult
+from cdi.stats.verdict import audit_test
+from cdi.audit.verify import read_evidence_table
 
 
 def main() -> None:

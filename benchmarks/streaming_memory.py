@@ -32,7 +32,7 @@ import numpy as np
 
 def write_toy_images(folder: Path, count: int, seed: int = 0) -> Path:
     """``count`` distinct jittered toy digits with captions (``metadata.jsonl``) in ``folder``."""
-    from cdi.toy_data import load_digit_images, write_image_folder
+    from cdi.toy.data import load_digit_images, write_image_folder
 
     images, labels = load_digit_images()
     rows = np.arange(count) % len(images)
@@ -60,7 +60,7 @@ def main() -> None:
     parser.add_argument("--strength", default="light", choices=["light", "overtrained"])
     parser.add_argument("--work", default=None, help="folder for the images (default: temporary)")
     args = parser.parse_args()
-    from cdi.toy import build_world
+    from cdi.toy.world import build_world
 
     world = build_world("sd", args.strength, progress=False)
     sizes = [int(s) for s in args.sizes.split(",")]
@@ -70,7 +70,7 @@ def main() -> None:
         for n in sizes:
             folder = write_toy_images(work / f"images-{n}", n)
             out = work / f"features-{n}.csv"
-            command = [sys.executable, "-m", "cdi.cli", "extract", "--images", str(folder), "--model",
+            command = [sys.executable, "-m", "cdi.cli.main", "extract", "--images", str(folder), "--model",
                        str(world.model_dir), "--out", str(out), "--features", args.features, "--device", "cpu"]
             peak, seconds = peak_of_child(command)
             rows.append({"images": n, "peak_rss_bytes": peak, "seconds": round(seconds, 1),

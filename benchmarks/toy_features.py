@@ -14,10 +14,10 @@ import argparse
 import numpy as np
 import torch
 
-from cdi.data import ImageCollection
+from cdi.data.collection import ImageCollection
 from cdi.models import load_model
-from cdi.table import FeatureTable
-from cdi.toy import build_world
+from cdi.engine.table import FeatureTable
+from cdi.toy.world import build_world
 from cdi.features.extract import extract_features
 from cdi.features.registry import resolve_features
 

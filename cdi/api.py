@@ -1,13 +1,13 @@
 """The Python API: an audit from a notebook or a script.
 
 ``cdi.api.audit(published, unpublished, model)`` runs the same analysis as
-``cdi audit`` and returns the :class:`~cdi.result.AuditResult`; it writes
+``cdi audit`` and returns the :class:`~cdi.audit.result.AuditResult`; it writes
 nothing unless ``out`` is given (then ``result.json``, ``features.csv`` and
 ``report.html``, as the command line does). Its inputs may already be in
 memory:
 
 * ``published`` / ``unpublished``: an image folder (path), an
-  :class:`~cdi.data.ImageCollection`, or a :class:`~cdi.table.FeatureTable`
+  :class:`~cdi.data.collection.ImageCollection`, or a :class:`~cdi.engine.table.FeatureTable`
   of features already extracted (then no model is run, and no shift guard
   either: it needs the images);
 * ``model``: a loaded adapter (``cdi.models.load_model``), a model alias,
@@ -33,9 +33,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from cdi.audit import AuditConfig, analyse_tables, build_result, extraction_record
-from cdi.errors import CDIError
-from cdi.result import AuditResult
+from cdi.audit.run import AuditConfig, analyse_tables, build_result, extraction_record
+from cdi.utils.errors import CDIError
+from cdi.audit.result import AuditResult
 
 __all__ = ["audit", "load_adapter"]
 
@@ -48,7 +48,7 @@ def load_adapter(model: Any, **load_kwargs: Any):
     """
     from cdi.models import load_model
     from cdi.models.base import DiffusionAdapter
-    from cdi.progress import quiet_library_progress
+    from cdi.utils.progress import quiet_library_progress
 
     if isinstance(model, DiffusionAdapter):
         return model
@@ -102,7 +102,7 @@ def audit(
         What ``result.json`` would hold. Nothing is written unless ``out``
         is given.
     """
-    from cdi.table import FeatureTable
+    from cdi.engine.table import FeatureTable
 
     tables = isinstance(published, FeatureTable), isinstance(unpublished, FeatureTable)
     if tables[0] != tables[1]:
@@ -143,7 +143,7 @@ def _describe(value: Any) -> str:
 
 
 def _collection(images: Any, name: str):
-    from cdi.data import ImageCollection
+    from cdi.data.collection import ImageCollection
 
     if isinstance(images, ImageCollection):
         return images
@@ -154,10 +154,10 @@ def _collection(images: Any, name: str):
 
 
 def _audit_images(published, unpublished, model, config: AuditConfig, progress: bool, load_kwargs):
-    from cdi.audit import _check_sizes
-    from cdi.batching import resolve_batch_size
-    from cdi.duplicates import check_disjoint
-    from cdi.shift_guard import image_embeddings
+    from cdi.audit.run import _check_sizes
+    from cdi.engine.batching import resolve_batch_size
+    from cdi.data.duplicates import check_disjoint
+    from cdi.data.shift_guard import image_embeddings
     from cdi.features.extract import extract_features
     from cdi.features.registry import default_feature_set, directions_of, resolve_features
 
@@ -214,7 +214,7 @@ def _audit_tables(published, unpublished, model, config: AuditConfig, directions
 
 
 def _write(out: Path, result: AuditResult, pair) -> None:
-    """The evidence files ``cdi audit`` writes (``cdi.evidence.write_evidence``)."""
-    from cdi.evidence import write_evidence
+    """The evidence files ``cdi audit`` writes (``cdi.audit.evidence.write_evidence``)."""
+    from cdi.audit.evidence import write_evidence
 
     write_evidence(out, result, pair)

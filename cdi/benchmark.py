@@ -9,7 +9,7 @@ What a run does, in order:
    obtain and lay out the images; they need downloads and a GPU, so
    ``--setup`` only checks that their folders exist under ``$CDI_DATA``
    (default ``./data``) and says how to get them when not. The toy setups
-   build a local toy world (``cdi.toy.build_world``). ``quick`` draws a
+   build a local toy world (``cdi.toy.world.build_world``). ``quick`` draws a
    seeded subset of ``QUICK_SIZE`` images of each class.
 2. **Split.** ``attacks.protocol.split_calibration_test``: seeded, balanced,
    ``calibration_fraction`` of each class for calibration.
@@ -17,7 +17,7 @@ What a run does, in order:
    set (the audit needs it), extracted family by family through one feature
    store (default ``<out>/features.sqlite``), so reruns read instead of
    compute. The blind baseline and the shift measures use model-free image
-   embeddings (``cdi.shift_guard.image_embeddings``).
+   embeddings (``cdi.data.shift_guard.image_embeddings``).
 4. **Methods.** ``attacks.protocol.evaluate`` per method: calibration ROC,
    TPR at FPR <= 1% and 0.1%, AUC (out-of-fold for trained methods), the
    calibration thresholds applied unchanged to the test split, bootstrap
@@ -26,12 +26,12 @@ What a run does, in order:
    (near zero when the store already held the values).
 5. **Shift.** ``attacks.shift.measure_shift`` between all used members and
    non-members.
-6. **Audit.** ``cdi.audit.analyse_tables`` with P = test-split members and
+6. **Audit.** ``cdi.audit.run.analyse_tables`` with P = test-split members and
    U = test-split non-members on the CDI features, with the shift guard:
    the set-level answer beside the per-image attacks.
 7. **Mixing** (optional). For each fraction f of ``mix``, the non-members
    are replaced by a copy in which a share f of the images is shifted
-   (``cdi.toy.write_shifted_images``, seeded); the Frechet distance to the
+   (``cdi.toy.world.write_shifted_images``, seeded); the Frechet distance to the
    members and every method's calibration AUC and TPR@1%FPR are recorded.
    It shows how much of an attack's apparent success is dataset shift.
 
@@ -54,9 +54,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from cdi.errors import CDIError
-from cdi.io import atomic_write_text
-from cdi.optional import XGBOOST_METHODS, require_xgboost
+from cdi.utils.errors import CDIError
+from cdi.utils.io import atomic_write_text
+from cdi.utils.optional import XGBOOST_METHODS, require_xgboost
 
 BENCHMARK_FILE = "benchmark.json"
 REPORT_FILE = "benchmark.html"
@@ -141,7 +141,7 @@ def resolve_setup(setup: Setup, *, seed: int = 0, progress: bool = True) -> tupl
     a toy world's unshifted non-members, else the non-members themselves.
     """
     if setup.toy is not None:
-        from cdi.toy import build_world
+        from cdi.toy.world import build_world
 
         world = build_world(setup.toy["kind"], setup.toy["strength"], seed=seed, progress=progress)
         return (str(world.members_dir), str(world.root / setup.toy["nonmembers"]), str(world.model_dir),
@@ -194,7 +194,7 @@ class BenchmarkConfig:
     unet: str | None = None
     component: list[str] = field(default_factory=list)  # NAME=FOLDER replacements
     config: str | None = None  # configuration of a single-file --model
-    reference_model: str | None = None  # every feature becomes target minus reference (cdi.reference)
+    reference_model: str | None = None  # every feature becomes target minus reference (cdi.audit.reference)
 
     def method_list(self) -> list[str]:
         """The methods to run, validated."""
@@ -230,7 +230,7 @@ class BenchmarkConfig:
             raise CDIError(f"--folds must be at least 2 (got {self.folds})")
         if not 0.0 < self.alpha < 0.5:
             raise CDIError(f"--alpha must be between 0 and 0.5 (got {self.alpha}); 0.01 is the usual choice")
-        from cdi.batching import parse_batch_size
+        from cdi.engine.batching import parse_batch_size
 
         parse_batch_size(self.batch_size)
         needs_xgboost = [m for m in self.method_list() if m in XGBOOST_METHODS]
@@ -240,7 +240,7 @@ class BenchmarkConfig:
             raise CDIError("--mix and --reference-model cannot be combined yet; run the mixing experiment without "
                            "the reference")
         self.loading_options()
-        from cdi.reference import check_reference_name
+        from cdi.audit.reference import check_reference_name
 
         check_reference_name(self.reference_model)
         out = Path(self.out)
@@ -294,8 +294,8 @@ class _Data:
 def _extract(adapter, members, nonmembers, families, config: BenchmarkConfig, store, progress: bool,
              encoder: str, reference=None) -> _Data:
     """Features of both collections per family; with a ``reference`` model, target minus reference."""
-    from cdi.reference import calibrate
-    from cdi.shift_guard import image_embeddings
+    from cdi.audit.reference import calibrate
+    from cdi.data.shift_guard import image_embeddings
     from cdi.features.extract import extract_features
 
     tables, seconds = {}, {}
@@ -366,8 +366,8 @@ def _evaluate_methods(methods, data: _Data, split, config: BenchmarkConfig, cdi_
 
 def _audit(data: _Data, split, config: BenchmarkConfig, cdi_families, families, adapter, paths) -> dict:
     """The CDI audit with P = test-split members, U = test-split non-members."""
-    from cdi.audit import AuditConfig, analyse_tables
-    from cdi.table import FeatureTable
+    from cdi.audit.run import AuditConfig, analyse_tables
+    from cdi.engine.table import FeatureTable
     from cdi.features.registry import directions_of
 
     def table(which: int, rows: np.ndarray) -> FeatureTable:
@@ -406,10 +406,10 @@ def _mixing(fractions, members, nonmembers_dir: str, used_nonmembers, adapter, f
 
     The non-members used are replaced, file name for file name, by the images
     of a copy of ``nonmembers_dir`` in which a share ``fraction`` is shifted
-    (``cdi.toy.write_shifted_images`` with the run's seed), so the split and
+    (``cdi.toy.world.write_shifted_images`` with the run's seed), so the split and
     the members stay the same and only the shift changes.
     """
-    from cdi.toy_data import write_shifted_images
+    from cdi.toy.data import write_shifted_images
 
     rows = []
     wanted = [r.path for r in used_nonmembers.records]
@@ -428,7 +428,7 @@ def _mixing_row(fraction, folder, wanted, members, adapter, families, methods, s
                 encoder, cdi_families) -> dict:
     """One row of the mixing experiment: the used non-members taken from the shifted copy ``folder``."""
     from cdi.attacks.shift import measure_shift
-    from cdi.data import ImageCollection
+    from cdi.data.collection import ImageCollection
 
     mixed = ImageCollection.from_folder(folder, name=f"non-members with {fraction:g} shifted")
     index = {r.path: i for i, r in enumerate(mixed.records)}
@@ -455,8 +455,8 @@ def run_benchmark(config: BenchmarkConfig, *, progress: bool = True) -> dict[str
     """
     from cdi.attacks.protocol import split_calibration_test
     from cdi.attacks.shift import measure_shift
-    from cdi.data import ImageCollection
-    from cdi.environment import environment_report
+    from cdi.data.collection import ImageCollection
+    from cdi.utils.environment import environment_report
     from cdi.models import load_model
 
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
@@ -485,7 +485,7 @@ def run_benchmark(config: BenchmarkConfig, *, progress: bool = True) -> dict[str
                          **config.loading_options(), **hub)
     reference = None
     if config.reference_model:
-        from cdi.reference import check_reference
+        from cdi.audit.reference import check_reference
 
         reference = load_model(config.reference_model, dtype=config.dtype, device=config.device,
                                allow_pickle=config.allow_pickle, **hub)
@@ -493,7 +493,7 @@ def run_benchmark(config: BenchmarkConfig, *, progress: bool = True) -> dict[str
     families = _families_for(methods, config.quick)
     for family in families.values():
         family.check_applicable(adapter)
-    from cdi.batching import resolve_batch_size
+    from cdi.engine.batching import resolve_batch_size
     from cdi.features.registry import FEATURE_SETS
 
     config = replace(config, batch_size=resolve_batch_size(config.batch_size, adapter, list(families.values()),

@@ -12,8 +12,8 @@ the last lines show how to write the usual files and the HTML report.
 """
 
 import cdi
-from cdi.data import ImageCollection
-from cdi.toy import build_world
+from cdi.data.collection import ImageCollection
+from cdi.toy.world import build_world
 
 world = build_world("sd", "overtrained", progress=False)
 adapter = cdi.api.load_adapter(world.model_dir, device="cpu")  # load once, audit many times

@@ -44,15 +44,15 @@ import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, Sequence
+from typing import Any, ClassVar, Sequence
 
 import torch
 
-from cdi.errors import CDIError
+from cdi.utils.errors import CDIError
 from cdi.models.base import Condition, DiffusionAdapter
 
-if TYPE_CHECKING:
-    from cdi.features.calls import SharedCall
+# ``shared_calls`` returns cdi.features.calls.SharedCall objects; that module builds on this one, so the type
+# is named in the annotation without an import (no import circle).
 
 
 @dataclass(frozen=True)

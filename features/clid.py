@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 import torch
 
-from cdi.errors import CDIError
+from cdi.utils.errors import CDIError
 from cdi.models.base import Condition, DiffusionAdapter
 from cdi.features.base import Cost, EncodedBatch, FeatureFamily, predict_eps, require
 from cdi.features.clid_captions import clip_captions, importance_captions, importance_ranking, mask_caption

@@ -26,7 +26,7 @@ shared store reads everything back without computing anything.
 
 Who computes: by default this process, batch after batch (``BatchComputer``:
 one encode, every family, values to the host once). With a runner
-(``cdi.distributed.RayRunner``) the same plan's batches go to Ray workers,
+(``cdi.engine.distributed.RayRunner``) the same plan's batches go to Ray workers,
 each holding a model replica and calling the same ``BatchComputer``; their
 values stream back here, and this process alone writes the store.
 
@@ -63,19 +63,19 @@ from rich.progress import (
 from rich.text import Text
 
 from cdi import __version__
-from cdi.batching import auto_batch_size, parse_batch_size, sync
-from cdi.image_loader import image_batches
-from cdi.errors import CDIError
+from cdi.engine.batching import auto_batch_size, parse_batch_size, sync
+from cdi.data.image_loader import image_batches
+from cdi.utils.errors import CDIError
 from cdi.models.base import DiffusionAdapter
-from cdi.preprocess import Preprocess
-from cdi.progress import progress_bar
-from cdi.store import FeatureStore
-from cdi.table import FeatureTable
+from cdi.data.preprocess import Preprocess
+from cdi.utils.progress import progress_bar
+from cdi.engine.store import FeatureStore
+from cdi.engine.table import FeatureTable
 from cdi.features.base import EncodedBatch, FeatureFamily
 from cdi.features.calls import evaluate as evaluate_shared_calls, planned_calls
 
 if TYPE_CHECKING:
-    from cdi.data import ImageCollection, ImageRecord
+    from cdi.data.collection import ImageCollection, ImageRecord
 
 logger = logging.getLogger("cdi")
 
@@ -175,7 +175,7 @@ def extract_features(
     ----------
     adapter : DiffusionAdapter
         The loaded model; its dtype and device are used as they are.
-    collection : cdi.data.ImageCollection
+    collection : cdi.data.collection.ImageCollection
         The images (with captions). Preprocessed with
         ``Preprocess(adapter.resolution, adapter.image_channels)``.
     families : sequence of FeatureFamily
@@ -187,7 +187,7 @@ def extract_features(
         that expands each image into n samples (timesteps, repetitions,
         conditions) runs them in chunks of at most ``batch_size`` (see
         ``features.base``). Halved automatically on CUDA out-of-memory.
-        ``"auto"``: ``cdi.batching.auto_batch_size``, chosen only when some
+        ``"auto"``: ``cdi.engine.batching.auto_batch_size``, chosen only when some
         value must be computed. Values do not depend on it.
     store : FeatureStore, path or None
         Feature cache: values already there are read instead of computed,
@@ -196,10 +196,10 @@ def extract_features(
     shard : (i, n), "i/n" or None
         Handle only the images with ``int(sha256, 16) % n == i``.
     num_workers : int or None
-        Image-decoding worker processes (None: ``cdi.image_loader.default_num_workers``).
+        Image-decoding worker processes (None: ``cdi.data.image_loader.default_num_workers``).
     progress : bool
         Show a progress bar (images/s, ETA) on stderr.
-    runner : cdi.distributed.RayRunner or None
+    runner : cdi.engine.distributed.RayRunner or None
         Who computes the batches: None, this process; a ``RayRunner``, its
         Ray workers (one model replica each), the values streamed back here
         and written to the store by this process alone. Values do not
@@ -258,7 +258,7 @@ class BatchComputer:
     every family on the same ``EncodedBatch``, in model batches of at most
     ``chunk`` images; on CUDA out-of-memory it halves ``chunk`` (calling
     ``warn``), frees the cache and goes on, values unchanged. The local loop
-    of ``extract_features`` and each Ray worker of ``cdi.distributed`` call
+    of ``extract_features`` and each Ray worker of ``cdi.engine.distributed`` call
     it; only the driver writes the store.
 
     Parameters
@@ -352,7 +352,7 @@ class _Extraction:
         self.families = families
         self.seed = seed
         self.batch_size = batch_size  # an int, or "auto" until run() needs it
-        self.runner = runner  # None: this process computes; else e.g. cdi.distributed.RayRunner
+        self.runner = runner  # None: this process computes; else e.g. cdi.engine.distributed.RayRunner
         self.computer: BatchComputer | None = None
         self.store = store
         self.shard = shard

@@ -58,7 +58,7 @@ from typing import ClassVar
 import torch
 from torch.func import functional_call, grad, vmap
 
-from cdi.errors import CDIError
+from cdi.utils.errors import CDIError
 from cdi.models.base import Condition, DiffusionAdapter
 from cdi.features.base import Cost, EncodedBatch, FeatureFamily, require
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from cdi.errors import CDIError
+from cdi.utils.errors import CDIError
 from cdi.models.base import DiffusionAdapter
 from cdi.features.base import Cost, FeatureFamily
 from cdi.features.calls import shared_savings

@@ -32,9 +32,10 @@ from jinja2 import Environment, FileSystemLoader, StrictUndefined
 from markupsafe import Markup, escape
 
 from cdi import __version__
-from cdi.errors import CDIError
-from cdi.io import atomic_write_text
-from cdi.result import REPORT_FILE, RESULT_FILE, AuditResult
+from cdi.utils.errors import CDIError
+from cdi.utils.io import atomic_write_text
+from cdi.audit.folder import finish_swap
+from cdi.audit.result import REPORT_FILE, RESULT_FILE, AuditResult
 from cdi.reports import plots, text
 
 TEMPLATES = Path(__file__).parent / "templates"
@@ -156,8 +157,6 @@ def write_report(
         folder = folder.parent
     result_sha256 = None
     if result is None:
-        from cdi.evidence import finish_swap
-
         finish_swap(folder)
         data = (folder / RESULT_FILE).read_bytes() if (folder / RESULT_FILE).is_file() else b""
         result = AuditResult.load(folder)

@@ -58,7 +58,7 @@ def toy_sd_world(tmp_path_factory):
 
     Read-only for the tests: copy what you change.
     """
-    from cdi.toy import build_world
+    from cdi.toy.world import build_world
 
     return build_world("sd", "overtrained", tmp_path_factory.mktemp("toy") / "world", progress=False)
 

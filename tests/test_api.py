@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 import cdi
-from cdi.errors import CDIError
-from cdi.table import FeatureTable
+from cdi.utils.errors import CDIError
+from cdi.engine.table import FeatureTable
 
 WRITE_MODES = set("wax+")
 
@@ -67,7 +67,7 @@ COLLECTIONS: dict = {}
 
 @pytest.fixture(autouse=True, scope="module")
 def collections(tmp_path_factory):
-    from cdi.data import ImageCollection
+    from cdi.data.collection import ImageCollection
 
     root = tmp_path_factory.mktemp("api")
     COLLECTIONS["published"] = ImageCollection.from_folder(image_folder(root / "p", 12, seed=1), name="published")

@@ -19,7 +19,7 @@ from cdi.attacks.metrics import (
     tpr_at_fpr,
     weighted_roc_figures,
 )
-from cdi.errors import CDIError
+from cdi.utils.errors import CDIError
 
 
 def test_roc_by_hand():

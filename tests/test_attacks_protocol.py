@@ -17,7 +17,7 @@ from cdi.attacks.protocol import (
     split_calibration_test,
 )
 from cdi.attacks.scorers import SCORERS, CLiDThreshold, Scorer, make_scorer
-from cdi.errors import CDIError
+from cdi.utils.errors import CDIError
 
 
 # ----------------------------------------------------------------------------- split

@@ -13,8 +13,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from cdi.cli import app
-from cdi.result import AuditResult
+from cdi.cli.main import app
+from cdi.audit.result import AuditResult
 
 runner = CliRunner()
 N = 120  # images per collection: enough for the overtrained toy model, small enough for CI
@@ -41,12 +41,12 @@ def store(tmp_path_factory):
 @pytest.fixture(scope="module")
 def demo_env(world, monkeypatch_module):
     """Point the demo at the module's world instead of the user cache."""
-    import cdi.toy
+    import cdi.toy.world
 
-    original = cdi.toy.build_world
-    monkeypatch_module.setattr(cdi.toy, "build_world", lambda *a, **k: world)
+    original = cdi.toy.world.build_world
+    monkeypatch_module.setattr(cdi.toy.world, "build_world", lambda *a, **k: world)
     yield
-    monkeypatch_module.setattr(cdi.toy, "build_world", original)
+    monkeypatch_module.setattr(cdi.toy.world, "build_world", original)
 
 
 @pytest.fixture(scope="module")
@@ -109,10 +109,10 @@ def test_features_csv_rows_carry_their_own_files(demo_used):
     features.csv alone give result.json's p-values exactly."""
     import hashlib
 
-    from cdi.verify import retest, retest_differences
+    from cdi.audit.verify import retest, retest_differences
 
     out, result = demo_used
-    from cdi.table import FeatureTable
+    from cdi.engine.table import FeatureTable
 
     table = FeatureTable.from_csv(out / "features.csv")
     assert len(table) == 2 * N
@@ -127,7 +127,7 @@ def test_features_csv_rows_carry_their_own_files(demo_used):
 
 def test_shifted_unpublished_is_inconclusive(world, tmp_path, store):
     """P from members, U from a visibly shifted copy of the non-members: the guard must refuse."""
-    from cdi.demo import _captions, write_demo_folders, DemoDraw
+    from cdi.toy.demo import _captions, write_demo_folders, DemoDraw
 
     members = sorted(_captions(world.members_dir))[:60]
     captions = _captions(world.shifted_dir)

@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from cdi.cli import app
-from cdi.result import AuditResult
-from cdi.store import FeatureStore, merge_stores
-from cdi.errors import CDIError
+from cdi.cli.main import app
+from cdi.audit.result import AuditResult
+from cdi.engine.store import FeatureStore, merge_stores
+from cdi.utils.errors import CDIError
 
 runner = CliRunner()
 N = 40  # images per collection
@@ -30,8 +30,8 @@ def folders(tmp_path_factory):
     """P: 40 members of the overtrained toy SD; U: 40 non-members; and the model folder.
 
     (Too few images for these three families to detect use: the test is that both audits agree.)"""
-    from cdi.demo import DemoDraw, write_demo_folders
-    from cdi.toy import build_world
+    from cdi.toy.demo import DemoDraw, write_demo_folders
+    from cdi.toy.world import build_world
 
     root = tmp_path_factory.mktemp("stored")
     world = build_world("sd", "overtrained", root / "world", progress=False)

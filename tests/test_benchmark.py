@@ -11,7 +11,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from cdi.benchmark import ALL_METHODS, available_setups, format_table, load_setup
-from cdi.cli import app
+from cdi.cli.main import app
 
 MALICIOUS = "<img src=x onerror=alert(1)>"
 N_PER_CLASS = 20

@@ -15,9 +15,9 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from cdi.captions import CaptionOption, check_captions, model_conditioning, parse_captions_option
-from cdi.cli import app
-from cdi.errors import CDIError
+from cdi.models.captions import CaptionOption, check_captions, model_conditioning, parse_captions_option
+from cdi.cli.main import app
+from cdi.utils.errors import CDIError
 
 runner = CliRunner()
 N = 10  # images per collection: the minimum for --folds 2
@@ -25,7 +25,7 @@ N = 10  # images per collection: the minimum for --folds 2
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    from cdi.toy import build_world
+    from cdi.toy.world import build_world
 
     torch.set_num_threads(1)
     return build_world("sd", "overtrained", tmp_path_factory.mktemp("toy") / "world", progress=False)
@@ -76,7 +76,7 @@ def test_captions_auto_is_refused_on_a_class_model(tiny_model_dirs, tmp_path, mo
 
 
 def test_class_model_with_missing_labels_does_not_offer_captions(tmp_path):
-    from cdi.data import ImageCollection
+    from cdi.data.collection import ImageCollection
     from cdi.features.registry import resolve_features
     from test_cli_hostile import smooth_image
 

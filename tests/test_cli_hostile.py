@@ -22,9 +22,9 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from cdi.cli import app
-from cdi.errors import CDIError
-from cdi.table import FeatureTable
+from cdi.cli.main import app
+from cdi.utils.errors import CDIError
+from cdi.engine.table import FeatureTable
 
 runner = CliRunner()
 N = 10  # images per collection: the minimum for --folds 2

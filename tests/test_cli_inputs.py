@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from cdi.cli import app
+from cdi.cli.main import app
 from test_data import png_with_header_size, save_image  # the image builders of the unit tests
 
 runner = CliRunner()

@@ -14,9 +14,9 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from cdi.audit import AuditConfig, reproduce_command
-from cdi.cli import app
-from cdi.errors import CDIError
+from cdi.audit.run import AuditConfig, reproduce_command
+from cdi.cli.main import app
+from cdi.utils.errors import CDIError
 from cdi.models.loading import resolve_dtype
 
 runner = CliRunner()
@@ -196,7 +196,7 @@ def test_extract_writes_progress_lines_to_a_log_before_it_finishes(tmp_path, tin
     images = write_images(tmp_path / "images", n=16)
     log = tmp_path / "log"
     env = {**os.environ, "CDI_PROGRESS_INTERVAL": "0", "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-c", "from cdi.cli import app; app()", "extract", "--images", str(images),
+    command = [sys.executable, "-c", "from cdi.cli.main import app; app()", "extract", "--images", str(images),
                "--model", str(tiny_model_dirs["sd"]), "--features", "denoising_loss", "--out", str(tmp_path / "f.csv"),
                "--batch-size", "1", "--workers", "0", "--device", "cpu"]
     with open(log, "w") as handle:

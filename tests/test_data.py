@@ -1,4 +1,4 @@
-"""Image collections (cdi.data and the modules it uses): scanning, captions, preprocessing, loading.
+"""Image collections (cdi.data.collection and the modules it uses): scanning, captions, preprocessing, loading.
 
 Every image is built here with Pillow, tiny (16x12 px). The bad-input paths
 through the command line are in test_cli_inputs.py.
@@ -20,11 +20,11 @@ import pytest
 import torch
 from PIL import Image, ImageFile
 
-from cdi.data import DEFAULT_MAX_PIXELS, ImageCollection, ImageRecord, load_audit_collections
-from cdi.duplicates import check_disjoint
-from cdi.image_loader import CollectionDataset, image_batches
-from cdi.preprocess import Preprocess, preprocess_image
-from cdi.errors import CDIError
+from cdi.data.collection import DEFAULT_MAX_PIXELS, ImageCollection, ImageRecord, load_audit_collections
+from cdi.data.duplicates import check_disjoint
+from cdi.data.image_loader import CollectionDataset, image_batches
+from cdi.data.preprocess import Preprocess, preprocess_image
+from cdi.utils.errors import CDIError
 
 
 def save_image(path: Path, seed: int = 0, size: tuple[int, int] = (16, 12), mode: str = "RGB", **save) -> Path:

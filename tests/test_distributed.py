@@ -1,4 +1,4 @@
-"""Extraction on a local Ray instance of two CPU workers (cdi.distributed).
+"""Extraction on a local Ray instance of two CPU workers (cdi.engine.distributed).
 
 Shows that the table equals the single-process one bit for bit (float64
 network), that a worker process killed in the middle of a batch changes
@@ -22,11 +22,11 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from cdi.cli import app
-from cdi.distributed import RayRunner, check_ray_options
-from cdi.errors import CDIError
-from cdi.store import FeatureStore
-from cdi.table import FeatureTable
+from cdi.cli.main import app
+from cdi.engine.distributed import RayRunner, check_ray_options
+from cdi.utils.errors import CDIError
+from cdi.engine.store import FeatureStore
+from cdi.engine.table import FeatureTable
 from cdi.features.extract import extract_features
 from cdi.features.registry import resolve_features
 from test_extract import CHEAP, N_IMAGES, load_float64
@@ -142,8 +142,8 @@ def test_two_workers_match_one_process_even_when_one_dies(ray_instance, adapter,
 KILLED_DRIVER = """
     import functools, sys
     sys.path[:0] = [{repo!r}, {tests!r}]
-    from cdi.data import ImageCollection
-    from cdi.distributed import RayRunner
+    from cdi.data.collection import ImageCollection
+    from cdi.engine.distributed import RayRunner
     from cdi.features.extract import extract_features
     from test_distributed import logged
     from test_extract import load_float64
@@ -229,9 +229,9 @@ def test_ray_options_are_checked_and_ray_is_optional(monkeypatch):
         check_ray_options("local", None, 1, "auto", "float32")
     check_ray_options(None, None, 1, "auto", "float32")  # without --ray, Ray is never imported
     code = ("import sys; sys.modules['ray'] = None\n"
-            "import cdi.cli, cdi.audit, cdi.distributed, cdi.features.extract\n"
+            "import cdi.cli.main, cdi.audit.run, cdi.engine.distributed, cdi.features.extract\n"
             "from typer.testing import CliRunner\n"
-            "r = CliRunner().invoke(cdi.cli.app, ['extract', '--help'])\n"
+            "r = CliRunner().invoke(cdi.cli.main.app, ['extract', '--help'])\n"
             "assert r.exit_code == 0 and '--ray' in r.output, r.output\n")
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr

@@ -24,10 +24,10 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from cdi.cli import app
-from cdi.evidence import COMMIT, STAGING, combined_table, split_table
-from cdi.result import AuditResult
-from cdi.verify import verify_audit
+from cdi.cli.main import app
+from cdi.audit.evidence import COMMIT, STAGING, combined_table, split_table
+from cdi.audit.result import AuditResult
+from cdi.audit.verify import verify_audit
 
 runner = CliRunner()
 N = 25
@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def env(tmp_path_factory, toy_sd_world):
     """The toy world, P and U folders of N images each, and a feature store."""
-    from cdi.demo import DemoDraw, _captions, write_demo_folders
+    from cdi.toy.demo import DemoDraw, _captions, write_demo_folders
 
     root = tmp_path_factory.mktemp("evidence")
     world = toy_sd_world
@@ -126,7 +126,7 @@ def test_a_real_kill_leaves_what_the_copies_show(crash_states, env, tmp_path):
     shutil.copytree(crash_states["old"], out)
     script = textwrap.dedent(f"""
         import os, sys
-        from cdi.cli import app
+        from cdi.cli.main import app
         real, count = os.replace, [0]
         def replace(src, dst, *a, **k):
             if {COMMIT!r} in str(src):
@@ -196,7 +196,7 @@ def test_verify_reports_changed_missing_and_extra_images(crash_states, env, tmp_
 
 def test_verify_reports_an_edited_feature_value(crash_states, tmp_path):
     """A value changed in features.csv with its sidecar and result.json hashes forged to match: the re-run catches it."""
-    from cdi.table import FeatureTable
+    from cdi.engine.table import FeatureTable
 
     folder = tmp_path / "forged"
     shutil.copytree(crash_states["new"], folder)
@@ -254,7 +254,7 @@ def test_clean_files_with_normal_permissions(crash_states):
 
 
 def test_atomic_write_cleans_up_after_an_error(tmp_path, monkeypatch):
-    from cdi.io import atomic_write_text
+    from cdi.utils.io import atomic_write_text
 
     def fail(*args, **kwargs):
         raise OSError("disk full")
@@ -281,7 +281,7 @@ def test_user_files_in_out_are_never_overwritten(env, tmp_path):
 
 
 def test_combined_table_round_trip(crash_states):
-    from cdi.table import FeatureTable
+    from cdi.engine.table import FeatureTable
 
     table = FeatureTable.from_csv(crash_states["new"] / "features.csv")
     published, unpublished = split_table(table)

@@ -25,15 +25,15 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from cdi.batching import CPU_AUTO_BATCH
-from cdi.data import ImageCollection
-from cdi.preprocess import Preprocess
-from cdi.cli import app
-from cdi.errors import CDIError
+from cdi.engine.batching import CPU_AUTO_BATCH
+from cdi.data.collection import ImageCollection
+from cdi.data.preprocess import Preprocess
+from cdi.cli.main import app
+from cdi.utils.errors import CDIError
 from cdi.models import load_model
 from cdi.models.base import DiffusionAdapter
-from cdi.store import FeatureStore
-from cdi.table import FeatureTable, sidecar_path
+from cdi.engine.store import FeatureStore
+from cdi.engine.table import FeatureTable, sidecar_path
 from cdi.features.base import Cost, EncodedBatch, FeatureFamily
 from cdi.features.extract import condition_key, extract_features, model_key, parse_shard, shard_of
 from cdi.features.registry import columns_of, resolve_features, total_cost
@@ -308,8 +308,8 @@ KILLED_RUN = """
     import torch
     torch.set_num_threads(1)
     sys.path.insert(0, {tests!r})
-    from cdi.data import ImageCollection
-    from cdi.preprocess import Preprocess
+    from cdi.data.collection import ImageCollection
+    from cdi.data.preprocess import Preprocess
     from cdi.features.extract import extract_features
     from cdi.features.registry import resolve_features
     from test_extract import CHEAP, Recorder, load_float64

@@ -17,7 +17,7 @@ import pytest
 import torch
 from diffusers import UNet2DModel
 
-from cdi.errors import CDIError
+from cdi.utils.errors import CDIError
 from cdi.models.base import Condition, DiffusionAdapter
 from cdi.features.base import Cost, EncodedBatch, image_noise, per_sample_norm
 from cdi.features.calls import evaluate, planned_calls

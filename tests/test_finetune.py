@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from cdi.errors import CDIError
+from cdi.utils.errors import CDIError
 from cdi.models import load_model
 from cdi.models.finetune import LoraSpec, parse_components, parse_loras
 from ldm_checkpoint import write_original_checkpoint  # tests/ is on sys.path under pytest

@@ -14,7 +14,7 @@ import math
 import pytest
 import torch
 
-from cdi.errors import CDIError
+from cdi.utils.errors import CDIError
 from cdi.models import load_model
 from cdi.models.flow_matching import (
     FlowMatchingAdapter,

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cdi.errors import CDIError
+from cdi.utils.errors import CDIError
 from cdi.models import Condition, fingerprint_weights, load_model, resolve_device, resolve_dtype
 
 FAMILIES = ("sd", "sd_v", "sdxl", "ldm", "dit", "ddpm", "ddpm_uncond")

@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cdi.calibration import null_calibration
-from cdi.table import FeatureTable
+from cdi.stats.calibration import null_calibration
+from cdi.engine.table import FeatureTable
 from cdi.features.registry import columns_of, directions_of, resolve_features
 
 TABLE = Path(__file__).parent / "data" / "toy_sd_light_features.csv"
@@ -53,7 +53,7 @@ def test_permutation_test_is_calibrated_on_toy_features(nonmember_pool):
 def test_members_are_detected_on_toy_features(nonmember_pool):
     """The same machinery has power on the light model: P from members is detected at n = 400
     (about 90% of such draws are, see benchmarks/power_toy.py)."""
-    from cdi.stats import audit_test
+    from cdi.stats.verdict import audit_test
 
     table = FeatureTable.from_csv(TABLE)
     pool, directions = nonmember_pool

@@ -24,7 +24,13 @@ def test_every_package_folder_is_installed_under_cdi():
         for init in (REPO / top).rglob("__init__.py"):
             parts = init.parent.relative_to(REPO).parts
             expected.add(".".join([folder_to_name.get(parts[0], parts[0]), *parts[1:]]))
-    assert set(config["packages"]) == expected
+    data_packages = set(config["package-data"]) - {"cdi"}  # folders of data files, installed as packages
+    assert set(config["packages"]) == expected | data_packages
+    for name in data_packages:  # each is a real folder that holds no Python package
+        top = max((k for k in config["package-dir"] if name.startswith(k + ".")), key=len, default=None)
+        parts = [config["package-dir"][top], *name[len(top) + 1:].split(".")] if top else name.split(".")
+        folder = REPO.joinpath(*parts)
+        assert folder.is_dir() and not (folder / "__init__.py").exists(), name
     assert all(name == "cdi" or name.startswith("cdi.") for name in config["packages"])
 
 
@@ -38,7 +44,7 @@ def test_a_users_features_py_does_not_break_an_audit_run_from_its_folder(tmp_pat
             "--out", "out", "--features", "denoising_loss", "--device", "cpu", "--permutations", "0",
             "--sample-size-resamples", "0", "--folds", "2"]
     # python -c puts the working directory first on sys.path, as an interactive session or a script there does
-    done = subprocess.run([sys.executable, "-c", "from cdi.cli import app; app()", *args], cwd=tmp_path,
+    done = subprocess.run([sys.executable, "-c", "from cdi.cli.main import app; app()", *args], cwd=tmp_path,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr + done.stdout
     assert (tmp_path / "out" / "result.json").is_file()

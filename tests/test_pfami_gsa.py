@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from cdi.errors import CDIError
+from cdi.utils.errors import CDIError
 from cdi.models.base import Condition, DiffusionAdapter
 from cdi.features.base import Cost, EncodedBatch
 from cdi.features.gsa import GSA1, GSA2, NOISE_KEY, denoiser_parameters

@@ -1,4 +1,4 @@
-"""The pooled verdict test (cdi.pooled), --verdict permutation and the forward sample-size estimate."""
+"""The pooled verdict test (cdi.stats.pooled), --verdict permutation and the forward sample-size estimate."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from scipy import special, stats
 
-from cdi.errors import CDIError
-from cdi.pooled import PRIOR_WEIGHT, PooledStatistic
-from cdi.sample_size import forward_sample_size
-from cdi.stats import audit_test
+from cdi.utils.errors import CDIError
+from cdi.stats.pooled import PRIOR_WEIGHT, PooledStatistic
+from cdi.stats.sample_size import forward_sample_size
+from cdi.stats.verdict import audit_test
 
 D = 8
 DIRECTIONS = np.array([-1, -1, -1, -1, 1, 1, 0, -1])

@@ -1,4 +1,4 @@
-"""--reference-model: target-minus-reference features (cdi.reference), and the fine-tune toy world's statistics.
+"""--reference-model: target-minus-reference features (cdi.audit.reference), and the fine-tune toy world's statistics.
 
 The calibration tests read ``tests/data/toy_lora_{base,strong}_features.csv``, written by
 
@@ -21,9 +21,9 @@ from PIL import Image
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
-from cdi.errors import CDIError
-from cdi.reference import check_reference, difference_table
-from cdi.table import FeatureTable
+from cdi.utils.errors import CDIError
+from cdi.audit.reference import check_reference, difference_table
+from cdi.engine.table import FeatureTable
 
 DATA = Path(__file__).parent / "data"
 sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
@@ -55,8 +55,8 @@ def test_reference_must_be_a_comparable_other_model(tiny_adapters):
 
 def test_audit_of_a_lora_against_its_base(tiny_model_dirs, tmp_path):
     """The CLI end to end on the tiny SD: --lora on --model, --reference-model the base."""
-    from cdi.cli import app
-    from cdi.result import AuditResult
+    from cdi.cli.main import app
+    from cdi.audit.result import AuditResult
 
     rng = np.random.default_rng(0)
     for name in ("published", "unpublished"):
@@ -120,7 +120,7 @@ def test_reference_calibrated_audit_is_calibrated_on_the_fine_tune_world(lora_ta
     flag (it answers "used beyond the base")."""
     import lora_toy
 
-    from cdi.calibration import null_calibration
+    from cdi.stats.calibration import null_calibration
 
     pool_p, pool_u = lora_toy.null_pools(lora_tables)[case]
     if pool_u is None:
@@ -132,7 +132,7 @@ def test_reference_calibrated_audit_is_calibrated_on_the_fine_tune_world(lora_ta
     # the other, and check the rejection counts against the same 99% binomial intervals.
     from scipy.stats import binom
 
-    from cdi.stats import audit_test
+    from cdi.stats.verdict import audit_test
 
     rng = np.random.default_rng(4)
     p_values = []

@@ -15,8 +15,8 @@ import pytest
 from scipy import stats
 from typer.testing import CliRunner
 
-from cdi.cli import app
-from cdi.result import (
+from cdi.cli.main import app
+from cdi.audit.result import (
     REPORT_FILE,
     RESULT_FILE,
     AuditResult,

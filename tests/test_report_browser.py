@@ -176,7 +176,7 @@ document.body.appendChild(pre);
 
 def verdict_results() -> dict:
     """One example result per verdict; the inconclusive one fell back to the built-in descriptors."""
-    from cdi.result import ShiftGuard
+    from cdi.audit.result import ShiftGuard
 
     used = make_example_result(300, 300, seed=1)
     not_detected = make_example_result(60, 60, seed=1, shift=0.0)

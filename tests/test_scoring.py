@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 from sklearn.linear_model import LogisticRegression
 
-from cdi.errors import CDIError
-from cdi.blocks import MIN_PER_BLOCK, assign_blocks
-from cdi.feature_checks import check_features
-from cdi.logistic import fit_logistic
-from cdi.scoring import CrossFit, Standardization, cross_fit_scores, prior_score
+from cdi.utils.errors import CDIError
+from cdi.stats.blocks import MIN_PER_BLOCK, assign_blocks
+from cdi.stats.feature_checks import check_features
+from cdi.stats.logistic import fit_logistic
+from cdi.stats.scoring import CrossFit, Standardization, cross_fit_scores, prior_score
 
 
 def gaussian_audit(n_pub=60, n_unp=80, d=6, shift=0.0, seed=0):

@@ -17,7 +17,7 @@ from cdi.attacks.shift import (
     pooled_covariance,
     wasserstein_distance,
 )
-from cdi.errors import CDIError
+from cdi.utils.errors import CDIError
 
 
 @pytest.fixture(scope="module")
@@ -155,7 +155,7 @@ def _write_images(folder, n, brightness, seed):
 def test_cli_shift_rejects_bad_options(tmp_path):
     from typer.testing import CliRunner
 
-    from cdi.cli import app
+    from cdi.cli.main import app
 
     result = CliRunner().invoke(app, ["shift", "--a", str(tmp_path), "--b", str(tmp_path), "--encoder", "vgg"])
     assert result.exit_code == 2 and "--encoder" in result.output
@@ -166,7 +166,7 @@ def test_cli_shift_rejects_bad_options(tmp_path):
 def test_cli_shift_end_to_end(tmp_path):
     from typer.testing import CliRunner
 
-    from cdi.cli import app
+    from cdi.cli.main import app
 
     a = _write_images(tmp_path / "a", 24, 100.0, seed=0)
     same = _write_images(tmp_path / "same", 24, 100.0, seed=1)
@@ -190,9 +190,9 @@ def test_mixing_raises_frechet_and_blind_auc_with_the_shifted_share(tmp_path):
     from cdi.attacks.blind import blind_baseline, embedding_columns
     from cdi.attacks.protocol import evaluate, split_calibration_test
     from cdi.attacks.shift import frechet_distance
-    from cdi.data import ImageCollection
-    from cdi.shift_guard import image_embeddings
-    from cdi.toy_data import load_digit_images, write_image_folder, write_shifted_images
+    from cdi.data.collection import ImageCollection
+    from cdi.data.shift_guard import image_embeddings
+    from cdi.toy.data import load_digit_images, write_image_folder, write_shifted_images
 
     images, labels = load_digit_images()
     write_image_folder(tmp_path / "members", range(0, 400, 2), images, labels)

@@ -11,9 +11,9 @@ import torch
 from PIL import Image
 from scipy import ndimage, stats
 
-from cdi.descriptors import DESCRIPTOR_COLUMNS, descriptor_features
-from cdi.errors import CDIError
-from cdi.shift_guard import image_embeddings, shift_guard
+from cdi.data.descriptors import DESCRIPTOR_COLUMNS, descriptor_features
+from cdi.utils.errors import CDIError
+from cdi.data.shift_guard import image_embeddings, shift_guard
 
 
 def synthetic_images(n: int, rng: np.random.Generator, *, size: int = 32, contrast: float = 1.0,
@@ -76,7 +76,7 @@ def test_descriptor_input_errors():
 
 
 def test_builtin_embeddings_of_a_collection(tmp_path):
-    from cdi.data import ImageCollection
+    from cdi.data.collection import ImageCollection
 
     rng = np.random.default_rng(1)
     x = synthetic_images(5, rng, size=40)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from cdi.attacks.scorers import make_scorer
-from cdi.errors import CDIError
+from cdi.utils.errors import CDIError
 from cdi.features.registry import columns_of, directions_of, resolve_features, total_cost
 from cdi.features.sima import SimA, SimAConfig
 from oracle import GaussianOracle  # tests/ is on sys.path under pytest

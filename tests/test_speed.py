@@ -10,10 +10,10 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from cdi.cli import app
-from cdi.errors import CDIError
-from cdi.batching import parse_batch_size
-from cdi.speed import _entry, synthetic_images
+from cdi.cli.main import app
+from cdi.utils.errors import CDIError
+from cdi.engine.batching import parse_batch_size
+from cdi.engine.speed import _entry, synthetic_images
 from cdi.features.base import Cost
 from cdi.features.registry import FEATURE_SETS
 

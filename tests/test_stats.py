@@ -10,13 +10,13 @@ import pytest
 from scipy import special, stats
 from sklearn.metrics import roc_auc_score
 
-from cdi.blocks import normal_scores, z_from_t
-from cdi.errors import CDIError
-from cdi.feature_checks import check_features
-from cdi.scoring import CrossFit
-from cdi.calibration import null_calibration
-from cdi.sample_size import sample_size_curve
-from cdi.stats import (
+from cdi.stats.blocks import normal_scores, z_from_t
+from cdi.utils.errors import CDIError
+from cdi.stats.feature_checks import check_features
+from cdi.stats.scoring import CrossFit
+from cdi.stats.calibration import null_calibration
+from cdi.stats.sample_size import sample_size_curve
+from cdi.stats.verdict import (
     audit_test,
     auc,
     hedges_g,

@@ -1,4 +1,4 @@
-"""The feature store (cdi.store) and the feature table (cdi.table).
+"""The feature store (cdi.engine.store) and the feature table (cdi.engine.table).
 
 The store must be exact (float64 in, the same float64 out), keyed on
 everything that decides a value, all-or-nothing per transaction, safe under
@@ -22,10 +22,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import cdi.store
-from cdi.errors import CDIError
-from cdi.store import STORE_FILENAME, FeatureStore, resolve_store_path
-from cdi.table import FeatureTable, sidecar_path
+import cdi.engine.store
+from cdi.utils.errors import CDIError
+from cdi.engine.store import STORE_FILENAME, FeatureStore, resolve_store_path
+from cdi.engine.table import FeatureTable, sidecar_path
 
 REPO = Path(__file__).resolve().parents[1]
 MK, FK, COLS = "sd-float32-abc", "fam-0123456789abcdef", ["a", "b", "c"]
@@ -107,7 +107,7 @@ def test_existing_values_are_kept_and_columns_checked(tmp_path):
 def test_interrupted_transaction_leaves_nothing(tmp_path, monkeypatch):
     with FeatureStore(tmp_path / "s.sqlite") as store:
         store.put_many(MK, FK, 0, {sha(0): value_of(0)}, COLS)
-        real, calls = cdi.store._to_blob, []
+        real, calls = cdi.engine.store._to_blob, []
 
         def failing(value, ncols, h):
             calls.append(h)
@@ -115,7 +115,7 @@ def test_interrupted_transaction_leaves_nothing(tmp_path, monkeypatch):
                 raise RuntimeError("interrupted")
             return real(value, ncols, h)
 
-        monkeypatch.setattr(cdi.store, "_to_blob", failing)
+        monkeypatch.setattr(cdi.engine.store, "_to_blob", failing)
         with pytest.raises(RuntimeError, match="interrupted"):
             store.put_many(MK, FK, 0, {sha(i): value_of(i) for i in range(1, 6)}, COLS)
         assert len(calls) == 3  # two rows were inserted before the failure ...
@@ -127,7 +127,7 @@ def test_interrupted_transaction_leaves_nothing(tmp_path, monkeypatch):
                 store.put_many(MK, "fam-x", 0, {sha(7): value_of(7), sha(8): value_of(8)}, COLS)
                 store.put_many(MK, "fam-y", 0, {sha(7): value_of(7)}, COLS)
         assert store.count() == 1 and store.columns(MK, "fam-x") is None
-        monkeypatch.setattr(cdi.store, "_to_blob", real)
+        monkeypatch.setattr(cdi.engine.store, "_to_blob", real)
         store.put_many(MK, FK, 0, {sha(9): value_of(9)}, COLS)  # still usable
         assert store.count() == 2
     assert integrity(tmp_path / "s.sqlite") == "ok"
@@ -138,7 +138,7 @@ WRITER = """
     from pathlib import Path
     import numpy as np
     sys.path.insert(0, {repo!r})
-    from cdi.store import FeatureStore
+    from cdi.engine.store import FeatureStore
     path, first, last, per_tx, go = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
     while go != "-" and not Path(go).exists():
         time.sleep(0.01)

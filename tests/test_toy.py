@@ -11,9 +11,12 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from cdi import toy, toy_data, toy_training
-from cdi.cli import app
-from cdi.errors import CDIError
+from cdi.toy import data as toy_data
+from cdi.toy import training as toy_training
+from cdi.toy import shipped
+from cdi.toy import world as toy
+from cdi.cli.main import app
+from cdi.utils.errors import CDIError
 
 
 @pytest.fixture(scope="module")
@@ -225,14 +228,14 @@ def test_user_errors(tmp_path):
 
 
 def test_shipped_weights_are_intact_and_small():
-    shipped = sorted(p.name for p in toy.WEIGHTS_ROOT.iterdir()
-                     if (p / "training.json").is_file() and not p.name.startswith("sd-lora-"))  # cdi.toy_lora
-    assert shipped == sorted(f"{kind}-{strength}" for kind, strength in toy.TRAIN_CONFIGS)
+    names = sorted(p.name for p in shipped.WEIGHTS_ROOT.iterdir()
+                   if (p / "training.json").is_file() and not p.name.startswith("sd-lora-"))  # cdi.toy.lora
+    assert names == sorted(f"{kind}-{strength}" for kind, strength in toy.TRAIN_CONFIGS)
     total = 0
-    for name in shipped:
+    for name in names:
         kind, strength = name.split("-")
-        folder = toy.weights_dir(kind, strength)
-        weights, meta = toy.load_weights(folder)  # checks every SHA-256
+        folder = shipped.weights_dir(kind, strength)
+        weights, meta = shipped.load_weights(folder)  # checks every SHA-256
         assert meta["config"] == toy.TRAIN_CONFIGS[(kind, strength)].to_dict()
         assert meta["seed"] == 0 and weights.kind == kind
         total += sum(p.stat().st_size for p in folder.iterdir())
@@ -244,9 +247,9 @@ def test_training_is_deterministic(kind):
     images, labels = toy_data.load_digit_images()
     config = toy_training.TrainConfig(epochs=1, lr=1e-3, batch_size=8, vae_epochs=1, vae_batch_size=8)
     subset = slice(0, 16)
-    first = toy_training.train_toy_model(kind, images[subset], labels[subset], config, seed=0)
-    second = toy_training.train_toy_model(kind, images[subset], labels[subset], config, seed=0)
-    other = toy_training.train_toy_model(kind, images[subset], labels[subset], config, seed=1)
+    first = toy.train_model(kind, images[subset], labels[subset], config, seed=0)
+    second = toy.train_model(kind, images[subset], labels[subset], config, seed=0)
+    other = toy.train_model(kind, images[subset], labels[subset], config, seed=1)
     assert first.state_dicts.keys() == second.state_dicts.keys()
     for name, state in first.state_dicts.items():
         for key, value in state.items():

@@ -30,7 +30,7 @@ from typing import ClassVar, Literal, Sequence
 
 import torch
 
-from cdi.errors import CDIError
+from cdi.utils.errors import CDIError
 
 Conditioning = Literal["text", "class", "none"]
 PredictionType = Literal["epsilon", "v_prediction", "sample", "flow_prediction"]

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from diffusers import SchedulerMixin, UNet2DModel
 
-from cdi.errors import CDIError
+from cdi.utils.errors import CDIError
 from cdi.models.base import Condition, DiffusionAdapter
 from cdi.models.loading import square_resolution
 

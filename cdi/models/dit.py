@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKL, DiTTransformer2DModel, SchedulerMixin
 
-from cdi.errors import CDIError
+from cdi.utils.errors import CDIError
 from cdi.models.base import Condition, DiffusionAdapter
 from cdi.models.loading import autoencoder_downsampling, square_resolution
 from cdi.models.stable_diffusion import encode_autoencoder_kl

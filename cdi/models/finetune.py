@@ -42,8 +42,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
-from cdi.errors import CDIError
-from cdi.io import sha256_file
+from cdi.utils.errors import CDIError
+from cdi.utils.io import sha256_file
 
 #: family -> diffusers pipeline class whose loader mixins read LoRAs and single files.
 PIPELINE_CLASSES = {"sd": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline"}

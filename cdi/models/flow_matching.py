@@ -59,7 +59,7 @@ from typing import Iterator, Sequence
 
 import torch
 
-from cdi.errors import CDIError
+from cdi.utils.errors import CDIError
 from cdi.models.base import Condition, DiffusionAdapter
 from cdi.models.loading import autoencoder_downsampling
 

@@ -62,8 +62,8 @@ from huggingface_hub.errors import (
 )
 from safetensors import SafetensorError
 
-from cdi.errors import CDIError
-from cdi.io import sha256_file
+from cdi.utils.errors import CDIError
+from cdi.utils.io import sha256_file
 from cdi.models import finetune
 from cdi.models.registry import ALIASES
 

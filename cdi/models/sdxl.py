@@ -30,7 +30,7 @@ import torch
 from diffusers import AutoencoderKL, SchedulerMixin, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from cdi.errors import CDIError
+from cdi.utils.errors import CDIError
 from cdi.models.base import Condition
 from cdi.models.stable_diffusion import StableDiffusionAdapter, tokenize
 

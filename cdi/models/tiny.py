@@ -1,7 +1,7 @@
 """Tiny, locally built model parts for the toy world and the test suite.
 
 Nothing here touches the network: every component is built from a config
-with random weights (or trained by ``cdi.toy``) and saved with
+with random weights (or trained by ``cdi.toy.world``) and saved with
 ``save_pretrained``, so that it is loaded back through exactly the path a
 user's checkpoint takes.
 """
@@ -248,7 +248,7 @@ def _digit(i: int) -> str:
 def save_tiny_captioner(folder: str | Path, seed: int = 0) -> Path:
     """A tiny BLIP image captioner (random weights, 32 px input, a 40-word vocabulary), saved offline.
 
-    Loaded back by ``cdi.captions.Captioner`` through ``AutoProcessor`` and
+    Loaded back by ``cdi.models.captions.Captioner`` through ``AutoProcessor`` and
     ``AutoModelForImageTextToText``, the path a downloaded captioner takes;
     its captions are a few words drawn from the vocabulary (greedy decoding
     of random weights), enough to test captioning end to end.

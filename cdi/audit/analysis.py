@@ -1,0 +1,182 @@
+"""Steps 4 and 5 of the audit from feature tables alone: tests, sample size, shift guard, verdict, result.
+
+``analyse_tables`` needs only the feature tables, so stored features can be re-tested without the model;
+``build_result`` turns an analysis into the ``AuditResult`` that ``result.json`` records.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Sequence
+
+import numpy as np
+from scipy import special
+
+from cdi.utils.environment import environment_report
+from cdi.audit.result import AuditResult, FeatureWeight, ImageScore, SampleSizeCurve, ShiftGuard
+from cdi.engine.table import FeatureTable
+
+from cdi.audit.config import AuditConfig, reproduce_command
+
+@dataclass
+class Analysis:
+    """What ``analyse_tables`` concluded (the model-dependent part of a result)."""
+
+    verdict: str
+    test: Any  # cdi.stats.verdict.TestResult
+    curve: SampleSizeCurve | None
+    shift: ShiftGuard | None
+    seconds: dict[str, float]
+    estimate: dict[str, Any] | None = None  # cdi.stats.sample_size.ForwardSampleSize.to_dict()
+
+
+
+
+def analyse_tables(
+    published: FeatureTable,
+    unpublished: FeatureTable,
+    *,
+    directions: Sequence[int] | None,
+    config: AuditConfig,
+    shift_features: tuple[np.ndarray, np.ndarray, str] | None = None,
+) -> Analysis:
+    """Tests, sample-size curve, shift guard and verdict from feature tables alone.
+
+    ``shift_features`` is ``(descriptors of P, descriptors of U, encoder name)``
+    for the shift guard; None skips the guard (recorded as not run).
+    """
+    from cdi.data.shift_guard import shift_guard
+    from cdi.stats.sample_size import forward_sample_size, sample_size_curve
+    from cdi.stats.verdict import audit_test
+
+    seconds: dict[str, float] = {}
+    start = time.perf_counter()
+    test = audit_test(
+        published.values, unpublished.values, directions=directions, scorer=config.scorer,
+        folds=config.folds, permutations=config.permutations, alpha=config.alpha, seed=config.seed,
+        protocol=config.protocol, columns=published.columns, verdict=config.verdict,
+    )
+    seconds["test_s"] = time.perf_counter() - start
+    estimate = forward_sample_size(
+        float(-special.ndtri_exp(min(test.ttest_log10_p * math.log(10.0), 0.0))), test.n_published,
+        test.n_unpublished, alpha=config.alpha).to_dict()
+
+    curve = None
+    if config.sample_size_resamples > 0:
+        start = time.perf_counter()
+        raw = sample_size_curve(
+            published.values, unpublished.values, directions=directions, alpha=config.alpha,
+            resamples=config.sample_size_resamples, seed=config.seed, scorer=config.scorer,
+            folds=config.folds, columns=published.columns,
+            protocol="sequential" if config.protocol == "sequential" else "pooled",
+        )
+        curve = SampleSizeCurve(
+            sizes=list(raw.sizes), median_p=list(raw.median_p), share_significant=list(raw.share_significant),
+            n_needed=raw.n_needed, target_share=raw.power, resamples=raw.resamples, alpha=raw.alpha,
+        )
+        seconds["sample_size_curve_s"] = time.perf_counter() - start
+
+    shift = None
+    if shift_features is not None:
+        start = time.perf_counter()
+        feats_p, feats_u, encoder = shift_features
+        guard = shift_guard(feats_p, feats_u, alpha=config.shift_alpha, seed=config.seed, encoder=encoder)
+        shift = ShiftGuard(
+            encoder=guard.encoder, p_value=guard.p_value, auc=guard.auc, detected=guard.detected,
+            ignored=config.ignore_shift, alpha=config.shift_alpha, note=guard.note,
+        )
+        seconds["shift_guard_s"] = time.perf_counter() - start
+
+    verdict = decide_verdict(bool(test.rejected), shift, ignore_shift=config.ignore_shift)
+    return Analysis(verdict=verdict, test=test, curve=curve, shift=shift, seconds=seconds, estimate=estimate)
+
+
+def decide_verdict(rejected: bool, shift: ShiftGuard | None, *, ignore_shift: bool) -> str:
+    """``inconclusive`` if the shift guard detected a shift (unless ignored), else ``used`` if the test rejected."""
+    if shift is not None and shift.detected and not ignore_shift:
+        return "inconclusive"
+    return "used" if rejected else "not_detected"
+
+
+def _family_of_columns(families) -> dict[str, str]:
+    from cdi.audit.reference import difference_column
+
+    named = {column: family.name for family in families for column in family.columns()}
+    return {**named, **{difference_column(c): name for c, name in named.items()}}
+
+
+def build_result(
+    analysis: Analysis,
+    published: FeatureTable,
+    unpublished: FeatureTable,
+    *,
+    families,
+    feature_spec: str,
+    directions: Sequence[int] | None,
+    model: dict[str, Any],
+    config: AuditConfig,
+    timings: dict[str, Any],
+) -> AuditResult:
+    """Assemble the ``AuditResult`` of an analysis."""
+    test = analysis.test
+    scoring = test.scoring
+    n_p = len(published)
+    scores, tested = scoring.scores, scoring.tested
+    rows = []
+    for i, table in enumerate([published, unpublished]):
+        offset = 0 if i == 0 else n_p
+        name = "published" if i == 0 else "unpublished"
+        for j in range(len(table)):
+            rows.append(ImageScore(
+                path=table.paths[j], sha256=table.hashes[j], collection=name, caption=table.captions[j],
+                score=float(scores[offset + j]), in_test=bool(tested[offset + j]),
+            ))
+    family_of = _family_of_columns(families)
+    weights = [FeatureWeight(column=c, family=family_of.get(c, c), weight=float(w))
+               for c, w in scoring.coefficients.items()]
+    protocol = test.to_dict()
+    for key in ("scores_published", "scores_unpublished", "scoring"):
+        protocol.pop(key, None)
+    protocol.update(name=test.protocol, description=_protocol_description(test.protocol),
+                    coefficient_kind=scoring.coefficient_kind)
+    return AuditResult(
+        verdict=analysis.verdict,
+        p_value=float(test.verdict_p),
+        p_value_ttest=float(test.ttest_p),
+        p_value_permutation=None if test.permutation_p is None else float(test.permutation_p),
+        alpha=config.alpha,
+        n_published=n_p,
+        n_unpublished=len(unpublished),
+        statistic=float(test.statistic),
+        df=None if test.df is None else float(test.df),
+        effect_size=float(test.effect_size),
+        auc=float(test.auc),
+        protocol=protocol,
+        scores=rows,
+        feature_weights=weights,
+        sample_size_curve=analysis.curve,
+        sample_size_estimate=analysis.estimate,
+        shift_guard=analysis.shift,
+        model=model,
+        features={
+            "set": feature_spec,
+            "families": [{"name": f.name, "key": f.key(), "config": f.config_dict(), "columns": f.columns()}
+                         for f in families],
+            "columns": list(published.columns),
+            "directions": None if directions is None else [int(d) for d in directions],
+        },
+        parameters={k: v for k, v in asdict(config).items() if k not in ("force", "token")},
+        seed=config.seed,
+        command=reproduce_command(config),
+        environment=environment_report(),
+        timings={**timings, **analysis.seconds},
+    )
+
+
+def _protocol_description(name: str) -> str:
+    from cdi.stats import verdict
+
+    text = verdict.PROTOCOL_DESCRIPTIONS.get(name) if hasattr(verdict, "PROTOCOL_DESCRIPTIONS") else None
+    return text or (verdict.__doc__ or "").strip()

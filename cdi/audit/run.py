@@ -1,0 +1,258 @@
+"""The audit: were the published images used to train the model?
+
+``run_audit`` is what ``cdi audit`` calls. In order:
+
+1. validate every option and both image folders (nothing is written or
+   loaded before the inputs are known to be usable): seed, workers, an
+   output folder that can be written and holds no files of the user's,
+   images (``cdi.data.collection``: hostile names, FIFOs, duplicates within and
+   across the folders; ``cdi.data.duplicates``: perceptual near-duplicates
+   warned about), and the captions the model and features need
+   (``cdi.models.captions.check_captions``);
+2. with ``--captions auto``, caption every image (``cdi.models.captions``); load the
+   model and resolve the feature families;
+3. extract per-image features of P and U (one encode per image, cached in
+   the feature store when one is given);
+4. run the verdict test and the permutation test (``cdi.stats.verdict.audit_test``),
+   the sample-size curve (``cdi.stats.sample_size.sample_size_curve``, with the forward estimate) and the shift
+   guard (``cdi.data.shift_guard``) on model-free image descriptors;
+5. decide the verdict: ``inconclusive`` if the shift guard detects that P
+   and U differ without the model (unless ``ignore_shift``), else ``used`` if
+   the verdict test rejects at ``alpha``, else ``not_detected``;
+6. write ``features.csv`` (+ sidecar), ``result.json`` and ``report.html``
+   into the output folder as one (``cdi.audit.evidence.write_evidence``: a crash
+   leaves the complete old audit or the complete new one).
+
+``analyse_tables`` is steps 4 and 5 on their own: it needs only the feature
+tables, so stored features can be re-tested without the model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Sequence
+
+
+from cdi.data.collection import ImageCollection, load_audit_collections
+from cdi.data.duplicates import NEAR_DUPLICATE_BITS, near_duplicates
+from cdi.utils.errors import CDIError
+from cdi.audit.result import FEATURES_FILE, REPORT_FILE, RESULT_FILE, AuditResult
+from cdi.engine.table import FeatureTable
+# The audit's options and its analysis from feature tables, re-exported: ``cdi.audit.run`` is the module
+# ``cdi audit`` runs, and its callers import these names from here.
+from cdi.audit.analysis import Analysis, analyse_tables, build_result, decide_verdict  # noqa: F401
+from cdi.audit.config import (  # noqa: F401
+    SCORERS, AuditConfig, check_seed, check_workers, check_writable, reproduce_command,
+)
+
+logger = logging.getLogger("cdi")
+
+
+def run_audit(config: AuditConfig, *, progress: bool = True) -> AuditResult:
+    """Run a whole audit and write its files into ``config.out``; see the module docstring."""
+    from cdi.engine.batching import parse_batch_size, resolve_batch_size
+    from cdi.models import load_model
+    from cdi.data.shift_guard import image_embeddings
+    from cdi.features.extract import extract_features
+    from cdi.features.registry import default_feature_set, directions_of, resolve_features
+
+    from cdi.engine.distributed import ray_runner
+    from cdi.audit.evidence import write_evidence
+
+    if config.from_features:
+        from cdi.audit.from_features import run_audit_from_features
+
+        return run_audit_from_features(config)
+    started = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    t0 = time.perf_counter()
+    config.validate()
+    published, unpublished = load_audit_collections(
+        config.published, config.unpublished, skip_bad=config.skip_bad, max_pixels=config.max_pixels
+    )
+    _check_sizes(published, unpublished, config.folds)
+    inputs = input_record(published, unpublished)
+    published, unpublished, caption_record = prepare_captions(
+        [published, unpublished], model=config.model, revision=config.revision, features=config.features,
+        captions=config.captions, store=config.store, device=config.device, dtype=config.dtype,
+    )
+
+    options = dict(name=config.model, revision=config.revision, variant=config.variant, dtype=config.dtype,
+                   allow_pickle=config.allow_pickle, compile=config.compile, **config.loading_options())
+    hub = dict(local_files_only=config.local_files_only, cache_dir=config.cache_dir, token=config.token)
+    with contextlib.ExitStack() as stack:
+        runner = ray_runner(config.ray, workers=config.ray_workers, threads=config.ray_threads,
+                            device=config.device, **options)
+        if runner is not None:  # Ray workers compute; this process keeps a CPU copy for keys and columns
+            stack.enter_context(runner)
+            options.update(compile=False)
+        adapter = load_model(**options, device="cpu" if runner is not None else config.device, **hub)
+        reference = None
+        if config.reference_model:
+            from cdi.audit.reference import check_reference
+
+            reference = load_model(config.reference_model, dtype=config.dtype, device=config.device,
+                                   allow_pickle=config.allow_pickle, compile=config.compile, **hub)
+            check_reference(adapter, reference)
+        feature_spec = config.features or default_feature_set(adapter)
+        families = resolve_features(feature_spec)
+        for family in families:
+            family.check_applicable(adapter)
+        directions = directions_of(families, adapter)
+        t_loaded = time.perf_counter()
+
+        caption = published.records[0].caption
+        if runner is None:
+            batch_size = resolve_batch_size(config.batch_size, adapter, families, caption)
+        else:
+            batch_size = parse_batch_size(config.batch_size)
+            batch_size = runner.auto_batch_size(adapter, families, caption) if batch_size == "auto" else batch_size
+        extract_kwargs = dict(seed=config.seed, batch_size=batch_size, store=config.store,
+                              num_workers=config.workers, progress=progress)
+        tables = [extract_features(adapter, collection, families, runner=runner, **extract_kwargs)
+                  for collection in (published, unpublished)]
+        if reference is not None:  # the reference runs in this process (not on the Ray workers)
+            from cdi.audit.reference import calibrate, reference_tables
+
+            tables = calibrate(tables, reference_tables(reference, (published, unpublished), families,
+                                                        extract_kwargs=extract_kwargs))
+    t_extracted = time.perf_counter()
+
+    emb_p, encoder = image_embeddings(published, encoder=config.shift_encoder)
+    emb_u, _ = image_embeddings(unpublished, encoder=encoder)
+    t_embedded = time.perf_counter()
+
+    analysis = analyse_tables(tables[0], tables[1], directions=directions, config=config,
+                              shift_features=(emb_p, emb_u, encoder))
+    timings = {
+        "started_at": started,
+        "load_s": t_loaded - t0,
+        "extract_s": t_extracted - t_loaded,
+        "shift_embeddings_s": t_embedded - t_extracted,
+        "extraction": {name: {k: t.meta["extraction"][k] for k in ("computed", "from_store", "seconds")}
+                       for name, t in zip(("published", "unpublished"), tables)},
+    }
+    model = {**adapter.describe(), "files": dict(getattr(adapter, "files", {}))}
+    result = build_result(analysis, tables[0], tables[1], families=families, feature_spec=feature_spec,
+                          directions=directions, model=model, config=config, timings=timings)
+    # the batch size was chosen for the device that computed: the Ray workers' when --ray
+    compute_device = adapter.device if runner is None else runner.compute_device
+    result.extraction = extraction_record(config.batch_size, batch_size, compute_device, tables)
+    result.inputs, result.captions = inputs, caption_record
+    if reference is not None:
+        result.reference_model = reference.describe()
+        result.question = "used_beyond_reference"
+    result.timings["total_s"] = time.perf_counter() - t0
+    write_evidence(config.out, result, tables)
+    return result
+
+
+def extraction_record(requested: int | str, batch_size: int, device, tables: Sequence[FeatureTable]) -> dict:
+    """How the features were computed, for ``result.json``: the batch size used and how it was chosen.
+
+    ``final_batch_size`` is the smallest batch any collection ended at (below
+    ``batch_size`` only when CUDA ran out of memory and the batch was halved).
+    """
+    from cdi.engine.batching import auto_batch_rule, parse_batch_size
+
+    finals = [t.meta["extraction"].get("final_batch_size") for t in tables]
+    finals = [f for f in finals if f is not None]
+    return {
+        "batch_size": batch_size,
+        "batch_size_rule": auto_batch_rule(device) if parse_batch_size(requested) == "auto" else "given",
+        "final_batch_size": min(finals) if finals else batch_size,
+    }
+
+
+def input_record(published: ImageCollection, unpublished: ImageCollection) -> dict[str, Any]:
+    """The ``inputs`` section of ``result.json``: every file seen in P and U with what happened to it.
+
+    Per collection: ``root``, ``counts`` (``ImageCollection.file_counts``) and
+    ``files`` (``ImageCollection.file_log``); then ``near_duplicates``, the
+    (published, unpublished) pairs whose perceptual hashes almost agree
+    (``cdi.data.duplicates.near_duplicates``), each also logged as a warning. Exact
+    duplicates across the folders never get here: they are refused.
+    """
+    near = near_duplicates(published, unpublished)
+    if near:
+        logger.warning(
+            "%d published/unpublished pair(s) look nearly identical (perceptual hash within %d of 64 bits); "
+            "check that no unpublished image is a copy of a published one: %s", len(near), NEAR_DUPLICATE_BITS,
+            "; ".join(f"{d['published']} ~ {d['unpublished']}" for d in near[:10]))
+    record: dict[str, Any] = {
+        c.name: {"root": str(c.root), "counts": c.file_counts(), "files": c.file_log()}
+        for c in (published, unpublished)
+    }
+    record["near_duplicates"] = near
+    record["near_duplicate_bits"] = NEAR_DUPLICATE_BITS
+    return record
+
+
+def prepare_captions(
+    collections: Sequence[ImageCollection], *, model: str, revision: str | None, features: str | None,
+    captions: str | None, store: str | None, device: str, dtype: str,
+) -> tuple[Any, ...]:
+    """Check, before the diffusion model loads, that the features get the captions they need, and with
+    ``captions="auto[:MODEL]"`` caption every image (``cdi.models.captions``).
+
+    Returns the collections (captioned when asked) followed by the
+    ``captions`` record of the result.
+    """
+    from cdi.models.captions import (
+        CaptionCache,
+        Captioner,
+        cache_folder,
+        caption_collections,
+        check_captions,
+        model_conditioning,
+        parse_captions_option,
+    )
+    from cdi.features.registry import default_set_for, resolve_features
+
+    option = parse_captions_option(captions)
+    conditioning = model_conditioning(model, revision=revision)
+    families = resolve_features(features or default_set_for(conditioning or "none"))
+    record = check_captions(conditioning, families, collections, option)
+    if option.source == "auto" and conditioning in ("class", "none"):
+        raise CDIError(f"--captions auto writes text captions, but {model} is "
+                       f"{'class-conditioned (its captions are class labels)' if conditioning == 'class' else 'unconditional'}; "
+                       "drop --captions")
+    if option.source == "auto":
+        captioner = Captioner(option.captioner, device=device, dtype=dtype)
+        collections, auto = caption_collections(collections, captioner, CaptionCache(cache_folder(store), captioner))
+        record = {**record, **auto}
+        del captioner
+        _free_device_memory()
+    return (*collections, record)
+
+
+def _free_device_memory() -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _check_sizes(published: ImageCollection, unpublished: ImageCollection, folds: int) -> None:
+    from cdi.stats.blocks import minimum_images
+
+    need = minimum_images(folds)
+    for collection in (published, unpublished):
+        if len(collection) < need:
+            raise CDIError(
+                f"the {collection.name} folder has {len(collection)} usable images, but an audit with "
+                f"--folds {folds} needs at least {need} per collection (more images give more power; "
+                f"tens to hundreds are typical)"
+            )
+
+
+def output_files(folder: str | Path) -> list[Path]:
+    """The files an audit writes into its output folder."""
+    folder = Path(folder)
+    return [folder / RESULT_FILE, folder / FEATURES_FILE, folder / REPORT_FILE]

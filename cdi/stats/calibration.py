@@ -1,0 +1,137 @@
+"""Null calibration: many audits in which the null hypothesis holds by construction."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+from scipy import stats
+
+from cdi.utils.errors import CDIError
+from cdi.stats.verdict import audit_test
+
+
+@dataclass
+class CalibrationCheck:
+    """Rejection rate of one p-value at one level, against Binomial(audits, alpha)."""
+
+    test: str
+    alpha: float
+    rejections: int
+    audits: int
+    low: int
+    high: int
+
+    @property
+    def rate(self) -> float:
+        return self.rejections / self.audits
+
+    @property
+    def ok(self) -> bool:
+        return self.low <= self.rejections <= self.high
+
+
+@dataclass
+class NullCalibration:
+    """Outcome of many audits in which P and U come from the same pool.
+
+    ``checks``: for every test and level, the number of rejections and the
+    central 99% interval of Binomial(audits, alpha) it must fall in.
+    ``ks_pvalues``: KS test of uniformity of every test's p-values.
+    ``calibrated``: all rejection counts inside their intervals and every
+    KS p-value above ``ks_level``.
+    """
+
+    pvalues: dict[str, np.ndarray]
+    checks: list[CalibrationCheck]
+    ks_pvalues: dict[str, float]
+    ks_level: float
+    sizes: list[tuple[int, int]]
+
+    @property
+    def calibrated(self) -> bool:
+        return all(c.ok for c in self.checks) and all(p > self.ks_level for p in self.ks_pvalues.values())
+
+    def summary(self) -> str:
+        lines = []
+        for c in self.checks:
+            lines.append(f"{c.test:12s} alpha={c.alpha:<5} rejected {c.rejections}/{c.audits} "
+                         f"({c.rate:.3f}); 99% interval [{c.low}, {c.high}] {'ok' if c.ok else 'FAIL'}")
+        for name, p in self.ks_pvalues.items():
+            lines.append(f"{name:12s} KS uniformity p={p:.3g} {'ok' if p > self.ks_level else 'FAIL'}")
+        return "\n".join(lines)
+
+
+def null_calibration(
+    pool: np.ndarray,
+    *,
+    sizes: Sequence[tuple[int, int]] = ((50, 50), (120, 80), (60, 300), (300, 300)),
+    audits: int = 200,
+    alphas: Sequence[float] = (0.05, 0.01),
+    permutations: int = 0,
+    directions: np.ndarray | Sequence[int] | None = None,
+    scorer: str = "logistic",
+    folds: int = 5,
+    protocol: str = "pooled",
+    penalty: float | None = None,
+    seed: int = 0,
+    interval: float = 0.99,
+    ks_level: float = 0.001,
+) -> NullCalibration:
+    """Run ``audits`` audits whose P and U are disjoint random draws from ``pool``.
+
+    Audit ``i`` draws ``sizes[i % len(sizes)] = (n_published, n_unpublished)``
+    rows without replacement. Since P and U come from the same rows the null
+    hypothesis holds, so every p-value should be uniform: its rejection count
+    at each ``alpha`` must lie in the central ``interval`` of
+    Binomial(audits, alpha), and a KS test must not reject uniformity at
+    ``ks_level``. Checks the protocol's parametric p-value (the verdict's) and, with
+    ``permutations > 0``, the permutation p-value.
+
+    Use it on any pool of feature rows known to be null, for example the
+    unpublished images of a real audit or held-out images of a toy model.
+
+    The audits walk through the shuffled pool in disjoint slices and
+    reshuffle when it is used up, so audits of one pass share no rows. Audits
+    of different passes do, which makes their p-values slightly dependent and
+    the binomial interval somewhat too narrow: use a pool many times larger
+    than one audit. (On synthetic data, 1,200 audits drawn with overlap from
+    a pool 10 times one audit's size sat at the edge of the interval at
+    alpha 0.01, while 2,000 audits on fresh data rejected 1.05%.)
+    """
+    pool = np.asarray(pool, dtype=np.float64)
+    if pool.ndim != 2:
+        raise CDIError(f"the null pool must be a 2-D array (images x features), got shape {pool.shape}")
+    biggest = max(a + b for a, b in sizes)
+    if biggest > len(pool):
+        raise CDIError(f"the null pool has {len(pool)} rows but an audit of sizes {sizes} needs {biggest}")
+    rng = np.random.default_rng([int(seed), 0xCA1])
+    first = {"pooled": "pooled t+F", "sequential": "t-test", "crossfit": "t-test (crossfit)"}.get(protocol, protocol)
+    names = [first] + (["permutation"] if permutations else [])
+    collected: dict[str, list[float]] = {n: [] for n in names}
+    order, used = rng.permutation(len(pool)), 0
+    for i in range(int(audits)):
+        n1, n0 = sizes[i % len(sizes)]
+        if used + n1 + n0 > len(pool):  # next pass over the pool
+            order, used = rng.permutation(len(pool)), 0
+        rows = order[used:used + n1 + n0]
+        used += n1 + n0
+        res = audit_test(pool[rows[:n1]], pool[rows[n1:]], directions=directions, scorer=scorer,
+                         folds=folds, permutations=permutations, alpha=0.05, seed=int(rng.integers(2**31)),
+                         protocol=protocol, penalty=penalty)
+        collected[names[0]].append(res.ttest_p)
+        if permutations:
+            collected["permutation"].append(res.permutation_p)
+    pvalues = {k: np.asarray(v) for k, v in collected.items()}
+    checks = []
+    tail = (1.0 - interval) / 2.0
+    for name, ps in pvalues.items():
+        for a in alphas:
+            low = int(stats.binom.ppf(tail, audits, a))
+            high = int(stats.binom.isf(tail, audits, a))
+            checks.append(CalibrationCheck(test=name, alpha=float(a), rejections=int(np.sum(ps < a)),
+                                           audits=int(audits), low=low, high=high))
+    ks = {name: float(stats.kstest(ps, "uniform").pvalue) for name, ps in pvalues.items()}
+    return NullCalibration(pvalues=pvalues, checks=checks, ks_pvalues=ks, ks_level=float(ks_level),
+                           sizes=[tuple(s) for s in sizes])
