@@ -112,8 +112,11 @@ def test_fine_tune_options_reach_load_model(monkeypatch, tmp_path):
         raise CDIError("stop here")
 
     monkeypatch.setattr("cdi.models.load_model", fake_load_model)
-    for name in ("a.safetensors", "b.safetensors"):
-        (tmp_path / name).write_bytes(b"")
+    import torch
+    from safetensors.torch import save_file
+
+    for name in ("a.safetensors", "b.safetensors"):  # a readable header: --lora checks it for DoRA keys
+        save_file({"x": torch.zeros(1)}, str(tmp_path / name))
     (tmp_path / "unet").mkdir()
     (tmp_path / "vae").mkdir()
     result = runner.invoke(app, ["speed", "--model", "base", "--lora", str(tmp_path / "a.safetensors"),

@@ -40,7 +40,7 @@ class AuditConfig:
     shift_encoder: str = "auto"
     batch_size: int | str = "auto"
     device: str = "auto"
-    dtype: str = "float32"
+    dtype: str = "default"  # on CUDA the release dtype (cdi.models.loading.resolve_dtype_for)
     store: str | None = None
     revision: str | None = None
     variant: str | None = None

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -75,6 +76,7 @@ def run_audit(config: AuditConfig, *, progress: bool = True) -> AuditResult:
     )
     _check_sizes(published, unpublished, config.folds)
     inputs = input_record(published, unpublished)
+    memory_plan = _plan_memory(config, len(published) + len(unpublished), progress=progress)
     published, unpublished, caption_record = prepare_captions(
         [published, unpublished], model=config.model, revision=config.revision, features=config.features,
         captions=config.captions, store=config.store, device=config.device, dtype=config.dtype,
@@ -141,6 +143,8 @@ def run_audit(config: AuditConfig, *, progress: bool = True) -> AuditResult:
     # the batch size was chosen for the device that computed: the Ray workers' when --ray
     compute_device = adapter.device if runner is None else runner.compute_device
     result.extraction = extraction_record(config.batch_size, batch_size, compute_device, tables)
+    if memory_plan is not None:
+        result.extraction["memory_plan"] = memory_plan.as_dict()
     result.inputs, result.captions = inputs, caption_record
     if reference is not None:
         result.reference_model = reference.describe()
@@ -148,6 +152,27 @@ def run_audit(config: AuditConfig, *, progress: bool = True) -> AuditResult:
     result.timings["total_s"] = time.perf_counter() - t0
     write_evidence(config.out, result, tables)
     return result
+
+
+def _plan_memory(config: AuditConfig, images: int, *, progress: bool):
+    """The audit's memory plan (``cdi.engine.memory_plan``), printed as one line; stops an audit that cannot fit.
+
+    Built from the model's configs before any weight loads (activations
+    traced on CUDA only, where the plan decides whether the audit runs); None,
+    and a line saying so, when the configs are not local (a hub id not yet
+    downloaded, a single-file checkpoint).
+    """
+    from cdi.engine.memory_plan import check_fits, plan_for, planned_device
+
+    device = planned_device("cpu" if config.ray else config.device)
+    plan = plan_for(config.model, device=device, dtype=config.dtype, features=config.features,
+                    batch_size=config.batch_size, images=images, trace=device.startswith("cuda"))
+    if progress:
+        print(plan.summary() if plan is not None else
+              "memory plan: not made (the model's configs are not local yet)", file=sys.stderr)
+    if plan is not None:
+        check_fits(plan)
+    return plan
 
 
 def extraction_record(requested: int | str, batch_size: int, device, tables: Sequence[FeatureTable]) -> dict:

@@ -637,6 +637,8 @@ def speed_command(
     images_dir: str = typer.Option(None, "--images-dir", help="Time these images instead of synthetic ones."),
     max_pixels: int = typer.Option(None, "--max-pixels", help=MAX_PIXELS_HELP),
     audit_size: int = typer.Option(1000, "--audit-size", help="Images per collection of the audit whose duration is estimated."),
+    plan: bool = typer.Option(False, "--plan", help="Print the memory plan (weights, activations, caption cache) without loading any weights; a local folder or an alias with published configs (flux-dev, sd35-large, sd35-medium, sdxl, sd15)."),
+    gpu_memory: float = typer.Option(None, "--gpu-memory", help="With --plan: GiB of device memory to plan for (default: the GPU's own; 80 when planning --device cuda on a machine without one)."),
     fmt: str = format_option(),
     loader: LoaderOptions = None,
 ) -> None:
@@ -648,6 +650,9 @@ def speed_command(
 
     with _user_errors():
         batch = parse_batch_size(batch_size)
+        if plan:
+            _print_plan(model, loader, features, batch, 2 * audit_size, gpu_memory, fmt)
+            return
         if images is not None and images < 1:
             raise CDIError(f"--images must be at least 1, got {images}")
         if audit_size < 1:
@@ -669,6 +674,24 @@ def speed_command(
             print(to_json(report))
         else:
             console.print(speed_table(report))
+
+
+def _print_plan(model: str, loader: LoaderOptions, features: str | None, batch: int | str, images: int,
+                gpu_memory: float | None, fmt: str) -> None:
+    """``cdi speed --plan``: the memory plan of ``model`` (``cdi.engine.memory_plan``), built from configs only."""
+    import json
+
+    from cdi.engine.memory_plan import plan_for
+
+    memory_plan = plan_for(model, device=loader.device, dtype=loader.dtype, features=features, batch_size=batch,
+                           images=images, gpu_memory_gib=gpu_memory)
+    if memory_plan is None:
+        raise CDIError(f"no configs of {model!r} here to plan from; give a local pipeline folder or one of the "
+                       "aliases with published configs (flux-dev, sd35-large, sd35-medium, sdxl, sd15)")
+    if fmt == "json":
+        print(json.dumps(memory_plan.as_dict(), indent=2))
+    else:
+        print("\n".join(memory_plan.lines()))
 
 
 @app.command("benchmark")

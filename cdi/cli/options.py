@@ -80,7 +80,7 @@ class LoaderOptions:
     """
 
     device: str = "auto"
-    dtype: str = "float32"
+    dtype: str = "default"
     revision: str | None = None
     variant: str | None = None
     allow_pickle: bool = False
@@ -120,7 +120,7 @@ class LoaderOptions:
         """Validate device, dtype and the fine-tune options before any model is loaded (raises ``CDIError``)."""
         from cdi.models.loading import resolve_device, resolve_dtype
 
-        resolve_dtype(self.dtype, resolve_device(self.device))
+        resolve_dtype(self.dtype, resolve_device(self.device))  # "default" is resolved per family at load
         self.loading_options()
 
 
@@ -128,9 +128,10 @@ class LoaderOptions:
 _LOADER_OPTIONS: dict[str, tuple[Any, Callable[[], Any]]] = {
     "device": (str, lambda: typer.Option("auto", "--device", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps.")),
     "dtype": (str, lambda: choice(
-        "float32", "--dtype", ("auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16"),
-        "Compute dtype of the model: float32 (default, the reference), bfloat16, float16 (GPU only), or auto "
-        "(bfloat16 on a GPU that supports it, float32 elsewhere).")),
+        "default", "--dtype", ("default", "auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16"),
+        "Compute dtype of the model: default (on CUDA the dtype the checkpoint was released in: bfloat16 for "
+        "SD3/3.5, FLUX.1 and Z-Image, float32 for the others; float32 elsewhere), float32 (the reference), "
+        "bfloat16, float16 (GPU only), or auto (bfloat16 on a GPU that supports it, float32 elsewhere).")),
     "revision": (Optional[str], lambda: typer.Option(None, "--revision", help="Branch, tag or commit of a hub model.")),
     "variant": (Optional[str], lambda: typer.Option(None, "--variant", help="Weight variant, e.g. fp16.")),
     "allow_pickle": (bool, lambda: typer.Option(

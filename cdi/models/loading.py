@@ -160,6 +160,24 @@ def auto_dtype(device: torch.device | str) -> torch.dtype:
     return torch.float32
 
 
+#: The dtype each family's checkpoints are released in (used by ``--dtype default`` on CUDA).
+RELEASE_DTYPES = {"sd3": torch.bfloat16, "flux": torch.bfloat16, "zimage": torch.bfloat16}
+
+
+def resolve_dtype_for(name: str | torch.dtype, device: torch.device | str, family: str | None) -> torch.dtype:
+    """``resolve_dtype``, where ``"default"`` is the release dtype on CUDA and float32 elsewhere.
+
+    On CUDA, SD3/3.5, FLUX.1 and Z-Image (released in bfloat16, whose 12B
+    transformers do not fit a GPU in float32 next to their activations) run in
+    bfloat16; the UNet families stay float32, the reference. ``--dtype
+    float32`` still gives float32 everywhere.
+    """
+    if isinstance(name, str) and name.strip().lower() == "default":
+        cuda = torch.device(device).type == "cuda"
+        name = RELEASE_DTYPES.get(family or "", torch.float32) if cuda else torch.float32
+    return resolve_dtype(name, device)
+
+
 def resolve_dtype(name: str | torch.dtype, device: torch.device | str) -> torch.dtype:
     """The compute dtype for ``name`` on ``device``.
 
@@ -169,6 +187,8 @@ def resolve_dtype(name: str | torch.dtype, device: torch.device | str) -> torch.
     """
     if isinstance(name, torch.dtype):
         dtype = name
+    elif str(name).strip().lower() == "default":  # checked here; resolved per family by resolve_dtype_for
+        dtype = torch.float32
     elif str(name).strip().lower() == "auto":
         dtype = auto_dtype(device)
     else:
@@ -220,7 +240,7 @@ def load_model(
     *,
     revision: str | None = None,
     variant: str | None = None,
-    dtype: str | torch.dtype = "float32",
+    dtype: str | torch.dtype = "default",
     device: str = "auto",
     allow_pickle: bool = False,
     local_files_only: bool | None = None,
@@ -245,7 +265,9 @@ def load_model(
     variant : str, optional
         Weight variant, e.g. ``"fp16"`` (loads ``*.fp16.safetensors``).
     dtype : str or torch.dtype
-        Compute dtype of the denoiser and text encoders (see ``resolve_dtype``).
+        Compute dtype of the denoiser and text encoders (see ``resolve_dtype``);
+        ``"default"``: the family's release dtype on CUDA, float32 elsewhere
+        (``resolve_dtype_for``).
     device : str
         ``"auto"``, ``"cpu"``, ``"cuda[:i]"`` or ``"mps"``.
     allow_pickle : bool
@@ -281,7 +303,7 @@ def load_model(
     """
     name = os.fspath(name)
     torch_device = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, torch_device)
+    resolve_dtype(dtype, torch_device)  # a bad name fails before any file is read
     if compile:
         check_compile_supported(torch_device)
     offline = _offline(local_files_only)
@@ -301,6 +323,7 @@ def load_model(
         )
     index = read_model_index(folder)
     family = detect_family(index, folder)
+    torch_dtype = resolve_dtype_for(dtype, torch_device, family)
     adapter_cls = adapter_class(family)
     _check_components(adapter_cls, index, folder)
     unknown = sorted(set(overrides) - set(adapter_cls.components))
