@@ -137,3 +137,112 @@ def test_forward_sample_size_estimate():
     weak = forward_sample_size(1.0, 100, 100)
     assert weak.published_high is None and weak.published_needed > est.published_needed
     assert forward_sample_size(-0.5, 100, 100).published_needed is None
+
+
+# --------------------------------------------------------------------------
+# issue 21: the decomposition of Z and the direction rule
+# --------------------------------------------------------------------------
+
+
+def test_verdict_statistic_is_decomposed_into_its_two_parts():
+    """prior_contribution + rest_contribution = Z; the shares sum to 1; each z is its part's p-value on the normal scale."""
+    rng = np.random.default_rng(5)
+    P, U = draw(90, rng, 0.25), draw(70, rng)
+    res = audit_test(P, U, directions=DIRECTIONS, permutations=0)
+    parts = res.pooled
+    assert parts["prior_contribution"] + parts["rest_contribution"] == pytest.approx(parts["z"], rel=1e-12)
+    assert parts["prior_share"] + parts["rest_share"] == pytest.approx(1.0, rel=1e-12)
+    assert parts["prior_z"] == pytest.approx(stats.norm.isf(np.exp(parts["prior_log_p"])), rel=1e-9)
+    assert parts["rest_z"] == pytest.approx(stats.norm.isf(np.exp(parts["rest_log_p"])), rel=1e-9)
+    norm = np.hypot(PRIOR_WEIGHT, 1.0)
+    assert parts["prior_contribution"] == pytest.approx(PRIOR_WEIGHT * parts["prior_z"] / norm, rel=1e-12)
+    assert (parts["prior_weight"], parts["rest_weight"]) == (PRIOR_WEIGHT, 1.0)
+    assert parts["prior_p_against"] == pytest.approx(stats.t.cdf(parts["prior_t"], 158), rel=1e-9)
+    assert res.statistic == parts["z"]
+    json.dumps(res.to_dict(), allow_nan=False)
+
+
+def collinear(n, rng):
+    """``draw`` with column 2 nearly a copy of column 3 (as losses at neighbouring timesteps are)."""
+    X = draw(n, rng)
+    X[:, 2] = X[:, 3] + 0.15 * rng.standard_normal(n)
+    return X
+
+
+def against_the_members(n, rng, strength, columns):
+    """Published rows shifted AGAINST the member direction on ``columns`` only: a difference that is not training."""
+    P = collinear(n, rng)
+    P[:, columns] -= strength * DIRECTIONS[columns]
+    return P
+
+
+def test_published_images_less_member_like_are_never_used():
+    """The issue's finding 1 in small: a shift against the members on a contrast gives the combined test a tiny
+    p-value (part 2, two-sided), but the verdict is inconclusive, with the reason in plain words."""
+    from cdi.stats.verdict import REASON_AGAINST
+
+    rng = np.random.default_rng(6)
+    P, U = against_the_members(150, rng, 0.3, [2]), collinear(150, rng)
+    res = audit_test(P, U, directions=DIRECTIONS, permutations=0, alpha=0.01)
+    assert res.rejected and res.verdict_p < 1e-4  # the combined test alone would say "used"
+    assert 0.01 < res.pooled["prior_p_against"] < 0.5 and res.pooled["rest_share"] > 1.0  # against, not significantly
+    assert res.verdict == "inconclusive" and res.verdict_reason == REASON_AGAINST
+    # members shifted along their directions: used; no shift: not_detected
+    assert audit_test(draw(150, rng, 0.3), draw(150, rng), directions=DIRECTIONS, permutations=0).verdict == "used"
+    assert audit_test(draw(150, rng), draw(150, rng), directions=DIRECTIONS, permutations=0).verdict == "not_detected"
+
+
+def test_significantly_less_member_like_is_inconclusive_even_without_rejection():
+    from cdi.stats.verdict import REASON_AGAINST
+
+    rng = np.random.default_rng(7)
+    res = audit_test(draw(150, rng, -0.3), draw(150, rng), directions=DIRECTIONS, permutations=0, alpha=0.01)
+    assert not res.rejected and res.pooled["prior_p_against"] < 0.01
+    assert res.verdict == "inconclusive" and res.verdict_reason == REASON_AGAINST
+
+
+def test_a_difference_carried_by_the_other_directions_is_not_used():
+    """Prior slightly positive, but a shift orthogonal to it carries the combined Z: inconclusive (share < 1/3)."""
+    from cdi.stats.verdict import MIN_PRIOR_SHARE
+
+    rng = np.random.default_rng(8)
+    P, U = draw(200, rng), draw(200, rng)
+    P[:, 6] += 0.8  # the column without a known direction: no member direction moves it
+    res = audit_test(P, U, directions=DIRECTIONS, permutations=0, alpha=0.01)
+    assert res.rejected and res.verdict == "inconclusive"
+    if res.pooled["prior_z"] > 0:
+        assert res.pooled["prior_share"] < MIN_PRIOR_SHARE and "known member directions carry" in res.verdict_reason
+
+
+def test_without_directions_a_rejection_is_not_used():
+    from cdi.stats.verdict import REASON_NO_DIRECTIONS
+
+    rng = np.random.default_rng(9)
+    res = audit_test(draw(150, rng, 0.4), draw(150, rng), permutations=0)
+    assert res.rejected and res.pooled["prior_z"] is None and res.pooled["prior_share"] is None
+    assert res.verdict == "inconclusive" and res.verdict_reason == REASON_NO_DIRECTIONS
+
+
+def test_the_audit_takes_its_verdict_word_from_the_test():
+    """`cdi audit` (analyse_tables + build_result) gives the Python API's decision, and says why."""
+    from cdi.audit.analysis import analyse_tables, build_result
+    from cdi.audit.config import AuditConfig
+    from cdi.audit.result import INCONCLUSIVE_DIRECTION_TEXT
+    from cdi.engine.table import FeatureTable
+
+    rng = np.random.default_rng(6)
+    P, U = against_the_members(150, rng, 0.3, [2]), collinear(150, rng)
+    cols = [f"c{i}" for i in range(D)]
+    table = lambda X, tag: FeatureTable(paths=[f"{tag}{i}.png" for i in range(len(X))],  # noqa: E731
+                                        hashes=[f"{tag}{i:063d}" for i in range(len(X))], captions=[None] * len(X),
+                                        columns=cols, values=X, meta={})
+    config = AuditConfig(published="p", unpublished="u", model="m", out="o", permutations=0,
+                         sample_size_resamples=0)
+    analysis = analyse_tables(table(P, "p"), table(U, "u"), directions=list(DIRECTIONS), config=config)
+    api = audit_test(P, U, directions=DIRECTIONS, permutations=0)
+    assert analysis.verdict == api.verdict == "inconclusive"
+    result = build_result(analysis, table(P, "p"), table(U, "u"), families=[], feature_spec="", directions=list(DIRECTIONS),
+                          model={}, config=config, timings={})
+    assert result.inconclusive_reason == "direction" and result.verdict_text == INCONCLUSIVE_DIRECTION_TEXT
+    saved = json.loads(result.to_json())
+    assert saved["protocol"]["verdict"] == "inconclusive" and saved["protocol"]["pooled"]["rest_share"] > 1.0

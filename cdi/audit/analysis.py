@@ -89,15 +89,22 @@ def analyse_tables(
         )
         seconds["shift_guard_s"] = time.perf_counter() - start
 
-    verdict = decide_verdict(bool(test.rejected), shift, ignore_shift=config.ignore_shift)
+    verdict = decide_verdict(test.verdict, shift, ignore_shift=config.ignore_shift)
     return Analysis(verdict=verdict, test=test, curve=curve, shift=shift, seconds=seconds, estimate=estimate)
 
 
-def decide_verdict(rejected: bool, shift: ShiftGuard | None, *, ignore_shift: bool) -> str:
-    """``inconclusive`` if the shift guard detected a shift (unless ignored), else ``used`` if the test rejected."""
+def decide_verdict(test_verdict: str, shift: ShiftGuard | None, *, ignore_shift: bool) -> str:
+    """``inconclusive`` if the shift guard detected a shift (unless ignored), else the test's decision word."""
     if shift is not None and shift.detected and not ignore_shift:
         return "inconclusive"
-    return "used" if rejected else "not_detected"
+    return test_verdict
+
+
+def inconclusive_reason(verdict: str, shift: ShiftGuard | None, *, ignore_shift: bool) -> str | None:
+    """Why an ``inconclusive`` verdict: ``"shift_guard"`` (it decides first) or ``"direction"`` (the test's rule)."""
+    if verdict != "inconclusive":
+        return None
+    return "shift_guard" if shift is not None and shift.detected and not ignore_shift else "direction"
 
 
 def _family_of_columns(families) -> dict[str, str]:
@@ -143,6 +150,7 @@ def build_result(
                     coefficient_kind=scoring.coefficient_kind)
     return AuditResult(
         verdict=analysis.verdict,
+        inconclusive_reason=inconclusive_reason(analysis.verdict, analysis.shift, ignore_shift=config.ignore_shift),
         p_value=float(test.verdict_p),
         p_value_ttest=float(test.ttest_p),
         p_value_permutation=None if test.permutation_p is None else float(test.permutation_p),

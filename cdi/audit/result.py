@@ -45,6 +45,14 @@ VERDICT_TEXT = {
     ),
 }
 
+#: The verdict text of an ``inconclusive`` verdict given by the direction rule (``cdi.stats.verdict.direction_rule``).
+INCONCLUSIVE_DIRECTION_TEXT = (
+    "The model treats the two collections differently, but not in the way training on the published images "
+    "would cause, so the difference cannot be read as evidence of training (the collections are not comparable). "
+    "Collect unpublished images that match the published ones more closely (same source, processing and file "
+    "format)."
+)
+
 
 @dataclass
 class ImageScore:
@@ -138,6 +146,8 @@ class AuditResult:
     #: reference model, cdi.audit.reference: was P used beyond the reference, e.g. in a LoRA on top of it?).
     question: str = "used"
     reference_model: dict[str, Any] | None = None  # the reference's describe(), when one was used
+    #: why the verdict is inconclusive: "shift_guard" or "direction" (cdi.stats.verdict.direction_rule); None otherwise
+    inconclusive_reason: str | None = None
 
     @property
     def verdict_text(self) -> str:
@@ -146,7 +156,12 @@ class AuditResult:
             return (f"Question answered: were the published images used in training beyond the reference model "
                     f"{name} (for example in a fine-tune or LoRA on top of it)? Every feature is the difference "
                     f"between the audited model and the reference on the same image and noise. "
-                    + VERDICT_TEXT[self.verdict])
+                    + self._plain_verdict_text())
+        return self._plain_verdict_text()
+
+    def _plain_verdict_text(self) -> str:
+        if self.verdict == "inconclusive" and self.inconclusive_reason == "direction":
+            return INCONCLUSIVE_DIRECTION_TEXT
         return VERDICT_TEXT[self.verdict]
 
     # ----------------------------------------------------------------- I/O

@@ -17,8 +17,11 @@
    the sample-size curve (``cdi.stats.sample_size.sample_size_curve``, with the forward estimate) and the shift
    guard (``cdi.data.shift_guard``) on model-free image descriptors;
 5. decide the verdict: ``inconclusive`` if the shift guard detects that P
-   and U differ without the model (unless ``ignore_shift``), else ``used`` if
-   the verdict test rejects at ``alpha``, else ``not_detected``;
+   and U differ without the model (unless ``ignore_shift``), else the test's
+   own decision ``TestResult.verdict`` (``cdi.stats.verdict.direction_rule``:
+   ``used`` only if the test rejects at ``alpha`` along the known member
+   directions, ``inconclusive`` if the published images look less like
+   training data yet differ, else ``not_detected``);
 6. write ``features.csv`` (+ sidecar), ``result.json`` and ``report.html``
    into the output folder as one (``cdi.audit.evidence.write_evidence``: a crash
    leaves the complete old audit or the complete new one).

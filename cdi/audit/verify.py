@@ -139,7 +139,7 @@ def retest(folder: str | Path, *, curve: bool = True) -> tuple[AuditResult, Audi
     directions = recorded.features.get("directions")
     analysis = analyse_tables(published, unpublished, directions=directions, config=config)
     analysis.shift = recorded.shift_guard
-    analysis.verdict = decide_verdict(bool(analysis.test.rejected), recorded.shift_guard,
+    analysis.verdict = decide_verdict(analysis.test.verdict, recorded.shift_guard,
                                       ignore_shift=config.ignore_shift)
     families = [_RecordedFamily(f) for f in recorded.features.get("families", [])]
     recomputed = build_result(analysis, published, unpublished, families=families,

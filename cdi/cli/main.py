@@ -478,6 +478,8 @@ def _print_result(result, fmt: str, out: str) -> None:
         + (" (used beyond the reference model)" if result.question == "used_beyond_reference" and
            result.verdict == "used" else ""),
         console_text(result.verdict_text),
+    ] + ([f"why: {console_text(result.protocol.get('verdict_reason', ''))}"]
+         if result.inconclusive_reason == "direction" else []) + [
         "",
         f"p-value (verdict, {result.protocol.get('verdict_test', 'test')}): {result.p_value:.3g}   alpha: {result.alpha}",
         f"t-test p: {result.p_value_ttest:.3g}   permutation p: "

@@ -69,6 +69,15 @@ class PooledParts:
     directions_tested: int
     z: float
     log_p: float
+    # The decomposition of ``z`` (``z = prior_contribution + rest_contribution``, see ``decompose``).
+    prior_z: float | None = None
+    rest_z: float | None = None
+    prior_weight: float | None = None
+    rest_weight: float | None = None
+    prior_contribution: float | None = None
+    rest_contribution: float | None = None
+    prior_share: float | None = None
+    rest_share: float | None = None
 
 
 def _z_from_log_p(log_p: np.ndarray) -> np.ndarray:
@@ -155,23 +164,34 @@ class PooledStatistic:
             log_p2 = stats.f.logsf(np.maximum(F, 0.0), d1, d2)
         return t1, log_p1, F, log_p2, (d1, d2)
 
+    def weights(self) -> tuple[float | None, float | None]:
+        """Stouffer weights of part 1 and part 2 (None for a part the test does not have)."""
+        has_rest = self.d - (self.prior is not None) >= 1 and self.nu - self.d + 1 >= 1
+        w1 = None if self.prior is None else (PRIOR_WEIGHT if has_rest else 1.0)
+        return w1, (1.0 if has_rest else None)
+
+    def contributions(self, Y: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """Each part's additive term of ``Z`` (B,), ``w_i z_i / sqrt(w_1^2 + w_2^2)`` (None: part absent)."""
+        _, log_p1, _, log_p2, _ = self.parts(Y)
+        w1, w2 = self.weights()
+        norm = math.sqrt(sum(w * w for w in (w1, w2) if w is not None))
+        c1 = None if log_p1 is None else w1 * _z_from_log_p(log_p1) / norm
+        c2 = None if log_p2 is None else w2 * _z_from_log_p(log_p2) / norm
+        return c1, c2
+
     def z(self, Y: np.ndarray) -> np.ndarray:
         """The combined statistic ``Z`` (B,) for label vectors ``Y`` (n, B); ``p = 1 - Phi(Z)``."""
-        _, log_p1, _, log_p2, _ = self.parts(Y)
-        zs, ws = [], []
-        if log_p1 is not None:
-            zs.append(_z_from_log_p(log_p1))
-            ws.append(PRIOR_WEIGHT if log_p2 is not None else 1.0)
-        if log_p2 is not None:
-            zs.append(_z_from_log_p(log_p2))
-            ws.append(1.0)
-        return sum(w * z for w, z in zip(ws, zs)) / math.sqrt(sum(w * w for w in ws))
+        c1, c2 = self.contributions(Y)
+        return sum(c for c in (c1, c2) if c is not None)
 
     def observe(self) -> PooledParts:
         """The pieces of the test on the observed labels."""
         Y = self.labels[:, None]
         t1, log_p1, F, log_p2, df = self.parts(Y)
-        z = float(self.z(Y)[0])
+        c1, c2 = self.contributions(Y)
+        z = float(sum(c[0] for c in (c1, c2) if c is not None))
+        w1, w2 = self.weights()
+        share = (lambda c: None if c is None or z == 0.0 else float(c[0]) / z)
         return PooledParts(
             prior_t=None if t1 is None else float(t1[0]),
             prior_log_p=None if log_p1 is None else float(log_p1[0]),
@@ -181,6 +201,14 @@ class PooledStatistic:
             directions_tested=int(self.d),
             z=z,
             log_p=float(special.log_ndtr(-z)),
+            prior_z=None if log_p1 is None else float(_z_from_log_p(log_p1)[0]),
+            rest_z=None if log_p2 is None else float(_z_from_log_p(log_p2)[0]),
+            prior_weight=w1,
+            rest_weight=w2,
+            prior_contribution=None if c1 is None else float(c1[0]),
+            rest_contribution=None if c2 is None else float(c2[0]),
+            prior_share=share(c1),
+            rest_share=share(c2),
         )
 
     def permuted_labels(self, rng: np.random.Generator, count: int) -> np.ndarray:
