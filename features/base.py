@@ -173,6 +173,16 @@ class FeatureFamily:
         """Model calls per image when the family runs alone (its shared calls included)."""
         raise NotImplementedError
 
+    def extra_captions(self, adapter: DiffusionAdapter, captions: Sequence[str | None], hashes: Sequence[str],
+                       seed: int) -> list[str]:
+        """Captions besides the images' own that ``extract`` will condition on (CLiD's reduced ones).
+
+        The engine encodes them with the images' captions before the first
+        batch, so large text encoders can leave the device for good
+        (``FlowMatchingAdapter.prepare_captions``). None by default.
+        """
+        return []
+
     def shared_calls(self, adapter: DiffusionAdapter) -> list["SharedCall"]:
         """The calls of ``cost`` that other families may share (``features.calls``); none by default."""
         return []

@@ -131,6 +131,15 @@ class CLiD(FeatureFamily):
             return [null]
         return [adapter.conditions(captions) for captions in self.reduced_captions(adapter, batch)] + [null]
 
+    def extra_captions(self, adapter: DiffusionAdapter, captions, hashes, seed: int) -> list[str]:
+        """The reduced captions of ``captions`` for the rules that need no model ("random", "clip")."""
+        if adapter.conditioning != "text" or self.config.reduction == "impt":
+            return []
+        texts = [str(c) for c in captions]  # as reduced_captions reads them
+        if self.config.reduction == "clip":
+            return [part for c in texts for part in clip_captions(c)]
+        return [mask_caption(c, rate, seed, h) for c, h in zip(texts, hashes) for rate in self.config.mask_rates]
+
     def reduced_captions(self, adapter: DiffusionAdapter, batch: EncodedBatch) -> list[list[str]]:
         """The reduced captions of a text model's batch: one list of B captions per reduced condition."""
         cfg, captions = self.config, [str(c) for c in batch.captions]

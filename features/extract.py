@@ -156,6 +156,16 @@ def shard_of(sha256: str, count: int) -> int:
 # --------------------------------------------------------------------------
 # The engine
 # --------------------------------------------------------------------------
+def captions_to_encode(adapter: DiffusionAdapter, records: Sequence, families: Sequence[FeatureFamily],
+                       seed: int) -> list[str | None]:
+    """Every caption extracting ``families`` on ``records`` conditions on: each image's own and the
+    families' ``extra_captions`` (CLiD's reduced ones), for ``adapter.prepare_captions``."""
+    captions = [r.caption for r in records]
+    for family in families:
+        captions += family.extra_captions(adapter, [r.caption for r in records], [r.sha256 for r in records], seed)
+    return captions
+
+
 def extract_features(
     adapter: DiffusionAdapter,
     collection: "ImageCollection",
@@ -411,7 +421,8 @@ class _Extraction:
         plan = self._plan()
         todo = sum(len(rows) for _, rows in plan)
         if plan:  # text encoders encode every caption once, then may leave the device (flow models)
-            self.adapter.prepare_captions([self.records[i].caption for _, rows in plan for i in rows])
+            self.adapter.prepare_captions([c for families, rows in plan for c in captions_to_encode(
+                self.adapter, [self.records[i] for i in rows], families, self.seed)])
         if self.batch_size == "auto":
             first = self.records[plan[0][1][0]].caption if plan else None
             needed = list({f.name: f for fams, _ in plan for f in fams}.values())

@@ -287,3 +287,36 @@ def test_timestep_reaches_a_bfloat16_transformer_in_float32(tiny_flow_dirs, key)
     assert seen[0].dtype == torch.float32
     torch.testing.assert_close(seen[0], expected, rtol=0, atol=0)
     assert not torch.equal(expected.to(torch.bfloat16).float(), expected)  # the test can tell the cast apart
+
+
+def test_clid_reduced_captions_are_encoded_before_the_first_batch(tiny_flow_dirs, tmp_path):
+    """The text encoders run in prepare_captions only: the images' captions and CLiD's reduced ones."""
+    import numpy as np
+    from PIL import Image
+
+    from cdi.data.collection import ImageCollection
+    from cdi.features.extract import extract_features
+    from cdi.features.registry import resolve_features
+
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(tmp_path / f"im{i}.png")
+        (tmp_path / f"im{i}.txt").write_text(f"a small red square number {i}")
+    adapter = load_model(str(tiny_flow_dirs["sd3"]), device="cpu")
+    calls, phase = [], ["prepare"]
+    original_prepare, original_encode = adapter.prepare_captions, adapter.pipeline.encode_prompt
+    adapter.pipeline.encode_prompt = lambda prompts, **kw: calls.append((phase[0], len(prompts))) or \
+        original_encode(prompts, **kw)
+
+    def prepare(captions, **kw):
+        phase[0] = "prepare"
+        original_prepare(captions, **kw)
+        phase[0] = "extract"
+
+    adapter.prepare_captions = prepare
+    table = extract_features(adapter, ImageCollection.from_folder(tmp_path), resolve_features("clid"), seed=0,
+                             batch_size=2, progress=False)
+    assert table.values.shape[0] == 3 and np.isfinite(table.values).all()
+    assert calls and all(when == "prepare" for when, _ in calls), calls
+    # 3 captions + 3 x 3 reduced ones + the null caption, encoded in batches of 16
+    assert sum(n for _, n in calls) <= 13

@@ -109,6 +109,11 @@ def run_audit(config: AuditConfig, *, progress: bool = True) -> AuditResult:
         directions = directions_of(families, adapter)
         t_loaded = time.perf_counter()
 
+        if runner is None:  # the text encoders visit the device once for both collections (flow models)
+            from cdi.features.extract import captions_to_encode
+
+            adapter.prepare_captions(captions_to_encode(adapter, published.records + unpublished.records,
+                                                        families, config.seed))
         caption = published.records[0].caption
         if runner is None:
             batch_size = resolve_batch_size(config.batch_size, adapter, families, caption)

@@ -45,8 +45,12 @@ Either way ``s`` stays inside (0, 1], where rectified-flow models are trained
 caption once into a cache in host memory (``prepare_captions`` encodes a whole
 collection's captions before its first denoiser call, then moves the text
 encoders off the accelerator when ``offload_text_encoders`` is on, the
-default on CUDA). A caption met later (CLiD's reduced captions) brings the
-encoders back for that one encoding, then off again. The cache holds the
+default on CUDA, where ``load_model`` also leaves them in host memory at
+load). The engine passes CLiD's reduced captions with the images' own
+(``FeatureFamily.extra_captions``), and the audit does so once for both
+collections, so the encoders visit the GPU once per audit. A caption met
+later (CLiD's "impt" rule, which ranks words by re-encoding) brings them back
+for that encoding, then off again. The cache holds the
 embeddings in the compute dtype: FLUX's 512 x 4096 T5 tokens are 4 MiB per
 caption in bfloat16.
 """
@@ -251,22 +255,23 @@ class FlowMatchingAdapter(DiffusionAdapter):
     def prepare_captions(self, captions: Sequence[str | None], batch_size: int = 16) -> None:
         """Encode every distinct caption not cached yet, then offload the text encoders.
 
-        Called by the extraction engine before a collection's first batch, so
-        large text encoders leave the accelerator before the denoiser runs.
+        Called before the first batch with every caption the extraction will
+        condition on (the images' and CLiD's reduced ones, ``extra_captions``;
+        the audit calls it once for both collections), so large text encoders
+        visit the accelerator once and leave it before the denoiser runs.
         """
-        prompts = sorted({"" if c is None else c for c in captions} - self._caption_cache.keys())
+        # "" is the null condition (the empty prompt) that CLiD and the unconditional calls use
+        prompts = sorted(({"" if c is None else c for c in captions} | {""}) - self._caption_cache.keys())
         if prompts:
             with self._text_encoders_on_device():
                 for start in range(0, len(prompts), batch_size):
                     self._cache_prompts(prompts[start:start + batch_size])
-        self._offload()
 
     def _text_conditions(self, prompts: list[str]) -> Condition:
         missing = sorted(set(prompts) - self._caption_cache.keys())
-        if missing:
+        if missing:  # a caption prepare_captions was not given (CLiD's "impt" rule ranks words on the fly)
             with self._text_encoders_on_device():
                 self._cache_prompts(missing)
-            self._offload()
         names = self._caption_cache[prompts[0]].keys()
         stacked = {name: torch.stack([self._caption_cache[p][name] for p in prompts]) for name in names}
         return Condition(len(prompts), {
@@ -291,9 +296,13 @@ class FlowMatchingAdapter(DiffusionAdapter):
 
     @contextlib.contextmanager
     def _text_encoders_on_device(self) -> Iterator[None]:
-        for module in self._text_encoders():
-            module.to(self.device)
-        yield
+        """The text encoders on the device for the block, and off it afterwards (on error too) when offloading."""
+        try:
+            for module in self._text_encoders():
+                module.to(self.device)
+            yield
+        finally:
+            self._offload()
 
     def _offload(self) -> None:
         if self.offload_text_encoders and self.device.type != "cpu":

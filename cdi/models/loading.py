@@ -344,16 +344,20 @@ def load_model(
         source = overrides.get(component, folder)
         dtype_c = torch.float32 if component in adapter_cls.full_precision_components else torch_dtype
         channels_last = component == adapter_cls.denoiser_name and torch_device.type == "cuda"
+        # Large text encoders (T5-XXL, Qwen3) of flow models wait in host memory on CUDA: they visit the GPU
+        # once to encode the captions (FlowMatchingAdapter.prepare_captions), never beside the denoiser at load.
+        component_device = torch.device("cpu") if torch_device.type == "cuda" and \
+            component in getattr(adapter_cls, "text_encoder_names", ()) else torch_device
         if converted is not None and component not in overrides:
             module = converted[component]
             if _is_module(kind) and module.dtype != dtype_c:
                 module = module.to(dtype_c)
-            loaded[component] = _prepare(module, torch_device, channels_last) if _is_module(kind) else module
+            loaded[component] = _prepare(module, component_device, channels_last) if _is_module(kind) else module
             path = _component_dir(folder, component)
             files.extend(path / n for n in _CONFIG_NAMES if (path / n).is_file())
             continue
         module, used = _load_component(
-            source, component, kind, dtype=dtype_c, device=torch_device, variant=variant,
+            source, component, kind, dtype=dtype_c, device=component_device, variant=variant,
             allow_pickle=allow_pickle, hub_id=hub_id if component not in overrides else None,
             channels_last=channels_last,
         )
