@@ -145,3 +145,53 @@ def test_reference_calibrated_audit_is_calibrated_on_the_fine_tune_world(lora_ta
     for alpha in (0.05, 0.01):
         low, high = binom.interval(0.99, 200, alpha)
         assert low <= (p_values < alpha).sum() <= high, (alpha, (p_values < alpha).sum())
+
+
+def test_difference_table_refuses_tables_of_different_seeds():
+    target, reference = _table(["x"], [[1.0, 2.0]]), _table(["x"], [[0.0, 0.0]])
+    target.meta["seed"], reference.meta["seed"] = 0, 1
+    with pytest.raises(CDIError, match="seed 0 and the reference features with seed 1"):
+        difference_table(target, reference)
+    reference.meta["seed"] = 0
+    assert difference_table(target, reference).values.tolist() == [[1.0, 2.0]]
+
+
+def test_flux_dev_and_schnell_are_not_each_others_reference(tiny_flow_adapters):
+    with pytest.raises(CDIError, match="guidance input.*FLUX.1-dev"):
+        check_reference(tiny_flow_adapters["flux_dev"], tiny_flow_adapters["flux_schnell"])
+
+
+def test_a_reference_audit_keeps_one_model_on_the_gpu_at_a_time():
+    """park/unpark move every network of a CUDA adapter (text encoders that offload stay in host memory)."""
+    from cdi.audit.reference import park, unpark
+
+    moves = []
+
+    class Net(torch.nn.Module):
+        def __init__(self, name):
+            super().__init__()
+            self.name = name
+
+        def to(self, device):
+            moves.append((self.name, str(device)))
+            return self
+
+    class Fake:
+        def __init__(self, name):
+            self.device = torch.device("cuda")
+            self.denoiser = self.transformer = Net(f"{name}.transformer")  # one module under two names
+            self.text_encoder = Net(f"{name}.t5")
+            self.offload_text_encoders = True
+
+        def _text_encoders(self):
+            return [self.text_encoder]
+
+    target = Fake("target")
+    empty = torch.cuda.empty_cache
+    torch.cuda.empty_cache = lambda: None
+    try:
+        park(target)
+        unpark(target)
+    finally:
+        torch.cuda.empty_cache = empty
+    assert moves == [("target.transformer", "cpu"), ("target.t5", "cpu"), ("target.transformer", "cuda")]

@@ -82,6 +82,10 @@ def difference_table(target: FeatureTable, reference: FeatureTable) -> FeatureTa
     if list(target.columns) != list(reference.columns):
         raise CDIError("the target and reference feature tables have different columns; extract both with the "
                        "same --features")
+    seeds = target.meta.get("seed"), reference.meta.get("seed")
+    if seeds[0] != seeds[1]:  # the families' noise draws depend on the seed: a difference would mix two draws
+        raise CDIError(f"the target features were extracted with seed {seeds[0]} and the reference features with "
+                       f"seed {seeds[1]}; extract both with the same --seed")
     row_of = {h: i for i, h in enumerate(reference.hashes)}
     missing = [p for p, h in zip(target.paths, target.hashes) if h not in row_of]
     if missing:
@@ -105,7 +109,8 @@ def check_reference_name(reference_model: str | None) -> None:
 def check_reference(adapter, reference) -> None:
     """Refuse a reference that cannot be compared feature by feature with the audited model.
 
-    Same family, conditioning, prediction type, resolution, channels and
+    Same family, conditioning, prediction type, resolution, channels,
+    guidance input and text length (FLUX.1-dev is not FLUX.1-schnell) and
     noise schedule; a different fingerprint (the same weights would make
     every difference zero).
     """
@@ -115,6 +120,15 @@ def check_reference(adapter, reference) -> None:
             raise CDIError(f"the reference model's {name} is {getattr(reference, name)!r} but the audited model's is "
                            f"{getattr(adapter, name)!r}; the reference must be the same kind of model (for a LoRA "
                            "or fine-tune: its base)")
+    # FLUX.1-dev against FLUX.1-schnell: same family and schedule, but only dev takes a guidance input, and
+    # its T5 reads 512 tokens where schnell's reads 256
+    for name, what in (("guidance_distilled", "a guidance input (FLUX.1-dev has one, FLUX.1-schnell none)"),
+                       ("max_sequence_length", "its text encoder's sequence length")):
+        mine, theirs = getattr(adapter, name, None), getattr(reference, name, None)
+        if mine != theirs:
+            raise CDIError(f"the reference model differs from the audited model in {what}: {name} is {theirs!r} "
+                           f"for the reference and {mine!r} for the audited model; a fine-tune of FLUX.1-dev needs "
+                           "FLUX.1-dev as its reference (and one of schnell needs schnell)")
     a, b = adapter.alphas_cumprod.cpu(), reference.alphas_cumprod.cpu()
     if a.shape != b.shape or not bool((a - b).abs().max() < 1e-6):
         raise CDIError("the reference model has another noise schedule than the audited model; the reference must "
@@ -125,16 +139,63 @@ def check_reference(adapter, reference) -> None:
                        "(--lora, --unet, or its own folder) as --model")
 
 
+def _networks(adapter) -> list:
+    """The adapter's torch modules (denoiser, autoencoder, text encoders), each once."""
+    import torch
+
+    seen: dict[int, Any] = {}
+    for value in vars(adapter).values():
+        if isinstance(value, torch.nn.Module):
+            seen.setdefault(id(value), value)
+    return list(seen.values())
+
+
+def park(adapter) -> None:
+    """Move a CUDA adapter's networks to host memory, so that the other model of the audit has the GPU.
+
+    A reference-model audit holds two models; with both on the GPU a FLUX
+    audit would need twice the weights (~134 GB in float32). The adapter
+    keeps its ``device`` (where it computes when ``unpark`` brings it back).
+    No-op off CUDA.
+    """
+    import torch
+
+    if adapter.device.type != "cuda":
+        return
+    for module in _networks(adapter):
+        module.to("cpu")
+    torch.cuda.empty_cache()
+
+
+def unpark(adapter) -> None:
+    """Bring a parked adapter's networks back to its device (text encoders that offload stay in host memory)."""
+    if adapter.device.type != "cuda":
+        return
+    offloaded = {id(m) for m in adapter._text_encoders()} if getattr(adapter, "offload_text_encoders", False) \
+        else set()
+    for module in _networks(adapter):
+        if id(module) not in offloaded:
+            module.to(adapter.device)
+
+
 def calibrate(tables: Sequence[FeatureTable], reference_tables: Sequence[FeatureTable]) -> list[FeatureTable]:
     """``difference_table`` of each collection's target and reference tables."""
     return [difference_table(t, r) for t, r in zip(tables, reference_tables)]
 
 
 def reference_tables(reference, collections, families, *, extract_kwargs: dict[str, Any]) -> list[FeatureTable]:
-    """The features of every collection on the reference model (same families, seed and store as the target)."""
+    """The features of every collection on the reference model (same families, seed and store as the target).
+
+    The reference is brought to the GPU for its extraction (``unpark``) and
+    parked again afterwards; the caller parks the target first.
+    """
     from cdi.features.extract import extract_features
 
-    return [extract_features(reference, collection, families, **extract_kwargs) for collection in collections]
+    unpark(reference)
+    try:
+        return [extract_features(reference, collection, families, **extract_kwargs) for collection in collections]
+    finally:
+        park(reference)
 
 
 def calibrated_matrix(target: np.ndarray, reference: np.ndarray, *, with_raw: bool = False) -> np.ndarray:

@@ -97,10 +97,13 @@ def run_audit(config: AuditConfig, *, progress: bool = True) -> AuditResult:
         adapter = load_model(**options, device="cpu" if runner is not None else config.device, **hub)
         reference = None
         if config.reference_model:
-            from cdi.audit.reference import check_reference
+            from cdi.audit.reference import check_reference, park, unpark
 
+            park(adapter)  # one model on the GPU at a time
             reference = load_model(config.reference_model, dtype=config.dtype, device=config.device,
                                    allow_pickle=config.allow_pickle, compile=config.compile, **hub)
+            park(reference)
+            unpark(adapter)
             check_reference(adapter, reference)
         feature_spec = config.features or default_feature_set(adapter)
         families = resolve_features(feature_spec)
@@ -125,8 +128,9 @@ def run_audit(config: AuditConfig, *, progress: bool = True) -> AuditResult:
         tables = [extract_features(adapter, collection, families, runner=runner, **extract_kwargs)
                   for collection in (published, unpublished)]
         if reference is not None:  # the reference runs in this process (not on the Ray workers)
-            from cdi.audit.reference import calibrate, reference_tables
+            from cdi.audit.reference import calibrate, park, reference_tables
 
+            park(adapter)
             tables = calibrate(tables, reference_tables(reference, (published, unpublished), families,
                                                         extract_kwargs=extract_kwargs))
     t_extracted = time.perf_counter()
