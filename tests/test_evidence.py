@@ -289,3 +289,83 @@ def test_combined_table_round_trip(crash_states):
     again = combined_table(published, unpublished)
     assert again.paths == table.paths and again.hashes == table.hashes
     assert (again.values == table.values).all()
+
+
+def _forge_consistently(folder: Path, collection: str, k: int) -> tuple[str, str]:
+    """Alter one feature value in features.csv, write its sidecar and result.json's file hashes to match.
+
+    The altered row must be among those ``--recompute k`` draws from the forged result.json's hash; the
+    trailing blank lines of result.json are varied until it is (what a forger could equally do to avoid
+    it, see docs/notes/issue-22-verify.md). Returns the altered row's path and column.
+    """
+    from cdi.table import FeatureTable
+    from cdi.verify import choose_rows
+
+    table = FeatureTable.from_csv(folder / "features.csv")
+    result = AuditResult.load(folder)
+    n_p, n_u = result.n_published, result.n_unpublished
+    row = 0 if collection == "published" else n_p
+    spread = table.values[:, 0].std(ddof=1)
+    table.values[row, 0] += 0.5 * spread  # 50 times the tolerance
+    table.to_csv(folder / "features.csv")
+    data = json.loads((folder / "result.json").read_text())
+    data["evidence_files"] = {name: _sha(folder / name) for name in ("features.csv", "features.csv.json")}
+    text = json.dumps(data, indent=2) + "\n"
+    for blank in range(200):
+        (folder / "result.json").write_text(text + "\n" * blank)
+        if row in choose_rows(_sha(folder / "result.json"), n_p, n_u, k):
+            return table.paths[row], table.columns[0]
+    raise AssertionError("the altered row was never drawn")
+
+
+def test_recompute_passes_and_catches_a_consistently_altered_value(crash_states, env, tmp_path):
+    """`verify --recompute` re-extracts images chosen by result.json's hash: the audit passes, a forged value fails."""
+    from cdi.verify import RECOMPUTE_TOLERANCE
+
+    model = str(env["world"].model_dir)
+    honest = runner.invoke(app, ["verify", str(crash_states["new"]), "--model", model, "--recompute", "2",
+                                 "--quick", "--format", "json"])
+    assert honest.exit_code == 0, honest.output
+    shown = json.loads(honest.stdout)
+    check = {c["name"]: c for c in shown["checks"]}["recompute"]
+    assert check["status"] == "passed" and len(check["covered"]) == 2
+    assert {p.split("/")[0] for p in check["covered"]} == {"published", "unpublished"}
+    assert f"within {RECOMPUTE_TOLERANCE:g} of its column's spread" in check["detail"]
+    assert any("feature values of 2 of 50 images" in s for s in shown["scope"]["recomputed"])
+    assert "the feature values of the other 48 images" in shown["scope"]["taken_as_recorded"]
+    assert "extracting features" in honest.stderr  # progress on stderr, JSON alone on stdout
+
+    forged = tmp_path / "forged"
+    shutil.copytree(crash_states["new"], forged)
+    path, column = _forge_consistently(forged, "published", k=2)
+    caught = runner.invoke(app, ["verify", str(forged), "--model", model, "--recompute", "2", "--quick",
+                                 "--format", "json"])
+    assert caught.exit_code == 1, caught.output
+    check = {c["name"]: c for c in json.loads(caught.stdout)["checks"]}["recompute"]
+    assert check["status"] == "failed"
+    assert len(check["problems"]) == 1 and check["problems"][0].startswith(f"{path}, {column}: recorded")
+    # the edit's 0.5 of the spread, measured against the forged column's (slightly wider) spread
+    assert 0.45 < float(check["problems"][0].split("differs by ")[1].split(" ")[0]) <= 0.5
+
+
+def test_recompute_and_images_need_what_they_read(crash_states, tmp_path):
+    """--recompute without --model, or images whose recorded folder is gone: usage errors before any model loads."""
+    no_model = runner.invoke(app, ["verify", str(crash_states["new"]), "--recompute", "2"])
+    assert no_model.exit_code == 2 and "--recompute needs --model" in no_model.output
+    moved = tmp_path / "moved"
+    shutil.copytree(crash_states["new"], moved)
+    data = json.loads((moved / "result.json").read_text())
+    data["parameters"]["published"] = str(tmp_path / "gone")
+    (moved / "result.json").write_text(json.dumps(data, indent=2) + "\n")
+    gone = runner.invoke(app, ["verify", str(moved), "--images"])
+    assert gone.exit_code == 2 and "pass --published FOLDER" in gone.output
+
+
+def test_images_reruns_the_shift_guard(crash_states, env):
+    shown = runner.invoke(app, ["verify", str(crash_states["new"]), "--images", "--quick", "--format", "json"])
+    assert shown.exit_code == 0, shown.output
+    data = json.loads(shown.stdout)
+    checks = {c["name"]: c for c in data["checks"]}
+    assert checks["shift guard"]["status"] == "passed" and checks["images"]["status"] == "passed"
+    assert "the shift guard, on the images" in data["scope"]["recomputed"]
+    assert not any("shift guard" in s for s in data["scope"]["taken_as_recorded"])
