@@ -237,11 +237,7 @@ def measure_shift(
     distance, points, subsampled = wasserstein_distance(a, b, max_points=max_points, seed=seed)
     notes = []
     if ridge > 0:
-        notes.append(
-            f"the pooled covariance is singular ({a.shape[0] + b.shape[0]} images, {a.shape[1]} dimensions); "
-            f"a ridge of {ridge:.3g} was added, and the Mahalanobis and Wasserstein figures depend on it: "
-            "compare them only between runs of the same sizes, or use more images than dimensions"
-        )
+        notes.append(singular_covariance_note(a, b, ridge))
     if subsampled:
         notes.append(
             f"the Wasserstein distance uses seeded subsamples of {points} images per set "
@@ -262,6 +258,27 @@ def measure_shift(
         seed=int(seed),
         notes=notes,
     )
+
+
+def singular_covariance_note(a: np.ndarray, b: np.ndarray, ridge: float) -> str:
+    """Why the pooled covariance of ``a`` and ``b`` is singular, and what that means for the figures.
+
+    Too few images (fewer than dimensions + 2) is one cause; the other is
+    embeddings whose dimensions are collinear or constant (their rank is
+    below their number), which more images do not cure.
+    """
+    n, dim = a.shape[0] + b.shape[0], a.shape[1]
+    centred = np.vstack([a - a.mean(axis=0), b - b.mean(axis=0)])
+    rank = int(np.linalg.matrix_rank(centred))
+    consequence = (f"a ridge of {ridge:.3g} was added, so the Mahalanobis and Wasserstein figures depend on it "
+                   "(the Frechet distance and the linear probe do not)")
+    if n < dim + 2:
+        return (f"the pooled covariance is singular: {n} images for {dim} dimensions; {consequence}. Use at "
+                f"least {dim + 2} images in all, or compare these two figures only between runs of the same sizes")
+    return (f"the pooled covariance is singular although there are more images ({n}) than dimensions ({dim}): "
+            f"the embeddings span only {rank} of their {dim} dimensions (some are constant or combinations of "
+            f"others); {consequence}. More images do not change this: compare these two figures only between "
+            "runs with the same encoder and image counts")
 
 
 def shift_between_folders(
@@ -287,7 +304,7 @@ def shift_between_folders(
     from cdi.data.shift_guard import image_embeddings
 
     emb_a, used = image_embeddings(a, encoder=encoder)
-    emb_b, used_b = image_embeddings(b, encoder=encoder)
+    emb_b, used_b = image_embeddings(b, encoder=used)  # the encoder chosen for a: one "CLIP not cached" warning
     if used != used_b:
         raise CDIError(f"the two folders were embedded with different encoders ({used} and {used_b}); rerun")
     return measure_shift(emb_a, emb_b, encoder=used, seed=seed, max_points=max_points)

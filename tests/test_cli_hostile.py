@@ -232,7 +232,7 @@ def test_every_file_is_recorded_and_hostile_text_survives(folders, tmp_path, tin
     escape_name = "zz_evil\x1b[2J\x1b]0;owned\x07.png"
     shutil.copyfile(p / "p1.png", p / escape_name)  # a duplicate whose name holds escape sequences
     Image.open(p / "p2.png").save(p / "p2_copy.bmp")  # same pixels, another format: a duplicate
-    (p / "photo.heic").write_bytes(b"\x00\x00\x00\x18ftypheic")  # not an image Pillow reads: ignored
+    (p / "photo.heic").write_bytes(b"\x00\x00\x00\x18ftypheic")  # a broken HEIC (or one no plug-in reads): skipped
     (p / "cut.png").write_bytes((p / "p0.png").read_bytes()[:40])  # truncated: skipped
     os.mkfifo(p / "pipe.png")  # skipped, never opened
     shutil.copyfile(p / "p3.png", os.fsencode(p) + b"/latin\xe9.png")  # skipped: name not UTF-8
@@ -264,7 +264,7 @@ def test_every_file_is_recorded_and_hostile_text_survives(folders, tmp_path, tin
     assert files["p0.png"]["status"] == "used"
     assert files[escape_name] == {"path": escape_name, "status": "duplicate", "of": "p1.png", "same": "file"}
     assert files["p2_copy.bmp"] == {"path": "p2_copy.bmp", "status": "duplicate", "of": "p2.png", "same": "pixels"}
-    assert files["photo.heic"]["status"] == "ignored" and files[".DS_Store"]["status"] == "ignored"
+    assert files["photo.heic"]["status"] == "skipped" and files[".DS_Store"]["status"] == "ignored"
     assert files["cut.png"]["status"] == "skipped" and "not a valid image" in files["cut.png"]["reason"]
     assert files["pipe.png"]["status"] == "skipped" and "FIFO" in files["pipe.png"]["reason"]
     assert files["latin\\xe9.png"]["status"] == "skipped" and "UTF-8" in files["latin\\xe9.png"]["reason"]
@@ -272,7 +272,9 @@ def test_every_file_is_recorded_and_hostile_text_survives(folders, tmp_path, tin
     assert files["dirlink/"]["status"] == "ignored" and "not followed" in files["dirlink/"]["reason"]
     assert files["metadata.jsonl"]["status"] == files["link.txt"]["status"] == "caption_file"
     counts = saved["inputs"]["published"]["counts"]
-    assert counts == {"used": N + 1, "skipped": 3, "duplicate": 2, "ignored": 3, "caption_file": 2, "links": 1}
+    assert counts == {"used": N + 1, "skipped": 4, "duplicate": 2, "ignored": 2, "caption_file": 2, "links": 1}
+    # every file left out is named on the console, the first few with the count
+    assert "published: 8 file(s) left out" in " ".join(result.stderr.split())
     u_files = {f["path"]: f for f in saved["inputs"]["unpublished"]["files"]}
     assert u_files["u0_again.jpg"]["status"] == "used"
     assert [(d["published"], d["unpublished"]) for d in saved["inputs"]["near_duplicates"]] == \

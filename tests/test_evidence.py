@@ -93,7 +93,7 @@ def crash_states(env, tmp_path_factory):
     finally:
         mp.undo()
     assert second.exit_code == 0, second.output
-    return {"old": old, "new": out, "states": snapshots, "root": root}
+    return {"old": old, "new": out, "states": snapshots, "root": root, "first_run": first}
 
 
 def test_every_crash_state_verifies_as_old_or_new(crash_states, env):
@@ -298,8 +298,8 @@ def _forge_consistently(folder: Path, collection: str, k: int) -> tuple[str, str
     trailing blank lines of result.json are varied until it is (what a forger could equally do to avoid
     it, see docs/notes/issue-22-verify.md). Returns the altered row's path and column.
     """
-    from cdi.table import FeatureTable
-    from cdi.verify import choose_rows
+    from cdi.engine.table import FeatureTable
+    from cdi.audit.verify import choose_rows
 
     table = FeatureTable.from_csv(folder / "features.csv")
     result = AuditResult.load(folder)
@@ -320,7 +320,7 @@ def _forge_consistently(folder: Path, collection: str, k: int) -> tuple[str, str
 
 def test_recompute_passes_and_catches_a_consistently_altered_value(crash_states, env, tmp_path):
     """`verify --recompute` re-extracts images chosen by result.json's hash: the audit passes, a forged value fails."""
-    from cdi.verify import RECOMPUTE_TOLERANCE
+    from cdi.audit.verify import RECOMPUTE_TOLERANCE
 
     model = str(env["world"].model_dir)
     honest = runner.invoke(app, ["verify", str(crash_states["new"]), "--model", model, "--recompute", "2",
@@ -369,3 +369,10 @@ def test_images_reruns_the_shift_guard(crash_states, env):
     assert checks["shift guard"]["status"] == "passed" and checks["images"]["status"] == "passed"
     assert "the shift guard, on the images" in data["scope"]["recomputed"]
     assert not any("shift guard" in s for s in data["scope"]["taken_as_recorded"])
+
+
+def test_audit_json_keeps_progress_on_stderr(crash_states):
+    """--format json: stdout is the result's JSON alone; the extraction's progress lines go to stderr."""
+    first = crash_states["first_run"]
+    assert json.loads(first.stdout)["verdict"] in ("used", "not_detected", "inconclusive")
+    assert "extracting features" in first.stderr and "extracting features" not in first.stdout

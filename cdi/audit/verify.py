@@ -462,7 +462,7 @@ def _load_audited_model(result: AuditResult, model: str, *, device: str, dtype: 
     """
     from cdi.models import load_model
     from cdi.models.finetune import loading_options
-    from cdi.progress import quiet_library_progress
+    from cdi.utils.progress import quiet_library_progress
 
     params = result.parameters
     try:  # the audit's own fine-tune parts (LoRAs, replaced components, single-file config) on top of --model
@@ -567,7 +567,7 @@ def recompute_check(result: AuditResult, result_sha256: str, table: FeatureTable
     """
     import numpy as np
 
-    from cdi.data import ImageCollection
+    from cdi.data.collection import ImageCollection
     from cdi.features.extract import extract_features
     from cdi.features.registry import resolve_features
 
@@ -617,7 +617,7 @@ def recompute_check(result: AuditResult, result_sha256: str, table: FeatureTable
         new = extract_features(adapter, subset, families, **kwargs)
         if result.reference_model:
             from cdi.models import load_model
-            from cdi.reference import calibrate
+            from cdi.audit.reference import calibrate
 
             reference = load_model(reference_model, revision=result.reference_model.get("revision"),
                                    device=device, dtype=_recorded_dtype(result),
@@ -661,8 +661,8 @@ def shift_guard_check(result: AuditResult, folders: dict[str, Path | None]) -> C
     agree to 1e-9; CLIP embeddings depend on the device, so with CLIP the decision must agree and the
     p-value within 1e-3 (a p-value is also shown both ways for the reader to compare).
     """
-    from cdi.data import load_audit_collections
-    from cdi.shift_guard import clip_cached, image_embeddings, shift_guard
+    from cdi.data.collection import load_audit_collections
+    from cdi.data.shift_guard import clip_cached, image_embeddings, shift_guard
 
     name = "shift guard"
     recorded = result.shift_guard

@@ -21,8 +21,8 @@ from rich.console import Console
 from rich.table import Table
 
 from cdi import __version__
-from cdi.cli.options import (BATCH_SIZE_HELP, FEATURES_HELP, LoaderOptions, choice, format_option, reference_option,
-                             with_loader_options)
+from cdi.cli.options import (BATCH_SIZE_HELP, FEATURES_HELP, Command, Group, LoaderOptions, choice, format_option,
+                             reference_option, with_loader_options)
 from cdi.utils.errors import CDIError
 from cdi.utils.terminal import console_text, sanitise_cdi_log
 
@@ -33,7 +33,18 @@ EXIT_CODES_HELP = (
 
 
 class _Typer(typer.Typer):
-    """The app: an unexpected exception becomes one line on stderr and exit status 1."""
+    """The app: an unexpected exception becomes one line on stderr and exit status 1.
+
+    Its commands are ``cli_options.Command``s (no ``<bool>`` on flags, a hint for ``--flag true``).
+    """
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("cls", Group)
+        super().__init__(*args, **kwargs)
+
+    def command(self, *args, **kwargs):
+        kwargs.setdefault("cls", Command)
+        return super().command(*args, **kwargs)
 
     def __call__(self, *args, **kwargs):
         try:
@@ -75,7 +86,7 @@ sanitise_cdi_log()  # warnings name users' files: no escape sequence of theirs r
 #: Help of the Ray options, shared by extract and audit.
 RAY_HELP = ("Compute on Ray: local (start a Ray instance on this machine), auto (the cluster this machine is in) "
             "or HOST:PORT. One model replica per GPU (or per --ray-threads CPUs); this process writes the store. "
-            "Needs pip install 'cdi[ray]'.")
+            "Needs the ray extra: pip install \"cdi\\[ray]\".")  # \\[: not a rich markup tag
 RAY_WORKERS_HELP = "Ray workers (default: one per GPU of the cluster; without GPUs, its CPUs / --ray-threads)."
 RAY_THREADS_HELP = "torch threads (and Ray CPUs) of each CPU worker."
 MAX_PIXELS_HELP = "Largest accepted image in pixels (default 64,000,000); larger files are refused as possible decompression bombs."
@@ -173,19 +184,26 @@ def env_command(
 
 @app.command("inspect")
 def inspect_command(
-    published: str = typer.Option(..., "--published", help="Folder of the published images (searched recursively)."),
+    folder: str = typer.Argument(None, help="Folder of images to check (the same as --published)."),
+    published: str = typer.Option(None, "--published", help="Folder of the published images (searched recursively)."),
     unpublished: str = typer.Option(None, "--unpublished", help="Folder of the unpublished images, if any."),
     out: str = typer.Option(None, "--out", help="Write the manifest (every image's path, SHA-256, size, mode, caption) here as JSON."),
     skip_bad: bool = typer.Option(False, "--skip-bad", help=SKIP_BAD_HELP),
     max_pixels: int = typer.Option(None, "--max-pixels", help=MAX_PIXELS_HELP),
     fmt: str = format_option(),
 ) -> None:
-    """Validate image folders exactly as an audit will, and summarise them."""
+    """Validate image folders exactly as an audit will, and summarise them: cdi inspect FOLDER, or --published/--unpublished."""
     from pathlib import Path
 
     from cdi.data.collection import DEFAULT_MAX_PIXELS, ImageCollection, load_audit_collections, write_manifest
 
     with _user_errors():
+        if folder is not None and published is not None:
+            raise CDIError(f"give the folder once: `cdi inspect {folder}` or `cdi inspect --published {published}`")
+        published = published if folder is None else folder
+        if published is None:
+            raise CDIError("give the folder of images to check: `cdi inspect FOLDER` (or --published FOLDER, "
+                           "with --unpublished FOLDER to check both collections of an audit)")
         if out is not None and Path(out).is_dir():
             raise CDIError(f"--out {out} is a folder; give the path of the JSON file to write")
         limit = DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels
@@ -233,6 +251,9 @@ def inspect_command(
             for dropped, kept in c.duplicates:
                 console.print(f"{c.name}: duplicate {console_text(dropped)} left out (same {c.duplicate_kind.get(dropped, 'file')} as {console_text(kept)})",
                               highlight=False)
+            for ignored in c.ignored:
+                console.print(f"{c.name}: ignored {console_text(ignored)}: "
+                              f"{console_text(c.ignored_reasons.get(ignored, 'not an image'))}", highlight=False)
         if len(collections) == 2:
             console.print("published and unpublished share no image.")
         if out is not None:
@@ -349,9 +370,8 @@ def extract_command(
         loader.check()
         collection = ImageCollection.from_folder(images, skip_bad=skip_bad,
                                                  max_pixels=DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels)
-        for skipped in collection.skipped:
-            err_console.print(f"[yellow]skipped[/] {console_text(skipped.path)}: {console_text(skipped.reason)}",
-                              highlight=False, soft_wrap=True)
+        for line in left_out_lines("images", collection.file_log()):
+            err_console.print(f"[yellow]note:[/] {console_text(line)}", highlight=False, soft_wrap=True)
         collection, caption_record = prepare_captions(
             [collection], model=model, revision=loader.revision, features=features, captions=captions, store=store,
             device=loader.device, dtype=loader.dtype,
@@ -397,8 +417,8 @@ def extract_command(
 
 @app.command("shift")
 def shift_command(
-    a: str = typer.Option(..., "--a", help="First image folder (e.g. the members)."),
-    b: str = typer.Option(..., "--b", help="Second image folder (e.g. the non-members)."),
+    a: str = typer.Option(..., "--a", "--published", help="First image folder (e.g. the members or the published images)."),
+    b: str = typer.Option(..., "--b", "--unpublished", help="Second image folder (e.g. the non-members or the unpublished images)."),
     encoder: str = choice("auto", "--encoder", ("auto", "builtin", "clip"), "auto (CLIP if cached locally, else built-in), builtin or clip."),
     output_format: str = format_option(),
     seed: int = typer.Option(0, "--seed", help="Seed of the Wasserstein subsample and the probe's folds."),
@@ -423,7 +443,7 @@ def shift_command(
             console.print(console_text(result.format_text()), highlight=False, soft_wrap=True)
 
 
-toy_app = typer.Typer(
+toy_app = _Typer(
     name="toy",
     help="The embedded toy world: digit images and a small suspect model trained by cdi itself.",
     no_args_is_help=True,
@@ -472,8 +492,44 @@ def toy_build_command(
                           highlight=False)
 
 
+#: Files named per collection in the "left out" lines before "... and N more".
+LEFT_OUT_NAMED = 5
+
+
+def left_out_lines(name: str, entries: list[dict]) -> list[str]:
+    """Console lines naming the files of a folder's file log (``ImageCollection.file_log``) not used as images.
+
+    Skipped, duplicate and ignored files: the count, then the first ``LEFT_OUT_NAMED`` with their
+    reasons. Caption files are used (as captions), so they are not listed.
+    """
+    def why(entry: dict) -> str:
+        if entry["status"] == "duplicate":
+            return f"same {entry.get('same', 'file')} as {entry.get('of')}"
+        return str(entry.get("reason") or entry["status"])
+
+    left = [e for e in entries if e.get("status") in ("skipped", "duplicate", "ignored")]
+    if not left:
+        return []
+    named = "; ".join(f"{e['path']} ({why(e)})" for e in left[:LEFT_OUT_NAMED])
+    more = f"; and {len(left) - LEFT_OUT_NAMED} more" if len(left) > LEFT_OUT_NAMED else ""
+    return [f"{name}: {len(left)} file(s) left out: {named}{more}"]
+
+
+def _print_left_out(result) -> None:
+    """Name on stderr every file the audit left out (from ``result.inputs``), whatever the format."""
+    inputs = getattr(result, "inputs", None) or {}
+    for name in ("published", "unpublished"):
+        record = inputs.get(name) if isinstance(inputs, dict) else None
+        if not isinstance(record, dict):
+            continue
+        for line in left_out_lines(name, record.get("files", [])):
+            err_console.print(f"[yellow]note:[/] {console_text(line)} (every file and its reason: result.json, "
+                              "inputs)", highlight=False, soft_wrap=True)
+
+
 def _print_result(result, fmt: str, out: str) -> None:
-    """The console summary of an audit (or its JSON with --format json)."""
+    """The console summary of an audit (or its JSON with --format json); the files left out go to stderr."""
+    _print_left_out(result)
     if fmt == "json":
         print(result.to_json())
         return
@@ -504,6 +560,17 @@ def _print_result(result, fmt: str, out: str) -> None:
     console.print(Panel("\n".join(lines), title="cdi audit", expand=False), highlight=False)
 
 
+def robustness_line(curve) -> str:
+    """The console line of the leave-images-out curve: from which size on the target share of subsets is significant."""
+    share = f"{100 * curve.target_share:.0f}%"
+    if curve.n_needed is not None:
+        return (f"robustness to leaving images out: {share} of subsets significant from {curve.n_needed} "
+                "published images on")
+    largest = max(curve.sizes) if curve.sizes else 0
+    return (f"robustness to leaving images out: at no size tried (up to {largest} published images) were "
+            f"{share} of subsets significant")
+
+
 def _verdict_lines(result) -> list[str]:
     """Console lines on the permutation floor, the leave-images-out curve and the forward sample-size estimate."""
     lines = []
@@ -512,9 +579,7 @@ def _verdict_lines(result) -> list[str]:
         lines.append(f"the permutation p-value is at its floor 1/({proto.get('permutations')} + 1): the true p-value "
                      f"is at most that; parametric p (strength of the evidence): {result.p_value_ttest:.3g}")
     if result.sample_size_curve is not None:
-        needed = result.sample_size_curve.n_needed
-        lines.append("robustness to leaving images out: 90% of subsets significant from "
-                     + ("no size tried" if needed is None else f"{needed} published images on"))
+        lines.append(robustness_line(result.sample_size_curve))
     est = result.sample_size_estimate
     if est is not None:
         if est.get("published_needed") is None:
@@ -534,7 +599,7 @@ def audit_command(
     model: str = typer.Option(None, "--model", help="Model alias (`cdi models`), Hugging Face hub id, or local pipeline folder."),
     published_features: str = typer.Option(None, "--published-features", help="Audit from this `cdi extract` CSV of the published images instead of a model (with --unpublished-features; --published/--unpublished then only feed the shift guard)."),
     unpublished_features: str = typer.Option(None, "--unpublished-features", help="The `cdi extract` CSV of the unpublished images (same model and features)."),
-    out: str = typer.Option(..., "--out", help="Folder for result.json, features.csv and report.html."),
+    out: str = typer.Option(None, "--out", help="Folder for result.json, features.csv and report.html (required)."),
     features: str = typer.Option(None, "--features", help=FEATURES_HELP),
     alpha: float = typer.Option(0.01, "--alpha", help="Significance level of the verdict."),
     seed: int = typer.Option(0, "--seed", help="Seed of every random draw (noise, folds, permutations)."),
@@ -565,6 +630,8 @@ def audit_command(
     with _user_errors():
         from cdi.audit.run import AuditConfig, run_audit
 
+        check_audit_sources(published, unpublished, model, published_features, unpublished_features, out)
+
         config = AuditConfig(
             published=published, unpublished=unpublished, model=model, out=out, features=features, alpha=alpha,
             seed=seed, folds=folds, permutations=permutations, scorer=scorer, protocol=protocol.lower(),
@@ -576,11 +643,27 @@ def audit_command(
             **({} if max_pixels is None else {"max_pixels": max_pixels}), **loader.as_config(),
             reference_model=reference_model,
         )
-        result = run_audit(config, progress=fmt == "text")
+        result = run_audit(config, progress=True)  # progress goes to stderr: stdout holds only the JSON
         _print_result(result, fmt, out)
 
 
-store_app = typer.Typer(name="store", help="Feature stores (the --store caches of extract and audit).",
+def check_audit_sources(published, unpublished, model, published_features, unpublished_features, out) -> None:
+    """Name every option an audit lacks at once (``CDIError``), not only the first."""
+    if published_features is not None or unpublished_features is not None:
+        wanted = {"--published-features": published_features, "--unpublished-features": unpublished_features}
+    else:
+        wanted = {"--published": published, "--unpublished": unpublished, "--model": model}
+    missing = [flag for flag, value in {**wanted, "--out": out}.items() if value is None]
+    if missing:
+        raise CDIError(
+            f"missing {', '.join(missing)}. An audit needs the folder of the published images (--published), one "
+            "of comparable unpublished images (--unpublished), the model (--model) and a folder for its files "
+            "(--out), e.g. `cdi audit --published P --unpublished U --model MODEL --out OUT`; or, instead of "
+            "images and model, the `cdi extract` tables of both (--published-features, --unpublished-features). "
+            "`cdi demo` runs a complete example.")
+
+
+store_app = _Typer(name="store", help="Feature stores (the --store caches of extract and audit).",
                         no_args_is_help=True)
 app.add_typer(store_app, name="store")
 
@@ -626,13 +709,13 @@ def demo_command(
             from pathlib import Path
 
             results = run_demo(out, null=null, n=n or DEFAULT_DEMO_SIZE, seed=seed, permutations=permutations,
-                               progress=fmt == "text", scenario="lora")
+                               progress=True, scenario="lora")
             for result, folder in zip(results, ("lora", "lora-vs-base")):
                 _print_result(result, fmt, str(Path(out) / folder))
             return
         result = run_demo(out, null=null, member_fraction=member_fraction, n=n or DEFAULT_DEMO_SIZE, kind=kind,
                           strength=strength, seed=seed, permutations=permutations, store=store,
-                          progress=fmt == "text", scenario=scenario)
+                          progress=True, scenario=scenario)  # progress on stderr
         _print_result(result, fmt, out)
 
 
@@ -735,7 +818,7 @@ def benchmark_command(
             store=store, mix=mix, permutations=permutations, folds=folds, alpha=alpha, **loader.as_config(),
             reference_model=reference_model,
         )
-        result = run_benchmark(config, progress=fmt == "text")
+        result = run_benchmark(config, progress=True)  # progress on stderr
         if fmt == "json":
             from cdi.benchmark import BENCHMARK_FILE
 

@@ -6,7 +6,10 @@ replaced components, a single file's config) to every command that loads a
 model and hands the command one ``LoaderOptions``; ``reference_option`` is
 ``--reference-model`` of the commands that can test against a reference
 model; ``choice`` and ``format_option`` make options with a fixed set of
-values, matched without regard to case (``--format JSON``).
+values, matched without regard to case (``--format JSON``). ``Command`` is
+the class of every ``cdi`` command: its help shows no type beside a plain
+flag, and a value given to a flag (``--null true``) gets a message saying
+how flags are written.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Optional
 
 import typer
+from typer.core import TyperCommand, TyperGroup, TyperOption
 
 #: Help of the options shared by extract, audit, speed and benchmark.
 BATCH_SIZE_HELP = (
@@ -37,6 +41,61 @@ CONFIG_HELP = ("For a single-file --model (.safetensors, .ckpt with --allow-pick
                "cached hub id whose configs describe it (default: guessed from its keys, looked up offline).")
 REFERENCE_HELP = ("Reference model (e.g. the base of a LoRA or fine-tune): test the difference of every feature "
                   "between --model and it, i.e. whether the images were used beyond the reference model.")
+
+
+#: click's usage error, as typer (which vendors its own click) raises it.
+_UsageError = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
+#: Words a user may put after a flag meaning "on" or "off".
+_BOOLEAN_WORDS = frozenset({"true", "false", "yes", "no", "on", "off", "1", "0"})
+
+
+class Command(TyperCommand):
+    """A typer command with two corrections to typer's defaults.
+
+    Typer shows ``<bool>`` beside a plain flag in ``--help``, which reads as
+    if the flag took a value; the flags' type column is left empty here.
+    ``--null true`` fails in click with "unexpected extra argument (true)";
+    here the message adds that the flag takes no value and how to write it.
+    """
+
+    def get_params(self, ctx: Any) -> list:
+        return _blank_flag_types(super().get_params(ctx))
+
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        given = list(args)
+        try:
+            return super().parse_args(ctx, args)
+        except _UsageError as exc:
+            hint = flag_value_hint(self, given)
+            if hint is None or "extra argument" not in exc.format_message():
+                raise
+            raise _UsageError(f"{exc.format_message()}. {hint}", ctx) from None
+
+
+class Group(TyperGroup):
+    """A typer group (``cdi``, ``cdi toy``, ``cdi store``) whose help shows no ``<bool>`` beside its flags."""
+
+    def get_params(self, ctx: Any) -> list:
+        return _blank_flag_types(super().get_params(ctx))
+
+
+def _blank_flag_types(params: list) -> list:
+    """``params`` with an empty metavar on each flag: typer's help shows the metavar in the type column."""
+    for param in params:
+        if getattr(param, "is_flag", False) and param.metavar is None:
+            param.metavar = ""
+    return params
+
+
+def flag_value_hint(command: TyperCommand, args: list[str]) -> str | None:
+    """A sentence for a flag followed by a true/false word in ``args`` (None when there is none)."""
+    flags = {opt: param for param in command.params if isinstance(param, TyperOption) and param.is_flag
+             for opt in param.opts}
+    for flag, word in zip(args, args[1:]):
+        if flag in flags and word.lower() in _BOOLEAN_WORDS:
+            return (f"{flag} is a switch and takes no value: write {flag} alone to turn it on, "
+                    "or leave it out to keep it off")
+    return None
 
 
 def choice(default: str | None, flag: str, values: tuple[str, ...], help: str) -> Any:

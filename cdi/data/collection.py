@@ -169,7 +169,7 @@ class ImageCollection:
         metadata_captions, named_by, metadata_files = read_metadata(root, files, present, name)
 
         images: dict[str, tuple[str, int, int, str, str, str]] = {}  # path -> _Outcome.info
-        # (path, kind, reason), kind in {"bad_name", "not_regular", "unreadable", "too_large"}
+        # (path, kind, reason), kind in {"bad_name", "not_regular", "unreadable", "too_large", "needs_plugin"}
         bad: list[tuple[str, str, str]] = [(p, "bad_name", BAD_NAME_REASON) for p in walk.bad_names]
         ignored_reasons: dict[str, str] = {p: "hidden (name starts with '.') or __MACOSX" for p in hidden}
         ignored_reasons.update({p: "link to a folder (links to folders are not followed)"
@@ -394,12 +394,13 @@ def _bad_files_message(root: Path, name: str, bad: list[tuple[str, str, str]], m
     if "bad_name" in kinds:
         parts.append("File names must be UTF-8: rename those files (e.g. `convmv -f latin1 -t utf8 -r --notest "
                      "FOLDER`).")
+    if "needs_plugin" in kinds:
+        parts.append("HEIC and HEIF photos (the format phones save) need a Pillow plug-in: pip install "
+                     "\"cdi[heif]\" installs pillow-heif, and cdi then reads them; or convert them to JPEG or PNG.")
     if "too_large" in kinds:
         parts.append(f"Images over {max_pixels:,} pixels are refused as possible decompression bombs: "
-                     "if you trust them, raise the limit with --max-pixels (audit, extract, inspect, shift, speed; "
-                     "max_pixels=... in Python).")
-    parts.append("Or pass --skip-bad (skip_bad=True) to leave these files out; they are then listed "
-                 "as skipped in the manifest.")
+                     "if you trust them, raise the limit with --max-pixels.")
+    parts.append("Or pass --skip-bad to leave these files out; they are then listed as skipped in the manifest.")
     return "\n".join(parts)
 
 

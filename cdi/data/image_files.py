@@ -5,7 +5,10 @@ Everything here is about a single file: open it only if it is a regular file
 make Pillow agree with cdi's pixel limit (``pillow_limits``), offer it only to
 the Pillow formats that can really decode (``decodable_formats``), and turn
 it into an image record's facts (``scan_file``: identify, size-check from the
-header, hash, fully decode, upright size). ``upright_rgb`` and
+header, hash, fully decode, upright size). Phone photos in HEIC/HEIF are
+read when the pillow-heif plug-in is installed (``pip install "cdi[heif]"``;
+``register_plugins``), and otherwise refused with a reason that says so
+(``PLUGIN_FORMATS``); Pillow 11.3 and later read AVIF itself. ``upright_rgb`` and
 ``convert_mode`` give the pixels a viewer sees, with correct scaling of
 16-bit and float images. Folders are walked in ``cdi.data.folder_walk``; the
 collection that puts the files together is ``cdi.data.collection``.
@@ -44,6 +47,11 @@ _SUPPORTED_MODES = frozenset({
 }) | _SIXTEEN_BIT_MODES
 
 EXIF_ORIENTATION = 0x0112
+
+#: Extensions of photo formats that Pillow reads only with a plug-in, and the format's name.
+PLUGIN_FORMATS = {".heic": "HEIC", ".heif": "HEIF", ".hif": "HEIF", ".avif": "AVIF"}
+#: How to install the plug-in (the ``heif`` extra of cdi installs pillow-heif).
+PLUGIN_INSTALL = 'pip install "cdi[heif]" (the pillow-heif plug-in)'
 
 
 @dataclass(frozen=True)
@@ -87,8 +95,16 @@ def _file_kind(mode: int) -> str:
 
 
 def scan_file(path: Path, max_pixels: int) -> _Outcome:
-    """Identify, size-check, hash and fully decode one file (call inside ``pillow_limits``)."""
-    image_ext = path.suffix.lower() in image_extensions()
+    """Identify, size-check, hash and fully decode one file (call inside ``pillow_limits``).
+
+    A HEIC/HEIF/AVIF file that no installed plug-in reads is ``"needs_plugin"``, with a reason that
+    says how to read it.
+    """
+    suffix = path.suffix.lower()
+    image_ext = suffix in image_extensions()
+    if suffix in PLUGIN_FORMATS and not image_ext:
+        return _Outcome("needs_plugin", reason=f"a {PLUGIN_FORMATS[suffix]} photo, which Pillow reads only with a "
+                                               f"plug-in: {PLUGIN_INSTALL}, or convert it to JPEG or PNG")
     try:
         fh = open_regular_file(path)
     except NotRegular as exc:
@@ -195,8 +211,23 @@ def pillow_limits(max_pixels: int) -> Iterator[None]:
 
 
 @functools.lru_cache(maxsize=1)
+def register_plugins() -> tuple[str, ...]:
+    """Register the optional Pillow plug-ins that are installed; returns their names.
+
+    pillow-heif (the ``heif`` extra) adds HEIC and HEIF, the formats phones save photos in.
+    """
+    try:
+        import pillow_heif
+    except ImportError:
+        return ()
+    pillow_heif.register_heif_opener()
+    return ("pillow-heif",)
+
+
+@functools.lru_cache(maxsize=1)
 def decodable_formats() -> tuple[str, ...]:
-    """Pillow formats that can be opened *and* decoded (no stub or identify-only plugins)."""
+    """Pillow formats that can be opened *and* decoded (no stub or identify-only plugins), plug-ins included."""
+    register_plugins()
     Image.init()
     return tuple(
         fmt for fmt, (factory, _) in Image.OPEN.items()

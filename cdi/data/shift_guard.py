@@ -169,7 +169,7 @@ def image_embeddings(
             if encoder == "clip":
                 raise CDIError(
                     f"the CLIP image encoder {clip_model!r} is not available locally ({type(exc).__name__}); "
-                    f"download it once with `huggingface-cli download {clip_model}`, pass a local folder, "
+                    f"download it once with `hf download {clip_model}`, pass a local folder, "
                     "or use the built-in descriptors (encoder 'builtin')"
                 ) from None
             logger.warning("CLIP image encoder %s not in the local cache; the shift guard uses the built-in "

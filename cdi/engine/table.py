@@ -250,9 +250,9 @@ class FeatureTable:
                 raise CDIError(f"{side} is not a cdi feature-table sidecar (format {sidecar.get('format')!r})")
             if sidecar.get("csv_sha256") != hashlib.sha256(data).hexdigest():
                 raise CDIError(
-                    f"{path} was modified after it was written (its SHA-256 differs from the one in {side}), "
-                    f"so its provenance no longer describes it; re-run the extraction, or delete {side.name} "
-                    f"to read the CSV without provenance"
+                    f"{path} was modified after it was written: its SHA-256 differs from the one its provenance "
+                    f"record {side.name} holds, so the record no longer describes it. The values cannot be "
+                    f"trusted as extracted; re-run the extraction to get a table that matches its record"
                 )
             meta = sidecar.get("meta", {})
             escaped = sidecar.get("text_cells") == TEXT_CELLS
