@@ -76,7 +76,7 @@ def audit(
     alpha: float = 0.01,
     seed: int = 0,
     folds: int = 5,
-    permutations: int = 1000,
+    permutations: int | None = None,
     scorer: str = "logistic",
     sample_size_resamples: int = 50,
     ignore_shift: bool = False,

@@ -223,26 +223,61 @@ def test_without_directions_a_rejection_is_not_used():
     assert res.verdict == "inconclusive" and res.verdict_reason == REASON_NO_DIRECTIONS
 
 
-def test_the_audit_takes_its_verdict_word_from_the_test():
-    """`cdi audit` (analyse_tables + build_result) gives the Python API's decision, and says why."""
+def feature_table(X, tag):
+    from cdi.engine.table import FeatureTable
+
+    return FeatureTable(paths=[f"{tag}{i}.png" for i in range(len(X))], hashes=[f"{tag}{i:063d}" for i in range(len(X))],
+                        captions=[None] * len(X), columns=[f"c{i}" for i in range(X.shape[1])], values=X, meta={})
+
+
+def audit_result(P, U, **options):
+    """``cdi audit``'s result from feature rows (analyse_tables + build_result), no model, no shift guard."""
     from cdi.audit.analysis import analyse_tables, build_result
     from cdi.audit.config import AuditConfig
+
+    config = AuditConfig(published="p", unpublished="u", model="m", out="o", sample_size_resamples=0, **options)
+    analysis = analyse_tables(feature_table(P, "p"), feature_table(U, "u"), directions=list(DIRECTIONS), config=config)
+    return analysis, build_result(analysis, feature_table(P, "p"), feature_table(U, "u"), families=[], feature_spec="",
+                                  directions=list(DIRECTIONS), model={}, config=config, timings={})
+
+
+def test_report_headline_names_its_p_value_and_never_says_at_most_at_the_floor():
+    from cdi.reports import render_report
+
+    rng = np.random.default_rng(11)
+    P, U = draw(80, rng, 0.9), draw(80, rng)
+    for kind in ("permutation", "parametric"):
+        _, result = audit_result(P, U, permutations=50, verdict=kind)
+        assert result.p_value_kind == kind and result.protocol["permutation_at_floor"]
+        html = render_report(result)
+        headline = html[html.index('id="verdict-p-kind"'):]
+        headline = headline[:headline.index("</span>")]
+        assert ("the exact permutation p-value" if kind == "permutation" else "the parametric p-value") in headline
+        assert "below 1/(50 + 1)" in headline and "at most this" not in html
+
+
+def test_the_audit_takes_its_verdict_word_from_the_test():
+    """`cdi audit` (analyse_tables + build_result) gives the Python API's decision, and says why."""
     from cdi.audit.result import INCONCLUSIVE_DIRECTION_TEXT
-    from cdi.engine.table import FeatureTable
 
     rng = np.random.default_rng(6)
     P, U = against_the_members(150, rng, 0.3, [2]), collinear(150, rng)
-    cols = [f"c{i}" for i in range(D)]
-    table = lambda X, tag: FeatureTable(paths=[f"{tag}{i}.png" for i in range(len(X))],  # noqa: E731
-                                        hashes=[f"{tag}{i:063d}" for i in range(len(X))], captions=[None] * len(X),
-                                        columns=cols, values=X, meta={})
-    config = AuditConfig(published="p", unpublished="u", model="m", out="o", permutations=0,
-                         sample_size_resamples=0)
-    analysis = analyse_tables(table(P, "p"), table(U, "u"), directions=list(DIRECTIONS), config=config)
+    analysis, result = audit_result(P, U, permutations=0)
     api = audit_test(P, U, directions=DIRECTIONS, permutations=0)
     assert analysis.verdict == api.verdict == "inconclusive"
-    result = build_result(analysis, table(P, "p"), table(U, "u"), families=[], feature_spec="", directions=list(DIRECTIONS),
-                          model={}, config=config, timings={})
     assert result.inconclusive_reason == "direction" and result.verdict_text == INCONCLUSIVE_DIRECTION_TEXT
     saved = json.loads(result.to_json())
     assert saved["protocol"]["verdict"] == "inconclusive" and saved["protocol"]["pooled"]["rest_share"] > 1.0
+
+
+def test_default_permutations_resolve_1e5_under_the_pooled_protocol():
+    """Issue 21 item 4: by default the pooled verdict's permutation p-value can go down to 1 / (99,999 + 1) = 1e-5;
+    the block protocols keep 1,000 (they refit per permutation). Time: benchmarks/pooled_permutation_speed.py."""
+    from cdi.stats.verdict import DEFAULT_PERMUTATIONS, default_permutations
+
+    assert DEFAULT_PERMUTATIONS["pooled"] == 99_999 and default_permutations(None, "sequential") == 1_000
+    assert default_permutations(0, "pooled") == 0
+    rng = np.random.default_rng(10)
+    res = audit_test(draw(60, rng, 0.9), draw(60, rng), directions=DIRECTIONS)
+    assert res.permutations == 99_999 and res.permutation_at_floor and res.permutation_p == pytest.approx(1e-5)
+    assert res.ttest_p < 1e-5  # the parametric p-value beside it is smaller than the floor

@@ -154,6 +154,7 @@ def build_result(
         p_value=float(test.verdict_p),
         p_value_ttest=float(test.ttest_p),
         p_value_permutation=None if test.permutation_p is None else float(test.permutation_p),
+        p_value_kind=test.verdict_choice,
         alpha=config.alpha,
         n_published=n_p,
         n_unpublished=len(unpublished),

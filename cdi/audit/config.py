@@ -30,7 +30,7 @@ class AuditConfig:
     alpha: float = 0.01
     seed: int = 0
     folds: int = 5
-    permutations: int = 1000
+    permutations: int | None = None  # None: cdi.stats.verdict.DEFAULT_PERMUTATIONS of the protocol
     scorer: str = "logistic"
     protocol: str = "pooled"
     verdict: str = "parametric"  # or "permutation": the exact permutation p-value is the verdict
@@ -81,7 +81,7 @@ class AuditConfig:
             raise CDIError(f"--shift-alpha must be between 0 and 1 (got {self.shift_alpha})")
         if self.folds < 2:
             raise CDIError(f"--folds must be at least 2 (got {self.folds})")
-        if self.permutations < 0:
+        if self.permutations is not None and self.permutations < 0:
             raise CDIError(f"--permutations must be 0 (off) or positive (got {self.permutations})")
         if self.scorer not in SCORERS:
             raise CDIError(f"--scorer must be one of {', '.join(SCORERS)} (got {self.scorer!r})")

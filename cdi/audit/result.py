@@ -148,6 +148,9 @@ class AuditResult:
     reference_model: dict[str, Any] | None = None  # the reference's describe(), when one was used
     #: why the verdict is inconclusive: "shift_guard" or "direction" (cdi.stats.verdict.direction_rule); None otherwise
     inconclusive_reason: str | None = None
+    #: which p-value ``p_value`` is: "parametric" (the protocol's test) or "permutation" (exact); the other is
+    #: p_value_ttest / p_value_permutation
+    p_value_kind: str = "parametric"
 
     @property
     def verdict_text(self) -> str:

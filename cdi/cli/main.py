@@ -544,7 +544,8 @@ def _print_result(result, fmt: str, out: str) -> None:
     ] + ([f"why: {console_text(result.protocol.get('verdict_reason', ''))}"]
          if result.inconclusive_reason == "direction" else []) + [
         "",
-        f"p-value (verdict, {result.protocol.get('verdict_test', 'test')}): {result.p_value:.3g}   alpha: {result.alpha}",
+        f"p-value (verdict, {result.p_value_kind}: {result.protocol.get('verdict_test', 'test')}): "
+        f"{result.p_value:.3g}   alpha: {result.alpha}",
         f"t-test p: {result.p_value_ttest:.3g}   permutation p: "
         + ("not run" if result.p_value_permutation is None else f"{result.p_value_permutation:.3g}"),
         f"published: {result.n_published}   unpublished: {result.n_unpublished}   "
@@ -576,8 +577,9 @@ def _verdict_lines(result) -> list[str]:
     lines = []
     proto = result.protocol
     if proto.get("verdict_choice") == "permutation" and proto.get("permutation_at_floor"):
-        lines.append(f"the permutation p-value is at its floor 1/({proto.get('permutations')} + 1): the true p-value "
-                     f"is at most that; parametric p (strength of the evidence): {result.p_value_ttest:.3g}")
+        lines.append(f"the permutation p-value is at its floor: no shuffle reached the observed statistic, so it is "
+                     f"below 1/({proto.get('permutations')} + 1); parametric p (strength of the evidence): "
+                     f"{result.p_value_ttest:.3g}")
     if result.sample_size_curve is not None:
         lines.append(robustness_line(result.sample_size_curve))
     est = result.sample_size_estimate
@@ -604,7 +606,7 @@ def audit_command(
     alpha: float = typer.Option(0.01, "--alpha", help="Significance level of the verdict."),
     seed: int = typer.Option(0, "--seed", help="Seed of every random draw (noise, folds, permutations)."),
     folds: int = typer.Option(5, "--folds", help="Blocks of the cross-fitted scoring protocol."),
-    permutations: int = typer.Option(1000, "--permutations", help="Permutations of the exact permutation test (0: off)."),
+    permutations: int = typer.Option(None, "--permutations", help="Permutations of the exact permutation test (0: off; default 99,999 with the pooled protocol, resolving p down to 1e-5, and 1,000 with the others)."),
     scorer: str = choice("logistic", "--scorer", ("logistic", "xgboost"), "Scoring model: logistic (default) or xgboost (needs the xgboost package; sequential and crossfit protocols)."),
     protocol: str = choice("pooled", "--protocol", ("pooled", "sequential", "crossfit"), "pooled (the verdict's default: no split, no seed), sequential or crossfit."),
     verdict: str = choice("parametric", "--verdict", ("parametric", "permutation"), "parametric (the protocol's p-value) or permutation (the exact permutation p-value is the verdict)."),
@@ -696,7 +698,7 @@ def demo_command(
     kind: str = choice("sd", "--kind", ("sd", "ddpm", "flow"), "Toy model: sd (text-to-image latent model), ddpm (class-conditional pixel model) or flow (SD3-style flow-matching transformer)."),
     strength: str = choice("overtrained", "--strength", ("light", "overtrained"), "Toy training strength: light or overtrained."),
     seed: int = typer.Option(0, "--seed", help="Seed of the draw and of the audit."),
-    permutations: int = typer.Option(1000, "--permutations", help="Permutations of the permutation test."),
+    permutations: int = typer.Option(None, "--permutations", help="Permutations of the permutation test (default: 99,999 with the pooled protocol, 1,000 with the others)."),
     store: str = typer.Option(None, "--store", help="Feature store to reuse between demo runs."),
     fmt: str = format_option(),
     scenario: str = choice("pretrained", "--scenario", ("pretrained", "lora"), "pretrained (a model trained on P) or lora (a LoRA on a base model, audited without and with the base as reference)."),

@@ -212,5 +212,10 @@ class PooledStatistic:
         )
 
     def permuted_labels(self, rng: np.random.Generator, count: int) -> np.ndarray:
-        """``count`` uniformly random relabellings (n, count) with the observed class counts."""
-        return rng.permuted(np.repeat(self.labels[:, None], count, axis=1), axis=0)
+        """``count`` uniformly random relabellings (n, count) with the observed class counts.
+
+        Each relabelling is drawn as one row of a (count, n) array (contiguous
+        shuffles, faster) and the result is transposed: the same relabellings,
+        in the same order, as shuffling the columns of an (n, count) array.
+        """
+        return rng.permuted(np.repeat(self.labels[None, :], count, axis=0), axis=1).T

@@ -149,6 +149,12 @@ from cdi.stats.scoring import CrossFit, ScoringResult
 #: Label vectors fitted together in one batch of the permutation test.
 PERMUTATION_CHUNK = 200
 
+#: Permutations when none are asked for (``permutations=None``), per protocol. Pooled: 99,999, so that
+#: the permutation p-value resolves 1e-5 (its floor is 1 / (B + 1)); one matrix product per chunk of
+#: label vectors, 150 + 150 images x 35 features in about 4 s on one core (benchmarks/permutation_speed.py).
+#: The block protocols refit their scorer for every permutation, so they keep 1,000.
+DEFAULT_PERMUTATIONS = {"pooled": 99_999, "sequential": 1_000, "crossfit": 1_000}
+
 #: The audit's protocols (``"pooled"`` is the verdict's default).
 PROTOCOLS = ("pooled", "sequential", "crossfit")
 
@@ -419,6 +425,11 @@ class TestResult:
         return out
 
 
+def default_permutations(permutations: int | None, protocol: str) -> int:
+    """``permutations``, or the protocol's default ``DEFAULT_PERMUTATIONS`` when it is None."""
+    return DEFAULT_PERMUTATIONS.get(protocol, 1_000) if permutations is None else permutations
+
+
 def _validate_common(alpha: float, permutations: int) -> None:
     if not 0.0 < alpha < 1.0:
         raise CDIError(f"alpha must lie strictly between 0 and 1, got {alpha}")
@@ -433,7 +444,7 @@ def audit_test(
     directions: np.ndarray | Sequence[int] | None = None,
     scorer: str = "logistic",
     folds: int = 5,
-    permutations: int = 1000,
+    permutations: int | None = None,
     alpha: float = 0.01,
     seed: int = 0,
     protocol: str = "pooled",
@@ -457,9 +468,11 @@ def audit_test(
     folds : int
         Number of blocks K of the sequential and crossfit protocols (at
         least ``cdi.stats.blocks.MIN_PER_BLOCK`` images of each class per block).
-    permutations : int
+    permutations : int, optional
         Permutations of the reported permutation test (0: skip it; not
-        allowed with ``protocol="crossfit"`` or ``verdict="permutation"``).
+        allowed with ``protocol="crossfit"`` or ``verdict="permutation"``;
+        None: ``DEFAULT_PERMUTATIONS[protocol]``, 99,999 for the pooled
+        protocol so that p-values down to 1e-5 are resolved).
         Pooled protocol: 10,000 permutations of 1,000 + 1,000 images x 31
         features take seconds (one matrix product per chunk). Sequential
         with the logistic scorer: all permutations are fitted together
@@ -484,6 +497,7 @@ def audit_test(
         p-value (crossfit: always the permutation p-value) or the exact
         permutation p-value.
     """
+    permutations = default_permutations(permutations, protocol)
     _validate_common(alpha, permutations)
     if protocol not in PROTOCOLS:
         raise CDIError(f"unknown protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}")
@@ -663,7 +677,9 @@ def _pooled_test(X: np.ndarray, y: np.ndarray, directions: np.ndarray | None, co
                                      else float(stats.t.cdf(parts.prior_t, pooled.nu)))
     perm_p, count = None, None
     if permutations:
-        count = _permutation_count(pooled.permuted_labels, pooled.z, parts.z, int(permutations), seed)
+        # one matrix product per chunk: large chunks (up to ~8 MB of labels) amortise the per-call overhead
+        chunk = int(min(5000, max(PERMUTATION_CHUNK, 1_000_000 // len(y))))
+        count = _permutation_count(pooled.permuted_labels, pooled.z, parts.z, int(permutations), seed, chunk)
         perm_p = permutation_pvalue(count, int(permutations))
     if pooled.prior is not None:
         score, kind = pooled.prior, "prior weight per normal-scored column (fixed, label-free)"
@@ -736,14 +752,16 @@ def _separation(crossfit: CrossFit, raw: np.ndarray, y: np.ndarray) -> tuple[flo
     return g / total, a / total
 
 
-def _permutation_count(permuted_labels, statistic, z_obs: float, permutations: int, seed: int) -> int:
+def _permutation_count(permuted_labels, statistic, z_obs: float, permutations: int, seed: int,
+                       chunk_size: int = PERMUTATION_CHUNK) -> int:
     """How many label shuffles give a statistic >= the observed one.
 
     ``permuted_labels(rng, count)`` draws shuffles (within blocks for the
     block protocols, over all images for the pooled one) and
     ``statistic(Y)`` evaluates the protocol's statistic for many at once.
-    Shuffles are drawn in chunks of ``PERMUTATION_CHUNK`` from one seeded
-    generator, so the first ``B`` shuffles are the same whatever the total.
+    Shuffles are drawn in chunks of ``chunk_size`` from one seeded
+    generator, one shuffle after the other, so the first ``B`` shuffles are
+    the same whatever the total and whatever the chunk size.
     A permuted statistic within 1e-9 (relative) of the observed one counts
     as at least as large (ties resolved conservatively).
     """
@@ -751,7 +769,7 @@ def _permutation_count(permuted_labels, statistic, z_obs: float, permutations: i
     threshold = z_obs - 1e-9 * (1.0 + abs(z_obs))
     count, done = 0, 0
     while done < permutations:
-        chunk = min(PERMUTATION_CHUNK, permutations - done)
+        chunk = min(chunk_size, permutations - done)
         Y = permuted_labels(rng, chunk)
         count += int(np.sum(statistic(Y) >= threshold))
         done += chunk

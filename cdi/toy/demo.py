@@ -97,7 +97,7 @@ def write_demo_folders(world, draw: DemoDraw, data_dir: Path, captions: dict | N
 
 def run_demo(out: str | Path = "demo-out", *, null: bool = False, member_fraction: float = 1.0,
              n: int = DEFAULT_DEMO_SIZE, kind: str = "sd", strength: str = "overtrained", seed: int = 0,
-             permutations: int = 1000, progress: bool = True, scenario: str = "pretrained", **audit_options):
+             permutations: int | None = None, progress: bool = True, scenario: str = "pretrained", **audit_options):
     """Build or load the toy world, draw P and U, and audit them; returns the ``AuditResult``.
 
     ``scenario="lora"``: the fine-tune toy world instead (``cdi.toy.lora.run_lora_demo``), audited without

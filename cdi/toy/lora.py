@@ -280,7 +280,7 @@ def _copy_subset(src: Path, names: list[str], dst: Path) -> Path:
 
 
 def run_lora_demo(out: str | Path = "demo-out", *, n: int = 150, null: bool = False, strength: str = "strong",
-                  seed: int = 0, permutations: int = 1000, progress: bool = True, **audit_options) -> list:
+                  seed: int = 0, permutations: int | None = None, progress: bool = True, **audit_options) -> list:
     """Audit the toy LoRA twice on the same P and U: without and with the base model as reference.
 
     P: ``n`` of the images the LoRA was trained on (``null``: never trained on); U: ``n`` of the artist's
