@@ -96,7 +96,8 @@ def test_loader_options_reach_load_model(monkeypatch):
     assert result.exit_code == 2 and "stop here" in result.stderr
     assert seen == {"name": "some/model", "device": "CPU", "dtype": "auto", "revision": "abc", "variant": "fp16",
                     "allow_pickle": True, "compile": False, "local_files_only": True, "cache_dir": "/tmp/hf",
-                    "token": "hf_x", "loras": [], "components": {}, "config": None}
+                    "token": "hf_x", "loras": [], "components": {}, "config": None, "guidance_scale": None,
+                    "timestep_grid": None}
     seen.clear()
     runner.invoke(app, ["speed", "--model", "m"])
     assert seen["local_files_only"] is None and seen["token"] is None  # None: follow HF_HUB_OFFLINE / HF_TOKEN

@@ -320,3 +320,20 @@ def test_clid_reduced_captions_are_encoded_before_the_first_batch(tiny_flow_dirs
     assert calls and all(when == "prepare" for when, _ in calls), calls
     # 3 captions + 3 x 3 reduced ones + the null caption, encoded in batches of 16
     assert sum(n for _, n in calls) <= 13
+
+
+def test_guidance_and_timestep_grid_options_reach_the_adapter(tiny_flow_dirs, tiny_model_dirs):
+    from cdi.cli.options import LoaderOptions
+    from cdi.models.loading import flow_options
+
+    options = LoaderOptions(guidance=3.5, timestep_grid="sd15").loading_options()
+    assert options["guidance_scale"] == 3.5 and options["timestep_grid"] == "sd15"
+    dev = load_model(str(tiny_flow_dirs["flux_dev"]), device="cpu", guidance_scale=3.5, timestep_grid="sd15")
+    assert dev.describe()["guidance_scale"] == 3.5 and dev.describe()["timestep_grid"] == "sd15"
+    with pytest.raises(CDIError, match="--guidance applies to guidance-distilled models"):
+        load_model(str(tiny_flow_dirs["flux_schnell"]), device="cpu", guidance_scale=3.5)
+    with pytest.raises(CDIError, match="--timestep-grid applies to flow-matching models"):
+        load_model(str(tiny_model_dirs["sd"]), device="cpu", timestep_grid="sd15")
+    for bad in ({"guidance": float("nan"), "timestep_grid": None}, {"guidance": None, "timestep_grid": "sd3"}):
+        with pytest.raises(CDIError):
+            flow_options(**bad)

@@ -59,6 +59,8 @@ class AuditConfig:
     unet: str | None = None
     component: list[str] = field(default_factory=list)  # NAME=FOLDER replacements
     config: str | None = None  # configuration of a single-file --model
+    guidance: float | None = None  # FLUX.1-dev guidance input (cdi.models.flux)
+    timestep_grid: str | None = None  # flow sigma of each timestep (cdi.models.flow_matching)
     reference_model: str | None = None  # test target minus reference features (cdi.audit.reference)
     extra: dict[str, Any] = field(default_factory=dict)  # e.g. how the demo drew P and U
     published_features: str | None = None  # audit from `cdi extract` tables instead of a model
@@ -139,9 +141,10 @@ class AuditConfig:
     def loading_options(self) -> dict[str, Any]:
         """The ``load_model`` keywords for the LoRAs, replaced components and single-file config (checked)."""
         from cdi.models.finetune import loading_options
+        from cdi.models.loading import flow_options
 
         return loading_options(self.lora, self.lora_scale, self.unet, self.component, self.config,
-                               allow_pickle=self.allow_pickle)
+                               allow_pickle=self.allow_pickle) | flow_options(self.guidance, self.timestep_grid)
 
 
 def check_seed(seed: int) -> None:

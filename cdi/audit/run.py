@@ -100,8 +100,9 @@ def run_audit(config: AuditConfig, *, progress: bool = True) -> AuditResult:
             from cdi.audit.reference import check_reference, park, unpark
 
             park(adapter)  # one model on the GPU at a time
+            flow = {k: options[k] for k in ("guidance_scale", "timestep_grid")}  # the same inputs as the target
             reference = load_model(config.reference_model, dtype=config.dtype, device=config.device,
-                                   allow_pickle=config.allow_pickle, compile=config.compile, **hub)
+                                   allow_pickle=config.allow_pickle, compile=config.compile, **flow, **hub)
             park(reference)
             unpark(adapter)
             check_reference(adapter, reference)

@@ -152,6 +152,8 @@ class LoaderOptions:
     unet: str | None = None
     component: list[str] = field(default_factory=list)
     config: str | None = None
+    guidance: float | None = None  # FLUX.1-dev guidance input (cdi.models.flux)
+    timestep_grid: str | None = None  # flow sigma of each timestep (cdi.models.flow_matching)
 
     def as_config(self) -> dict[str, Any]:
         """The fields, for ``AuditConfig`` and ``BenchmarkConfig`` (which keep the token out of their files)."""
@@ -160,9 +162,10 @@ class LoaderOptions:
     def loading_options(self) -> dict[str, Any]:
         """``load_model``'s ``loras``, ``components`` and ``config`` of the fine-tune options (checked)."""
         from cdi.models.finetune import loading_options
+        from cdi.models.loading import flow_options
 
         return loading_options(self.lora, self.lora_scale, self.unet, self.component, self.config,
-                               allow_pickle=self.allow_pickle)
+                               allow_pickle=self.allow_pickle) | flow_options(self.guidance, self.timestep_grid)
 
     def load(self, model: str):
         """``load_model(model, ...)`` with these options, the libraries' own weight-loading bars silenced."""
@@ -208,6 +211,14 @@ _LOADER_OPTIONS: dict[str, tuple[Any, Callable[[], Any]]] = {
     "unet": (Optional[str], lambda: typer.Option(None, "--unet", help=UNET_HELP)),
     "component": (list[str], lambda: typer.Option(None, "--component", help=COMPONENT_HELP)),
     "config": (Optional[str], lambda: typer.Option(None, "--config", help=CONFIG_HELP)),
+    "guidance": (Optional[float], lambda: typer.Option(
+        None, "--guidance", help="FLUX.1-dev's guidance input (default 1.0, recorded). Audit a fine-tune at the "
+                                 "value it was trained with: diffusers' FLUX DreamBooth-LoRA script uses 3.5, "
+                                 "kohya sd-scripts 1.0.")),
+    "timestep_grid": (Optional[str], lambda: typer.Option(
+        None, "--timestep-grid", help="Flow-matching models: which noise level each timestep means; model (default: "
+                                      "the model's own shifted training sigmas) or sd15 (SD 1.5's levels, to compare "
+                                      "feature values across families).")),
 }
 #: The repeatable loader options (typer passes None when they are not given).
 _LIST_OPTIONS = ("lora", "lora_scale", "component")

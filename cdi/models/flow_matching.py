@@ -20,7 +20,7 @@ families (SD3, FLUX, Z-Image) share ``encode_flow_autoencoder`` and, for
 resolution-dependent shifting, ``dynamic_shift_mu``.
 
 **Which ``s`` a discrete ``t`` means (the timestep grid).** Default
-``grid="model"``: the model's own shifted training sigmas, read from its
+``grid="model"``: the model's own shifted sigmas (its sampling grid), read from its
 scheduler configuration (``FlowMatchEulerDiscreteScheduler``): ``t`` in
 0..N-1 is ``u = (t + 1) / N`` (the scheduler's unshifted sigmas), shifted by
 ``shift * u / (1 + (shift - 1) u)`` (SD3: shift 3.0), or, with
@@ -28,8 +28,14 @@ scheduler configuration (``FlowMatchEulerDiscreteScheduler``): ``t`` in
 the resolution-dependent ``mu`` that the pipeline computes for the model's
 native image size (``calculate_shift`` of its latent token count), then
 stretched to ``shift_terminal`` where the config has one. This is the grid
-the model was trained and is sampled on (diffusers' SD3/FLUX training scripts
-draw an index and take ``scheduler.sigmas`` at it), and it is what the other
+the model is sampled on, and for SD3 the one it is trained on (diffusers'
+SD3 training script draws an index into ``scheduler.sigmas``, which are
+shifted). It is not FLUX's training grid: diffusers' FLUX training scripts
+take ``scheduler.sigmas`` of a scheduler built with ``use_dynamic_shifting``
+and never shifted (``set_timesteps`` is not called with ``mu``), so they
+train on unshifted ``u``, and kohya's scripts draw their own (``shift`` /
+``flux_shift`` / sigmoid) densities; ``--timestep-grid sd15`` compares
+families at equal noise levels instead. It is what the other
 adapters do: every model's ``t`` is its own training schedule (SD's
 scaled-linear, DDPM's linear betas). At the low ``t`` where membership
 features live, SD3's shift 3.0 lands close to SD 1.5 anyway (``t = 100``:

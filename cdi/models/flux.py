@@ -22,11 +22,15 @@ adapter computes what the pipeline computes, through ``FlowMatchingAdapter``:
   CLIP's pooled output. The null condition is the empty prompt.
 * timestep: the transformer takes ``s`` (it multiplies by 1000 itself).
 * guidance (dev, ``guidance_embeds``): the distilled model takes the
-  guidance scale as an input. cdi feeds ``guidance_scale = 1.0`` by default:
-  the distilled prediction then stands for the plain conditional one (no
-  classifier-free extrapolation), which is what the features' losses assume
-  and the scale at which FLUX.1 dev is fine-tuned (kohya sd-scripts,
-  ai-toolkit). schnell has no guidance input.
+  guidance scale as an input. cdi feeds ``guidance_scale = 1.0`` by default
+  (``--guidance`` changes it; the value is recorded in ``describe()``): the
+  distilled prediction then stands for the plain conditional one (no
+  classifier-free extrapolation), which is what the features' losses
+  assume. A fine-tune should be audited at the value it was trained with:
+  diffusers' FLUX DreamBooth-LoRA script (``train_dreambooth_lora_flux.py``)
+  trains at ``--guidance_scale 3.5`` (its default); kohya sd-scripts'
+  documented FLUX.1 LoRA command passes ``--guidance_scale 1.0`` (its
+  argument's own default is 3.5). schnell has no guidance input.
 """
 
 from __future__ import annotations

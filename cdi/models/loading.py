@@ -250,6 +250,8 @@ def load_model(
     loras: Sequence["LoraSpec"] = (),
     components: Mapping[str, str | os.PathLike] | None = None,
     config: str | None = None,
+    guidance_scale: float | None = None,
+    timestep_grid: str | None = None,
 ) -> "DiffusionAdapter":
     """Load a diffusion model into the adapter of its family.
 
@@ -268,6 +270,12 @@ def load_model(
         Compute dtype of the denoiser and text encoders (see ``resolve_dtype``);
         ``"default"``: the family's release dtype on CUDA, float32 elsewhere
         (``resolve_dtype_for``).
+    guidance_scale : float, optional
+        FLUX.1-dev's guidance input (``--guidance``; default 1.0, see
+        ``cdi.models.flux``); refused for models without one.
+    timestep_grid : {"model", "sd15"}, optional
+        Which flow sigma each discrete timestep means (``--timestep-grid``;
+        ``cdi.models.flow_matching``); flow-matching models only.
     device : str
         ``"auto"``, ``"cpu"``, ``"cuda[:i]"`` or ``"mps"``.
     allow_pickle : bool
@@ -378,6 +386,7 @@ def load_model(
     adapter = adapter_cls(
         **loaded,
         **adapter_cls.extra_inputs(folder, index),
+        **_flow_inputs(family, loaded, guidance_scale, timestep_grid),
         model_id=model_id,
         revision=resolved_revision,
         fingerprint=finetune.combined_fingerprint(base_fingerprint, provenance),
@@ -738,6 +747,32 @@ def _load_component(
             "corrupt, incomplete or from an incompatible version: fetch them again"
         ) from None
     return _prepare(module, device, channels_last), config_files + weights
+
+
+def flow_options(guidance: float | None, timestep_grid: str | None) -> dict[str, Any]:
+    """``load_model``'s ``guidance_scale`` and ``timestep_grid`` of ``--guidance`` / ``--timestep-grid``, checked."""
+    from cdi.models.flow_matching import GRIDS
+
+    if guidance is not None and not (guidance == guidance and 0 <= float(guidance) <= 100):
+        raise CDIError(f"--guidance must be a number from 0 to 100, got {guidance}")
+    if timestep_grid is not None and timestep_grid not in GRIDS:
+        raise CDIError(f"--timestep-grid must be one of {', '.join(GRIDS)}, got {timestep_grid!r}")
+    return {"guidance_scale": None if guidance is None else float(guidance), "timestep_grid": timestep_grid}
+
+
+def _flow_inputs(family: str, loaded: Mapping[str, Any], guidance_scale: float | None,
+                 timestep_grid: str | None) -> dict[str, Any]:
+    """The adapter keywords of ``--guidance`` and ``--timestep-grid``; ``CDIError`` where they do not apply."""
+    flow = family in ("sd3", "flux", "zimage")
+    if timestep_grid is not None and not flow:
+        raise CDIError(f"--timestep-grid applies to flow-matching models (SD3, FLUX, Z-Image), not to {family!r}")
+    inputs: dict[str, Any] = {"grid": timestep_grid} if timestep_grid is not None else {}
+    if guidance_scale is not None:
+        if family != "flux" or not loaded["transformer"].config.guidance_embeds:
+            raise CDIError("--guidance applies to guidance-distilled models (FLUX.1-dev), whose transformer takes "
+                           f"the guidance scale as an input; this {family!r} model has no such input")
+        inputs["guidance_scale"] = guidance_scale
+    return inputs
 
 
 def _prepare(module: torch.nn.Module, device: torch.device, channels_last: bool) -> torch.nn.Module:
