@@ -480,3 +480,38 @@ def test_single_model_pipeline_with_files_at_the_root(tiny_model_dirs, tiny_adap
     _, _, x_t = _inputs(reference)
     torch.testing.assert_close(adapter.eps(x_t, T, adapter.null_condition(3)),
                                reference.eps(x_t, T, reference.null_condition(3)))
+
+
+def test_distilled_models_are_named_as_such(tiny_model_dirs, tmp_path):
+    """Aliases, known hub ids, and a checkpoint whose name marks it: the audit record, `cdi models`, the report."""
+    import copy
+    import json
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from cdi.cli.main import app
+    from cdi.models import load_model
+    from cdi.models.registry import distillation, distillation_text
+
+    assert distillation("flux-schnell")["how"].startswith("latent adversarial")
+    assert distillation("sd35-large-turbo")["base"] == "sd35-large"
+    assert distillation("z-image-turbo") is not None and distillation("stabilityai/sdxl-turbo")["base"] == "sdxl"
+    assert distillation("ByteDance/SDXL-Lightning") is not None
+    assert distillation("sd15") is None and distillation("flux-dev") is None
+    assert "audit its base model (sd35-large)" in distillation_text(distillation("sd35-large-turbo"))
+    folder = tmp_path / "my-sd-lcm"
+    shutil.copytree(tiny_model_dirs["sd"], folder)
+    adapter = load_model(str(folder), device="cpu")
+    assert adapter.describe()["distilled"]["how"] == "its name says 'lcm'"
+    assert "distilled" not in load_model(str(tiny_model_dirs["sd"]), device="cpu").describe()
+    listed = json.loads(CliRunner().invoke(app, ["models", "--format", "json"]).stdout)
+    schnell = next(a for a in listed["aliases"] if a["alias"] == "flux-schnell")
+    assert schnell["distilled"] and next(a for a in listed["aliases"] if a["alias"] == "sd15")["distilled"] is None
+
+    from reports.html import render_report
+    from test_report import make_example_result
+
+    result = copy.deepcopy(make_example_result(40, 40, seed=0))
+    result.model["distilled"] = distillation("sd35-large-turbo")
+    assert 'id="distilled"' in render_report(result) and "sd35-large" in render_report(result)

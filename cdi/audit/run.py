@@ -95,6 +95,10 @@ def run_audit(config: AuditConfig, *, progress: bool = True) -> AuditResult:
             stack.enter_context(runner)
             options.update(compile=False)
         adapter = load_model(**options, device="cpu" if runner is not None else config.device, **hub)
+        if adapter.distillation and progress:
+            from cdi.models.registry import distillation_text
+
+            print(f"note: {distillation_text(adapter.distillation)}", file=sys.stderr)
         reference = None
         if config.reference_model:
             from cdi.audit.reference import check_reference, park, unpark

@@ -130,7 +130,8 @@ def models_command(fmt: str = format_option()) -> None:
     if fmt == "json":
         print(json.dumps({
             "aliases": [{"alias": a.alias, "family": a.family, "checkpoint": a.checkpoint,
-                         "description": a.description} for a in ALIASES.values()],
+                         "description": a.description, "distilled": a.distilled, "audit_instead": a.base}
+                        for a in ALIASES.values()],
             "families": dict(FAMILIES),
         }, indent=2))
         return
@@ -142,7 +143,9 @@ def models_command(fmt: str = format_option()) -> None:
     table.add_column("description")
     for alias in ALIASES.values():
         gated = "; gated: accept its licence on the Hub, then `hf auth login`" if alias.gated else ""
-        table.add_row(alias.alias, alias.family, alias.checkpoint, alias.description + gated)
+        distilled = "" if not alias.distilled else \
+            f"; DISTILLED ({alias.distilled}): weak per-image signal, audit {alias.base or 'its undistilled base'}"
+        table.add_row(alias.alias, alias.family, alias.checkpoint, alias.description + gated + distilled)
     console.print(table)
     families = Table(title="Families")
     families.add_column("family", style="bold")

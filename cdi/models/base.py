@@ -154,6 +154,8 @@ class DiffusionAdapter:
     prediction_type: PredictionType = "epsilon"
     learned_variance: bool = False
     compiled: bool = False
+    #: ``cdi.models.registry.distillation`` of the checkpoint (None: not known to be distilled).
+    distillation: dict | None = None
     #: What was added to the base model (``cdi.models.finetune``): ``base_fingerprint``, ``loras``
     #: (file, SHA-256, scale), ``replaced_components``, ``single_file``; None for a plain model.
     provenance: dict | None = None
@@ -233,6 +235,7 @@ class DiffusionAdapter:
             "device": str(self.device),
             "dtype": str(self.dtype).replace("torch.", ""),
             "compiled": self.compiled,
+            **({"distilled": self.distillation} if self.distillation else {}),
             **(self.provenance or {}),
         }
 

@@ -65,7 +65,7 @@ from safetensors import SafetensorError
 from cdi.utils.errors import CDIError
 from cdi.utils.io import sha256_file
 from cdi.models import finetune
-from cdi.models.registry import ALIASES
+from cdi.models.registry import ALIASES, distillation
 
 if TYPE_CHECKING:  # pragma: no cover
     from cdi.models.base import DiffusionAdapter
@@ -395,6 +395,7 @@ def load_model(
     )
     adapter.files = digests
     adapter.provenance = provenance
+    adapter.distillation = distillation(name, _configs_for_distillation(folder, index, adapter_cls))
     if compile:
         loaded[adapter_cls.denoiser_name].compile()
         adapter.compiled = True
@@ -747,6 +748,19 @@ def _load_component(
             "corrupt, incomplete or from an incompatible version: fetch them again"
         ) from None
     return _prepare(module, device, channels_last), config_files + weights
+
+
+def _configs_for_distillation(folder: Path, index: dict, adapter_cls) -> list[dict]:
+    """model_index.json and the denoiser's and text encoders' config.json, read for distillation marks."""
+    configs = [index]
+    for name in (getattr(adapter_cls, "denoiser_name", "unet"), "text_encoder"):
+        path = Path(folder) / name / "config.json"
+        if path.is_file():
+            try:
+                configs.append(json.loads(path.read_text(encoding="utf-8")))
+            except (OSError, ValueError):
+                pass  # an unreadable config already failed loading; nothing more to learn here
+    return configs
 
 
 def flow_options(guidance: float | None, timestep_grid: str | None) -> dict[str, Any]:

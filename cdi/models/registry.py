@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Mapping, Sequence
 
 
 @dataclass(frozen=True)
@@ -18,6 +19,10 @@ class ModelAlias:
     family: str
     description: str
     gated: bool = False
+    #: How the checkpoint was last trained when that was a distillation (None: the denoising loss).
+    distilled: str | None = None
+    #: The model to audit instead (its public undistilled base), when there is one.
+    base: str | None = None
 
 
 ALIASES: dict[str, ModelAlias] = {
@@ -53,15 +58,72 @@ ALIASES: dict[str, ModelAlias] = {
         ModelAlias("sd35-large", "stabilityai/stable-diffusion-3.5-large", "sd3",
                    "Stable Diffusion 3.5 Large (8B MMDiT), rectified flow, 1024 px", gated=True),
         ModelAlias("sd35-large-turbo", "stabilityai/stable-diffusion-3.5-large-turbo", "sd3",
-                   "Stable Diffusion 3.5 Large Turbo (few-step distilled), 1024 px", gated=True),
+                   "Stable Diffusion 3.5 Large Turbo (few-step distilled), 1024 px", gated=True,
+                   distilled="adversarial diffusion distillation (few-step student)", base="sd35-large"),
         ModelAlias("flux-dev", "black-forest-labs/FLUX.1-dev", "flux",
                    "FLUX.1 dev (12B, guidance-distilled), packed latents, T5-XXL, 1024 px", gated=True),
         ModelAlias("flux-schnell", "black-forest-labs/FLUX.1-schnell", "flux",
-                   "FLUX.1 schnell (12B, timestep-distilled, Apache-2.0), 1024 px"),
+                   "FLUX.1 schnell (12B, timestep-distilled, Apache-2.0), 1024 px",
+                   distilled="latent adversarial diffusion distillation (1-4 step student)", base=None),
         ModelAlias("z-image-turbo", "Tongyi-MAI/Z-Image-Turbo", "zimage",
-                   "Z-Image Turbo (6B single-stream DiT, Qwen3-4B text encoder, Apache-2.0), 1024 px"),
+                   "Z-Image Turbo (6B single-stream DiT, Qwen3-4B text encoder, Apache-2.0), 1024 px",
+                   distilled="few-step distillation (8 steps)", base="Tongyi-MAI/Z-Image (the base model, where "
+                                                                     "published)"),
     ]
 }
+
+#: Distilled checkpoints known by hub id that have no alias (SDXL-Turbo, SDXL-Lightning): id -> (how, base).
+DISTILLED_CHECKPOINTS: dict[str, tuple[str, str | None]] = {
+    "stabilityai/sdxl-turbo": ("adversarial diffusion distillation (1-4 step student)", "sdxl"),
+    "bytedance/sdxl-lightning": ("progressive adversarial distillation (1-8 step student)", "sdxl"),
+}
+#: Words in a checkpoint's name or config that mark a distilled model.
+DISTILLED_WORDS = ("turbo", "lightning", "schnell", "lcm", "hyper-sd", "dmd2", "distill")
+#: Config keys that mark a distilled model when true.
+DISTILLED_KEYS = ("distilled", "is_distilled", "timestep_distilled", "guidance_distilled_student")
+
+
+def distillation(model: str, configs: Sequence[Mapping] = ()) -> dict | None:
+    """What is known of ``model`` having been distilled: ``{"how", "base", "why"}``, or None.
+
+    From the alias table, the known hub ids, a config key marking it
+    (``DISTILLED_KEYS``), or a distillation word in its name or its configs'
+    ``_name_or_path`` (``DISTILLED_WORDS``). A distilled student was last
+    trained to imitate a teacher's samples, not with the denoising loss the
+    features measure; per-image membership attacks fail on one-step students
+    (Li et al., "Distributional statistics restore training data auditability
+    in one-step distilled diffusion models"), so an audit of it can miss a
+    use of the images in the teacher's training.
+    """
+    name = str(model)
+    alias = ALIASES.get(name)
+    if alias is not None and alias.distilled:
+        return {"how": alias.distilled, "base": alias.base, "why": "alias"}
+    hub_id = (alias.checkpoint if alias else name).lower()
+    for known, (how, base) in DISTILLED_CHECKPOINTS.items():
+        if hub_id.startswith(known):
+            return {"how": how, "base": base, "why": "checkpoint"}
+    for config in configs:
+        for key in DISTILLED_KEYS:
+            if config.get(key) is True:
+                return {"how": f"its config sets {key}", "base": None, "why": "config"}
+    names = [hub_id] + [str(c.get("_name_or_path", "")).lower() for c in configs]
+    for word in DISTILLED_WORDS:
+        if any(word in n.replace("\\", "/").rsplit("/", 1)[-1] for n in names if n):
+            return {"how": f"its name says {word!r}", "base": None, "why": "name"}
+    return None
+
+
+def distillation_text(info: dict | None) -> str | None:
+    """One sentence for the audit, report and ``cdi models`` (None when not distilled)."""
+    if info is None:
+        return None
+    base = f"; audit its base model ({info['base']}) instead, or as well" if info.get("base") else \
+        "; audit its undistilled base model where one is public"
+    return (f"this model is distilled ({info['how']}): it was last trained to imitate a teacher, not with the "
+            f"denoising loss the features measure, and per-image membership signals are weak or absent in "
+            f"few-step students{base}")
+
 
 FAMILIES: dict[str, str] = {
     "sd": "Stable Diffusion 1.x / 2.x (UNet2DConditionModel, AutoencoderKL, CLIP text encoder)",
