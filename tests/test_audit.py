@@ -89,7 +89,7 @@ def test_demo_null_is_not_detected(tmp_path, store, demo_env):
 
 
 def test_audit_is_deterministic(demo_used, store, demo_env):
-    """The same demo command twice (same --out): result.json byte-identical apart from its timings section
+    """The same demo command twice (same --out): result.json byte-identical apart from its timings and ledger sections
     (the batch size is chosen by a fixed rule, not by timing); features.csv and its sidecar byte-identical."""
     out, _ = demo_used
     before = {name: (out / name).read_bytes() for name in ("result.json", "features.csv", "features.csv.json")}
@@ -100,6 +100,8 @@ def test_audit_is_deterministic(demo_used, store, demo_env):
     first, again = json.loads(before["result.json"]), json.loads(after["result.json"])
     assert first["timings"] != again["timings"]  # the start time at least
     first["timings"] = again["timings"]
+    assert len(again["ledger"]["same_collections"]) == len(first["ledger"]["same_collections"]) + 1
+    first["ledger"] = again["ledger"]  # the audit ledger grows with every audit (cdi.audit.ledger)
     assert (json.dumps(first, indent=2) + "\n").encode() == after["result.json"]
     assert again["extraction"]["batch_size"] == 32
 

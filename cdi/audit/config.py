@@ -68,6 +68,9 @@ class AuditConfig:
     ray: str | None = None  # compute on Ray: "local", "auto" or a cluster address
     ray_workers: int | None = None
     ray_threads: int = 1
+    design: str | None = None  # design.json of `cdi design`: P, U and the analysis are checked against it
+    allow_deviations: bool = False  # with design: list missing or extra images instead of stopping
+    ledger: str | None = None  # the audit ledger file (default: beside the store, else in the parent of out)
 
     @property
     def from_features(self) -> bool:
@@ -108,6 +111,9 @@ class AuditConfig:
         from cdi.audit.reference import check_reference_name
 
         check_reference_name(self.reference_model)
+        from cdi.audit.ledger import check_ledger_path
+
+        check_ledger_path(self.ledger)
         from cdi.audit.evidence import check_out_folder
 
         check_out_folder(self.out, force=self.force)

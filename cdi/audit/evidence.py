@@ -107,8 +107,9 @@ def write_evidence(out: str | Path, result: AuditResult, tables: Sequence[Featur
     ``tables`` are the feature tables of the published and the unpublished
     images, in the rows' order of the result's manifest. Sets
     ``result.evidence_files`` to the SHA-256 of the feature table files.
-    Refuses (``check_out_folder``) a folder holding files that are not a cdi
-    audit; replacing an audit is the caller's decision (``--force``),
+    Appends the audit to its ledger first and sets ``result.ledger``
+    (``cdi.audit.ledger.record_audit``). Refuses (``check_out_folder``) a folder
+    holding files that are not a cdi audit; replacing an audit is the caller's decision (``--force``),
     checked before the work began. Returns ``out``.
     """
     from cdi.reports.html import render_report
@@ -118,6 +119,9 @@ def write_evidence(out: str | Path, result: AuditResult, tables: Sequence[Featur
     check_out_folder(out, force=True)  # again: files of the user's may have appeared since the run began
     out.mkdir(parents=True, exist_ok=True)
     finish_swap(out)
+    from cdi.audit.ledger import record_audit
+
+    result.ledger = record_audit(result, out)  # before the files: an audit that ran is on record (cdi.audit.ledger)
     staging = out / STAGING
     staging.mkdir()
     combined_table(published, unpublished).to_csv(staging / FEATURES_FILE)

@@ -83,6 +83,7 @@ def load_feature_tables(published: str, unpublished: str):
 def run_audit_from_features(config):
     """``cdi.audit.run.run_audit`` for a config with ``published_features``/``unpublished_features``."""
     from cdi.audit.analysis import analyse_tables, build_result
+    from cdi.audit.design import design_for_audit, design_record
     from cdi.data.collection import load_audit_collections
     from cdi.audit.evidence import write_evidence
     from cdi.stats.blocks import minimum_images
@@ -90,7 +91,13 @@ def run_audit_from_features(config):
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
     t0 = time.perf_counter()
     config.validate()
+    design = design_for_audit(config)
     p, u, families, directions = load_feature_tables(config.published_features, config.unpublished_features)
+    if design is not None:
+        from cdi.audit.design import check_table_features
+
+        check_table_features(design, families, p.meta["model"].get("conditioning", "none"), p.meta["seed"])
+    design_checks = design_record(design, config, list(zip(p.paths, p.hashes)), list(zip(u.paths, u.hashes)))
     feature_spec = ",".join(f.name for f in families)
     if config.features is not None:
         from cdi.features.registry import resolve_features
@@ -129,6 +136,7 @@ def run_audit_from_features(config):
     result = build_result(analysis, p, u, families=families, feature_spec=feature_spec, directions=directions,
                           model=model, config=config, timings=timings)
     result.features["noise_seed"] = p.meta["seed"]  # the extraction's; config.seed drives the tests
+    result.design = design_checks
     result.timings["total_s"] = time.perf_counter() - t0
     write_evidence(config.out, result, [p, u])
     return result

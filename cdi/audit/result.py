@@ -7,7 +7,8 @@ model. Its layout is versioned by ``SCHEMA_VERSION``; readers refuse a newer
 major version with a clear message.
 
 Two runs with the same inputs and seed produce identical files apart from
-the ``timings`` section (wall-clock times and the start timestamp).
+the ``timings`` section (wall-clock times and the start timestamp) and the
+``ledger`` section (the audit ledger grows with every audit, ``cdi.audit.ledger``).
 """
 
 from __future__ import annotations
@@ -151,6 +152,10 @@ class AuditResult:
     #: which p-value ``p_value`` is: "parametric" (the protocol's test) or "permutation" (exact); the other is
     #: p_value_ttest / p_value_permutation
     p_value_kind: str = "parametric"
+    # the pre-registered design the audit followed and how P and U matched it (cdi.audit.design.audit_record)
+    design: dict[str, Any] | None = None
+    # this audit's line in the audit ledger and the other audits of the same collections (cdi.audit.ledger)
+    ledger: dict[str, Any] | None = None
 
     @property
     def verdict_text(self) -> str:

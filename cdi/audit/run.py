@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 
+from cdi.audit.design import design_for_audit, design_record
 from cdi.data.collection import ImageCollection, load_audit_collections
 from cdi.data.duplicates import NEAR_DUPLICATE_BITS, near_duplicates
 from cdi.utils.errors import CDIError
@@ -74,9 +75,12 @@ def run_audit(config: AuditConfig, *, progress: bool = True) -> AuditResult:
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
     t0 = time.perf_counter()
     config.validate()
+    design = design_for_audit(config)
     published, unpublished = load_audit_collections(
         config.published, config.unpublished, skip_bad=config.skip_bad, max_pixels=config.max_pixels
     )
+    design_checks = design_record(design, config, [(r.path, r.sha256) for r in published.records],
+                                  [(r.path, r.sha256) for r in unpublished.records])
     _check_sizes(published, unpublished, config.folds)
     inputs = input_record(published, unpublished)
     memory_plan = _plan_memory(config, len(published) + len(unpublished), progress=progress)
@@ -162,7 +166,7 @@ def run_audit(config: AuditConfig, *, progress: bool = True) -> AuditResult:
     result.extraction = extraction_record(config.batch_size, batch_size, compute_device, tables)
     if memory_plan is not None:
         result.extraction["memory_plan"] = memory_plan.as_dict()
-    result.inputs, result.captions = inputs, caption_record
+    result.inputs, result.captions, result.design = inputs, caption_record, design_checks
     if reference is not None:
         result.reference_model = reference.describe()
         result.question = "used_beyond_reference"

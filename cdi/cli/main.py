@@ -560,6 +560,7 @@ def _print_result(result, fmt: str, out: str) -> None:
         guard = result.shift_guard
         lines.append(f"shift guard ({console_text(guard.encoder)}): p = {guard.p_value:.3g}, "
                      f"{'DETECTED' if guard.detected else 'no shift detected'}" + (" (ignored)" if guard.ignored else ""))
+    lines += _design_ledger_lines(result)
     lines.append(f"files: {console_text(out)}/result.json, features.csv, report.html")
     console.print(Panel("\n".join(lines), title="cdi audit", expand=False), highlight=False)
 
@@ -596,6 +597,105 @@ def _verdict_lines(result) -> list[str]:
     return lines
 
 
+def _design_ledger_lines(result) -> list[str]:
+    """Console lines on the design the audit followed and on the ledger's audits of these collections."""
+    lines = []
+    if result.design is not None:
+        followed = "followed exactly" if result.design["followed"] else "followed WITH DEVIATIONS (see the report)"
+        lines.append(f"design {result.design['commitment'][:16]}...: {followed}; "
+                     f"randomness: {console_text(result.design['randomness']['name'])}")
+    if result.ledger is not None:
+        same = len(result.ledger["same_collections"])
+        lines.append(f"ledger {console_text(result.ledger['file'])}: {same} audit(s) of these collections"
+                     + (f", {result.ledger['same_published_other_unpublished']} of these published images with "
+                        "other unpublished ones" if result.ledger["same_published_other_unpublished"] else ""))
+    return lines
+
+
+@app.command("design", epilog=EXIT_CODES_HELP)
+def design_command(
+    works: str = typer.Option(None, "--works", help="Folder of the works not yet public (searched recursively)."),
+    out: str = typer.Option(None, "--out", help="Where to write design.json."),
+    publish_fraction: float = typer.Option(0.5, "--publish-fraction", help="Share of the works to publish (strictly between 0 and 1)."),
+    beacon: str = typer.Option(None, "--beacon", help="A public random value published after the list hash was dated (hex; e.g. a drand round's randomness)."),
+    beacon_name: str = typer.Option(None, "--beacon-name", help="Which beacon and round --beacon is, e.g. 'drand quicknet round 12345678'."),
+    features: str = typer.Option(None, "--features", help="Planned analysis: " + FEATURES_HELP),
+    alpha: float = typer.Option(0.01, "--alpha", help="Planned analysis: significance level of the verdict."),
+    protocol: str = choice("pooled", "--protocol", ("pooled", "sequential", "crossfit"), "Planned analysis: the audit's test protocol."),
+    verdict: str = choice("parametric", "--verdict", ("parametric", "permutation"), "Planned analysis: the verdict's p-value."),
+    seed: int = typer.Option(0, "--seed", help="Planned analysis: the audit's seed (noise draws, folds, permutations)."),
+    list_only: bool = typer.Option(False, "--list-only", help="Only print the works' list hash (step 1 with a beacon: date it, then take the first beacon round after that date)."),
+    check: str = typer.Option(None, "--check", help="Re-derive the split of this design.json from its list and randomness (with --works: re-hash the works too); exit 1 if it does not check out."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing --out."),
+    max_pixels: int = typer.Option(None, "--max-pixels", help=MAX_PIXELS_HELP),
+    fmt: str = format_option(),
+) -> None:
+    """Pre-register a randomised design: assign each work at random to publish or withhold, checkably.
+
+    Fixes the list of works (SHA-256 of each, one hash of the list), derives the split from it and a public
+    random value (--beacon) or the OS's randomness, and writes the two lists, the planned analysis and one
+    commitment hash to design.json. Later `cdi audit --design design.json` checks the audit against it.
+    """
+    import json
+
+    from cdi.audit import design as designs
+
+    with _user_errors():
+        if check is not None:
+            if out is not None or beacon is not None or list_only:
+                raise CDIError("--check re-derives an existing design: give it alone (with --works to re-hash them)")
+            report = designs.check_design_file(check, works, max_pixels=max_pixels)
+        elif list_only:
+            if works is None:
+                raise CDIError("--list-only needs --works FOLDER")
+            listed = designs.list_only(works, max_pixels=max_pixels)
+            if fmt == "json":
+                print(json.dumps(listed, indent=2))
+            else:
+                console.print(
+                    f"{listed['count']} works in {console_text(listed['folder'])}\nlist hash: {listed['list_sha256']}\n"
+                    "Date this hash now (a public post, an email to yourself, a notary, or `ots stamp` of a file "
+                    "holding it); then take the FIRST beacon round published after that date and run cdi design "
+                    "with --beacon VALUE --beacon-name 'BEACON round N'. Change no work in between.",
+                    highlight=False, soft_wrap=True)
+            return
+        else:
+            if works is None or out is None:
+                raise CDIError("cdi design needs --works FOLDER and --out design.json (or --check design.json)")
+            designs.check_design_out(out, force=force)  # before the works are scanned
+            analysis = designs.planned_analysis(features, alpha, protocol.lower(), verdict.lower(), seed)
+            made = designs.make_design(works, publish_fraction=publish_fraction, beacon=beacon,
+                                       beacon_name=beacon_name, analysis=analysis, max_pixels=max_pixels)
+            designs.write_design(made, out, force=force)
+    if check is not None:
+        problems = report["problems"]
+        if fmt == "json":
+            print(json.dumps({"design": check, "commitment": report["design"].get("commitment"),
+                              "ok": not problems, "problems": problems}, indent=2))
+        elif problems:
+            console.print("design does NOT check out:\n" + console_text("\n".join(f"  - {p}" for p in problems)),
+                          highlight=False, soft_wrap=True)
+        else:
+            d = report["design"]
+            console.print(f"design checks out: commitment {d['commitment']}; {d['assignment']['publish_count']} to "
+                          f"publish, {d['assignment']['withhold_count']} to withhold, re-derived from list hash "
+                          f"{d['works']['list_sha256']} and randomness from {console_text(d['randomness']['name'])}"
+                          + (f"; the works in {console_text(works)} are exactly the listed ones" if works else ""),
+                          highlight=False, soft_wrap=True)
+        if problems:
+            raise typer.Exit(code=1)
+        return
+    if fmt == "json":
+        print(json.dumps(made, indent=2))
+        return
+    console.print(
+        f"wrote {console_text(out)}: {made['assignment']['publish_count']} works to publish, "
+        f"{made['assignment']['withhold_count']} to withhold (of {made['works']['count']}; list hash "
+        f"{made['works']['list_sha256']})\nrandomness: {console_text(made['randomness']['statement'])}\n"
+        + console_text("\n".join(designs.dating_advice(out, made["commitment"]))),
+        highlight=False, soft_wrap=True)
+
+
 @app.command("audit", epilog=EXIT_CODES_HELP)
 @with_loader_options
 def audit_command(
@@ -630,6 +730,9 @@ def audit_command(
     fmt: str = format_option(),
     loader: LoaderOptions = None,
     reference_model: str = reference_option(),
+    design: str = typer.Option(None, "--design", help="design.json of `cdi design`: stop unless P and U are its two lists (by SHA-256) and the options its planned analysis."),
+    allow_deviations: bool = typer.Option(False, "--allow-deviations", help="With --design: audit even if images are missing from or added to the design's lists, and list them in the result."),
+    ledger: str = typer.Option(None, "--ledger", help="Audit ledger file this audit is appended to (default: cdi-ledger.jsonl beside --store, else in the parent folder of --out)."),
 ) -> None:
     """Audit: were the published images used to train the model? Writes result.json, features.csv and report.html."""
     with _user_errors():
@@ -646,7 +749,7 @@ def audit_command(
             force=force, published_features=published_features, unpublished_features=unpublished_features,
             ray=ray, ray_workers=ray_workers, ray_threads=ray_threads, captions=captions,
             **({} if max_pixels is None else {"max_pixels": max_pixels}), **loader.as_config(),
-            reference_model=reference_model,
+            reference_model=reference_model, design=design, allow_deviations=allow_deviations, ledger=ledger,
         )
         result = run_audit(config, progress=True)  # progress goes to stderr: stdout holds only the JSON
         _print_result(result, fmt, out)
@@ -705,6 +808,7 @@ def demo_command(
     store: str = typer.Option(None, "--store", help="Feature store to reuse between demo runs."),
     fmt: str = format_option(),
     scenario: str = choice("pretrained", "--scenario", ("pretrained", "lora"), "pretrained (a model trained on P) or lora (a LoRA on a base model, audited without and with the base as reference)."),
+    design: bool = typer.Option(False, "--design", help="The flow of a pre-registered randomised design: `cdi design` splits 2n toy non-members into publish/withhold (OUT/design.json), then `cdi audit --design` (the model saw neither half: expect not_detected)."),
 ) -> None:
     """Build (or load) the embedded toy world and audit it."""
     with _user_errors():
@@ -720,7 +824,7 @@ def demo_command(
             return
         result = run_demo(out, null=null, member_fraction=member_fraction, n=n or DEFAULT_DEMO_SIZE, kind=kind,
                           strength=strength, seed=seed, permutations=permutations, store=store,
-                          progress=True, scenario=scenario)  # progress on stderr
+                          progress=True, scenario=scenario, design=design)  # progress on stderr
         _print_result(result, fmt, out)
 
 

@@ -97,11 +97,13 @@ def write_demo_folders(world, draw: DemoDraw, data_dir: Path, captions: dict | N
 
 def run_demo(out: str | Path = "demo-out", *, null: bool = False, member_fraction: float = 1.0,
              n: int = DEFAULT_DEMO_SIZE, kind: str = "sd", strength: str = "overtrained", seed: int = 0,
-             permutations: int | None = None, progress: bool = True, scenario: str = "pretrained", **audit_options):
+             permutations: int | None = None, progress: bool = True, scenario: str = "pretrained",
+             design: bool = False, **audit_options):
     """Build or load the toy world, draw P and U, and audit them; returns the ``AuditResult``.
 
     ``scenario="lora"``: the fine-tune toy world instead (``cdi.toy.lora.run_lora_demo``), audited without
-    and with the base as reference; returns both results.
+    and with the base as reference; returns both results. ``design=True``: the flow of a pre-registered
+    randomised design instead (``run_design_demo``).
     """
     import torch
 
@@ -120,6 +122,12 @@ def run_demo(out: str | Path = "demo-out", *, null: bool = False, member_fractio
                              **audit_options)
     if scenario != "pretrained":
         raise CDIError(f"unknown --scenario {scenario!r}; choose pretrained or lora")
+    if design:
+        if null or member_fraction != 1.0:
+            raise CDIError("--design draws its works from the toy's non-members itself: drop --null and "
+                           "--member-fraction")
+        return run_design_demo(out, n=n, kind=kind, strength=strength, seed=seed, permutations=permutations,
+                               progress=progress, **audit_options)
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise CDIError(f"--out {out} exists and is not a folder")
@@ -137,3 +145,84 @@ def run_demo(out: str | Path = "demo-out", *, null: bool = False, member_fractio
         **audit_options,
     )
     return run_audit(config, progress=progress)
+
+
+#: Stands in for a public beacon in ``cdi demo --design`` (so the demo is reproducible); named as such.
+DEMO_BEACON_NAME = "cdi demo: a fixed value derived from --seed, NOT a public beacon (illustration only)"
+
+
+def run_design_demo(out: str | Path, *, n: int = DEFAULT_DEMO_SIZE, kind: str = "sd", strength: str = "overtrained",
+                    seed: int = 0, permutations: int | None = None, progress: bool = True, **audit_options):
+    """``cdi demo --design``: the whole flow of a pre-registered design (``cdi.audit.design``) on the toy world.
+
+    What it can show, honestly: the toy model's weights are shipped, trained
+    before any design drawn now, so no design can decide what the toy model
+    was trained on. The demo therefore plays the case a design protects
+    against a false accusation: ``2n`` of the toy's non-members (never
+    trained on) stand in for a creator's unpublished works
+    (``OUT/data/works``); ``cdi design`` splits them at random into publish
+    and withhold (a fixed value derived from ``seed`` stands in for the
+    public beacon, and the design says so) and fixes the analysis
+    (``OUT/design.json``); the publish half is copied to
+    ``OUT/data/published``, the withhold half to ``OUT/data/unpublished``;
+    and the audit runs with ``--design``, which checks the folders and the
+    options against the design before the model loads. The model saw
+    neither half, so the verdict should be ``not_detected`` (a false alarm
+    has probability at most alpha). Showing ``used`` under a design needs a
+    model trained after the design on the publish half; the toy's own
+    member/non-member split is itself a seeded random split made before its
+    training, which is why ``cdi demo`` without ``--design`` compares
+    exchangeable collections too.
+    """
+    from cdi.audit.run import AuditConfig, run_audit
+    from cdi.audit.design import build_design, planned_analysis, write_design
+    from cdi.utils.io import sha256_bytes
+    from cdi.toy.world import build_world
+
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise CDIError(f"--out {out} exists and is not a folder")
+    world = build_world(kind=kind, strength=strength, seed=0, progress=progress)
+    captions = _captions(world.nonmembers_dir)
+    if 2 * n > len(captions):
+        raise CDIError(f"the toy world has {len(captions)} non-members: too few for --n {n} per collection with "
+                       f"--design (it needs 2n works); choose a smaller --n")
+    rng = np.random.default_rng(seed)
+    works = sorted(rng.permutation(sorted(captions))[:2 * n].tolist())
+    data = out / "data"
+    if data.exists():
+        shutil.rmtree(data)
+    _copy_images(world.nonmembers_dir, works, data / "works", captions)
+    analysis = planned_analysis(features=audit_options.get("features"), alpha=audit_options.get("alpha", 0.01),
+                                protocol=audit_options.get("protocol", "pooled"),
+                                verdict=audit_options.get("verdict", "parametric"), seed=seed)
+    from cdi.data.collection import ImageCollection
+
+    collection = ImageCollection.from_folder(data / "works", name="works")
+    design = build_design(collection.root, [(r.path, r.sha256) for r in collection.records], publish_fraction=0.5,
+                          beacon=sha256_bytes(f"cdi demo design, seed {seed}".encode()),
+                          beacon_name=DEMO_BEACON_NAME, analysis=analysis,
+                          stand_in="a fixed value derived from the demo's --seed stands in for a public beacon: the "
+                                   "demo shows the flow of a design, not a draw anyone could check")
+    design_file = write_design(design, out / "design.json", force=True)
+    published = _copy_images(data / "works", [w["path"] for w in design["publish"]], data / "published", captions)
+    unpublished = _copy_images(data / "works", [w["path"] for w in design["withhold"]], data / "unpublished",
+                               captions)
+    config = AuditConfig(
+        published=str(published), unpublished=str(unpublished), model=str(world.model_dir), out=str(out),
+        seed=seed, permutations=permutations, force=True, design=str(design_file),
+        extra={"demo": {"kind": kind, "strength": strength, "design": True, "n": n,
+                        "works": "non-members of the toy world (the model never trained on them)"}},
+        **audit_options,
+    )
+    return run_audit(config, progress=progress)
+
+
+def _copy_images(source: Path, files: list[str], folder: Path, captions: dict[str, str | None]) -> Path:
+    """Copy ``files`` of ``source`` into a new ``folder`` with a ``metadata.jsonl`` of their captions."""
+    folder.mkdir(parents=True)
+    for name in sorted(files):
+        shutil.copyfile(source / name, folder / name)
+    (folder / "metadata.jsonl").write_text(
+        "".join(json.dumps({"file_name": name, "text": captions[name]}) + "\n" for name in sorted(files)))
+    return folder
