@@ -136,7 +136,7 @@ def planned_analysis(features: str | None = None, alpha: float = 0.01, protocol:
                      verdict: str = "parametric", seed: int = 0) -> dict[str, Any]:
     """The analysis a design fixes (``ANALYSIS_FIELDS``), checked as ``cdi audit`` checks them."""
     from cdi.audit.config import check_seed
-    from cdi.stats import PROTOCOLS, VERDICTS
+    from cdi.stats.verdict import PROTOCOLS, VERDICTS
 
     if features is not None:
         from cdi.features.registry import resolve_features
