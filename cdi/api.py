@@ -117,6 +117,9 @@ def audit(
         **{k: v for k, v in load_kwargs.items() if k in AuditConfig.__dataclass_fields__},
     )
     config.validate()
+    if config.design is not None or config.allow_deviations:  # never record a design that was not checked
+        raise CDIError("design= is not taken by cdi.api.audit: run `cdi audit --design` (or "
+                       "cdi.audit.run.run_audit(AuditConfig(..., design=...))), which checks P, U and the options")
     if all(tables):
         result, pair = _audit_tables(published, unpublished, model, config, directions, load_kwargs)
     else:

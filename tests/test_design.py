@@ -316,3 +316,11 @@ def test_design_demo_runs_the_whole_flow(toy_sd_world, tmp_path, monkeypatch):
     assert result.verdict == "not_detected"  # the toy model never trained on either half
     bad = runner.invoke(app, ["demo", "--design", "--null", "--out", str(tmp_path / "x")])
     assert bad.exit_code == 2 and "drop --null" in bad.output
+
+
+def test_the_python_api_refuses_a_design_it_would_not_check(table_design):
+    import cdi.api
+    from test_api import tables
+
+    with pytest.raises(CDIError, match="design= is not taken"):
+        cdi.api.audit(*tables(shift=0.0), directions=[1, 1, 1], design=str(table_design[2]))
