@@ -337,3 +337,21 @@ def test_guidance_and_timestep_grid_options_reach_the_adapter(tiny_flow_dirs, ti
     for bad in ({"guidance": float("nan"), "timestep_grid": None}, {"guidance": None, "timestep_grid": "sd3"}):
         with pytest.raises(CDIError):
             flow_options(**bad)
+
+
+def test_gradient_checkpointing_changes_no_gradient(tiny_flow_dirs):
+    """What load_model turns on for flow transformers on CUDA, checked on the CPU: the same input gradients."""
+    from cdi.models.loading import checkpoints_gradients
+
+    assert checkpoints_gradients("flux", "cuda") and not checkpoints_gradients("flux", "cpu")
+    assert not checkpoints_gradients("sd", "cuda")
+    grads = []
+    for checkpointing in (False, True):
+        adapter = load_model(str(tiny_flow_dirs["flux_dev"]), device="cpu")
+        if checkpointing:
+            adapter.transformer.enable_gradient_checkpointing()
+        _, _, x_t = _inputs(adapter)
+        x_t = x_t.clone().requires_grad_(True)
+        adapter.eps(x_t, T, adapter.conditions(CAPTIONS)).pow(2).sum().backward()
+        grads.append(x_t.grad)
+    torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0)

@@ -221,3 +221,7 @@ def test_an_audit_that_cannot_fit_stops_naming_the_options(tiny_flow_dirs):
                                        r"multiple_loss,clid,sima"):
         check_fits(plan)
     check_fits(plan_for(str(tiny_flow_dirs["flux_dev"]), device="cuda", gpu_memory_gib=80))  # fits: no error
+    gsa = plan_for(str(tiny_flow_dirs["flux_dev"]), device="cuda", features="cdi,gsa1", gpu_memory_gib=0.001)
+    assert gsa.weight_gradients == gsa.weights["transformer"] and gsa.gradient_checkpointing
+    with pytest.raises(CDIError, match=r"drop GSA \(gsa1, gsa2\) from --features: it needs the gradient of every"):
+        check_fits(gsa)

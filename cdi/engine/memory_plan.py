@@ -52,6 +52,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 
+from cdi.models.loading import checkpoints_gradients
 from cdi.utils.errors import CDIError
 
 GiB = 2**30
@@ -63,11 +64,11 @@ CUDA_OVERHEAD = int(1.5 * GiB)
 #: Device memory assumed when planning for CUDA on a machine without one.
 DEFAULT_GPU_GIB = 80.0
 #: The families whose network calls back-propagate to their input (their ``cost().backward`` > 0).
-BACKWARD_FAMILIES = ("noise_optimization", "gradient_masking", "gsa")
+BACKWARD_FAMILIES = ("noise_optimization", "gradient_masking", "gsa1", "gsa2")
 #: The families whose network calls the planner traces (the others get no plan).
 PLANNED_FAMILIES = ("sd", "sdxl", "sd3", "flux", "zimage")
 #: Families that also need the gradient of every denoiser weight (per-sample gradients).
-WEIGHT_GRADIENT_FAMILIES = ("gsa",)
+WEIGHT_GRADIENT_FAMILIES = ("gsa1", "gsa2")
 
 
 # --------------------------------------------------------------------------
@@ -437,6 +438,7 @@ class MemoryPlan:
     source: str
     weight_gradients: int = 0
     traced: bool = True
+    gradient_checkpointing: bool = False
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -460,7 +462,9 @@ class MemoryPlan:
 
     @property
     def denoising_phase(self) -> int:
-        return sum(self.weights.values()) - self.text_weights + self.activations + self.weight_gradients
+        # GSA's per-sample weight gradients: one copy per sample of a network call (torch.func.vmap)
+        return sum(self.weights.values()) - self.text_weights + self.activations + \
+            self.weight_gradients * self.batch_size
 
     @property
     def peak(self) -> int:
@@ -508,7 +512,8 @@ class MemoryPlan:
             rows.append(f"  weights {name:16s} {self.parameters[name] / 1e9:7.3f} B parameters  {_gib(nbytes)}")
         rows.append(f"  text encoders, one batch of {TEXT_BATCH} captions: {_gib(self.text_encoder_activations)}")
         rows.append(f"  denoiser per sample: forward {_gib(self.denoiser_forward_per_sample)}, forward + "
-                    f"backward {_gib(self.denoiser_backward_per_sample)} (traced on the meta device)")
+                    f"backward {_gib(self.denoiser_backward_per_sample)} (traced on the meta device"
+                    f"{', gradient checkpointing' if self.gradient_checkpointing else ''})")
         rows.append(f"  autoencoder encode per image (float32): {_gib(self.autoencoder_per_image)}")
         if self.weight_gradients:
             rows.append(f"  weight gradients (GSA): {_gib(self.weight_gradients)}")
@@ -559,6 +564,9 @@ def plan_memory(spec: ModelSpec, *, model: str, dtype: torch.dtype, device: str,
         weights[name] = sum(p.numel() * p.element_size() for p in module.parameters())
     denoiser_name = next(n for n in _DENOISERS if n in modules)
     denoiser = modules[denoiser_name]
+    checkpointing = checkpoints_gradients(spec.family, "cuda" if device.startswith("cuda") else "cpu")
+    if checkpointing:  # as load_model sets it up on CUDA
+        denoiser.enable_gradient_checkpointing()
     features = list(features)
     forward = backward = vae = text = 0
     if trace:
@@ -579,7 +587,7 @@ def plan_memory(spec: ModelSpec, *, model: str, dtype: torch.dtype, device: str,
         largest_family=_largest_family(features), caption_cache_per_caption=per_caption,
         captions=int(images) * int(captions_per_image), device_memory=device_memory,
         device_memory_assumed=device_memory_assumed, source=spec.source, weight_gradients=gradients,
-        traced=trace)
+        traced=trace, gradient_checkpointing=checkpointing)
 
 
 # --------------------------------------------------------------------------
@@ -644,6 +652,10 @@ def options_that_fit(plan: MemoryPlan) -> list[str]:
         forward_only = [f for f in plan.features if f not in BACKWARD_FAMILIES]
         suggestions.append(f"--features {','.join(forward_only)} (drops the families that back-propagate: "
                            f"activations {_gib(plan.batch_size * max(plan.denoiser_forward_per_sample, plan.autoencoder_per_image))})")
+    if plan.weight_gradients:
+        suggestions.append(f"drop GSA (gsa1, gsa2) from --features: it needs the gradient of every one of the "
+                           f"{plan.parameters[next(n for n in _DENOISERS if n in plan.parameters)] / 1e9:.1f} B "
+                           f"denoiser weights per sample ({_gib(plan.weight_gradients)} more)")
     if plan.batch_size > 1:
         suggestions.append("--batch-size 1")
     suggestions.append("a GPU with more memory (see the peak above)")

@@ -154,6 +154,8 @@ class DiffusionAdapter:
     prediction_type: PredictionType = "epsilon"
     learned_variance: bool = False
     compiled: bool = False
+    #: True when the denoiser recomputes activations in the backward (``loading.checkpoints_gradients``).
+    gradient_checkpointing: bool = False
     #: ``cdi.models.registry.distillation`` of the checkpoint (None: not known to be distilled).
     distillation: dict | None = None
     #: What was added to the base model (``cdi.models.finetune``): ``base_fingerprint``, ``loras``
@@ -235,6 +237,7 @@ class DiffusionAdapter:
             "device": str(self.device),
             "dtype": str(self.dtype).replace("torch.", ""),
             "compiled": self.compiled,
+            **({"gradient_checkpointing": True} if self.gradient_checkpointing else {}),
             **({"distilled": self.distillation} if self.distillation else {}),
             **(self.provenance or {}),
         }
