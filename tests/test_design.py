@@ -324,3 +324,25 @@ def test_the_python_api_refuses_a_design_it_would_not_check(table_design):
 
     with pytest.raises(CDIError, match="design= is not taken"):
         cdi.api.audit(*tables(shift=0.0), directions=[1, 1, 1], design=str(table_design[2]))
+
+
+def test_verify_checks_the_design_and_the_ledger_line(table_design, tmp_path):
+    _, design, shared = table_design
+    path = tmp_path / "design.json"
+    path.write_bytes(shared.read_bytes())
+    p_csv, u_csv = extract_tables(design, tmp_path)
+    out = tmp_path / "audit"
+    done = runner.invoke(app, ["audit", "--published-features", str(p_csv), "--unpublished-features", str(u_csv),
+                               "--out", str(out), "--design", str(path), "--features", "denoising_loss,pia", *STATS])
+    assert done.exit_code == 0, done.output
+    ok = runner.invoke(app, ["verify", str(out), "--quick"])
+    assert ok.exit_code == 0 and "[PASSED ] design" in ok.output and "[PASSED ] ledger" in ok.output, ok.output
+    edited = json.loads(path.read_text())
+    edited["withhold"].append(edited["publish"].pop())
+    path.write_text(json.dumps(edited))
+    bad = runner.invoke(app, ["verify", str(out), "--quick"])
+    assert bad.exit_code == 1 and "[FAILED ] design" in bad.output and "another SHA-256" in bad.output
+    ledger = tmp_path / "cdi-ledger.jsonl"
+    ledger.write_text("")
+    gone = runner.invoke(app, ["verify", str(out), "--quick"])
+    assert gone.exit_code == 1 and "this audit's line is not in the ledger" in gone.output

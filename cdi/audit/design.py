@@ -500,3 +500,43 @@ def audit_record(design: dict[str, Any], path: str | Path, checks: dict[str, Any
         "allow_deviations": checks["allow_deviations"],
         "check_command": f"cdi design --check {path}",
     }
+
+
+def verify_design(result) -> tuple[str, str, list[str]]:
+    """``cdi verify``'s design check of an ``AuditResult``: ``(status, detail, problems)``.
+
+    The design file at its recorded place must have the recorded SHA-256 and
+    check out (``design_problems``), and the result's manifest must match its
+    lists exactly as recorded (the same missing and extra images).
+    """
+    record = result.design
+    if record is None:
+        return "skipped", "the audit followed no design", []
+    path = Path(record["file"])
+    if not path.is_file():
+        return "skipped", f"not checked: the design file {path} is not at its recorded place", []
+    problems = []
+    if sha256_file(path) != record["file_sha256"]:
+        problems.append(f"{path} has another SHA-256 than the audit recorded ({record['file_sha256']})")
+    try:
+        design = read_design(path, "design")
+    except CDIError as exc:
+        return "failed", "the design file cannot be read", problems + [str(exc)]
+    problems += design_problems(design)
+    pairs: dict[str, list[tuple[str, str]]] = {"published": [], "unpublished": []}
+    for row in result.scores:
+        pairs[row.collection].append((row.path, row.sha256))
+    try:
+        checks = check_collections(design, pairs["published"], pairs["unpublished"], allow_deviations=True)
+    except CDIError as exc:
+        problems.append(str(exc))
+    else:
+        for name in ("published", "unpublished"):
+            recorded = record["collections"][name]
+            if (checks[name]["missing"], checks[name]["extra"]) != (recorded["missing"], recorded["extra"]):
+                problems.append(f"the {name} images of the manifest do not match the design as the audit recorded")
+    if problems:
+        return "failed", "the design does not check out against the audit", problems
+    how = "are exactly its two lists" if record["followed"] else "deviate from its lists as recorded"
+    return "passed", (f"design {record['commitment'][:16]}... intact (file SHA-256, commitment, split re-derived); "
+                      f"the manifest's images {how}"), []

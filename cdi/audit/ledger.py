@@ -254,3 +254,32 @@ def record_audit(result, out: str | Path) -> dict[str, Any]:
         "damaged_lines": state["damaged_lines"],
         "chain_intact": state["chain_intact"],
     }
+
+
+def verify_ledger(result) -> tuple[str, str, list[str]]:
+    """``cdi verify``'s ledger check of an ``AuditResult``: ``(status, detail, problems)``.
+
+    This audit's line (``entry_sha256``) must still be in the ledger and the
+    chain intact; the detail counts the audits of the same collections
+    appended after it.
+    """
+    record = result.ledger
+    if record is None:
+        return "skipped", "the audit recorded no ledger", []
+    path = Path(record["file"])
+    if not path.exists():
+        return "skipped", f"not checked: the ledger {path} is not at its recorded place", []
+    state = read_ledger(path)
+    if record["entry_sha256"] not in state["line_sha256"]:
+        return "failed", "this audit's line is not in the ledger (removed or edited)", [f"{path}: no line with "
+                                                                                         f"SHA-256 {record['entry_sha256']}"]
+    if not state["chain_intact"]:
+        return "failed", "the ledger's chain of hashes is broken (a line removed, edited or cut short)", [
+            f"damaged line(s): {state['damaged_lines']}" if state["damaged_lines"] else "a previous_sha256 mismatch"]
+    index = state["line_sha256"].index(record["entry_sha256"])
+    pair = (record["published_list_sha256"], record["unpublished_list_sha256"])
+    later = sum(1 for entry in state["entries"][index + 1:]
+                if tuple((entry.get("collections") or {}).get(name, {}).get("list_sha256")
+                         for name in ("published", "unpublished")) == pair)
+    return "passed", (f"this audit's line is in {path} and the chain is intact; {later} later audit(s) of these "
+                      f"collections"), []

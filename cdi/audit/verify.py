@@ -32,7 +32,11 @@ skipped (with what to pass to run it):
    result is fixed. A value agrees when it is within ``RECOMPUTE_TOLERANCE``
    (1%) of its column's spread (standard deviation over the audit's images);
    see ``RECOMPUTE_TOLERANCE`` for why.
-7. **shift guard** (with ``--images``): the shift guard is run again on the
+7. **design** and **ledger**: the pre-registered design the audit followed
+   (``cdi.audit.design.verify_design``) and the audit's line in the ledger
+   (``cdi.audit.ledger.verify_ledger``), where their files are at their
+   recorded places.
+8. **shift guard** (with ``--images``): the shift guard is run again on the
    images of both folders (``shift_guard_check``) with the recorded encoder,
    significance level and seed, and must give the recorded decision and
    p-value.
@@ -57,6 +61,8 @@ from pathlib import Path
 from typing import Any
 
 from cdi.utils.errors import CDIError
+from cdi.audit.design import verify_design
+from cdi.audit.ledger import verify_ledger
 from cdi.audit.reference import check_reference_name
 from cdi.audit.evidence import COLLECTIONS, HASHED_FILES, resolve, split_table, swap_pending
 from cdi.utils.io import sha256_file
@@ -292,6 +298,8 @@ def verify_audit(
                                       dtype=_recorded_dtype(result) if recompute else "float32")
     checks.append(_check_model(result, model, adapter))
     checks.append(_check_reference(result, reference_model))
+    checks.append(Check("design", *verify_design(result)))  # cdi.audit.design: file, commitment, split, lists
+    checks.append(Check("ledger", *verify_ledger(result)))  # cdi.audit.ledger: this audit's line, the chain
     if recompute:
         checks.append(recompute_check(result, result_sha, table, folders, adapter, recompute,
                                       reference_model=reference_model, device=device, progress=progress))
@@ -744,6 +752,7 @@ def _scope(result: AuditResult, checks: dict[str, Check], *, curve: bool, recomp
         taken.append("the shift guard's outcome (pass --images)")
     if result.captions and result.captions.get("source") not in (None, "files"):
         taken.append("the captions made by the captioning model (as recorded in features.csv)")
+    checked += [checks[name].detail for name in ("design", "ledger") if name in ran]
     taken.append("the environment, timings and command line recorded in result.json")
     return {"checked": checked, "recomputed": recomputed, "taken_as_recorded": taken}
 
