@@ -355,3 +355,16 @@ def test_gradient_checkpointing_changes_no_gradient(tiny_flow_dirs):
         adapter.eps(x_t, T, adapter.conditions(CAPTIONS)).pow(2).sum().backward()
         grads.append(x_t.grad)
     torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0)
+
+
+def test_caption_cache_keeps_captions_past_its_limit_on_disk(tiny_flow_dirs):
+    from cdi.models.flow_matching import CaptionCache
+
+    adapter = load_model(str(tiny_flow_dirs["sd3"]), device="cpu")
+    reference = adapter.conditions(CAPTIONS)
+    small = load_model(str(tiny_flow_dirs["sd3"]), device="cpu")
+    small._caption_cache = CaptionCache(max_bytes=1)  # nothing fits in memory: every caption goes to disk
+    spilled = small.conditions(CAPTIONS)
+    assert small._caption_cache.bytes_in_memory == 0 and len(small._caption_cache) == len(CAPTIONS)
+    for name in reference.tensors:
+        torch.testing.assert_close(spilled.tensors[name], reference.tensors[name], rtol=0, atol=0)

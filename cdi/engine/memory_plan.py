@@ -29,7 +29,8 @@ feature set:
   plus ``CUDA_OVERHEAD`` (context, cuBLAS workspaces, allocator slack: what
   ``torch.cuda.max_memory_allocated`` does not see). Off CUDA every
   component stays in host memory the whole time.
-* **caption cache**: the text embeddings kept in host memory per caption
+* **caption cache**: the text embeddings kept per caption (in host memory
+  up to ``CAPTION_CACHE_BYTES``, then on disk: ``CaptionCache``)
   (sequence length x width in the compute dtype), times the captions of an
   audit (each image's caption, CLiD's reduced captions).
 
@@ -52,6 +53,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 
+from cdi.models.flow_matching import CAPTION_CACHE_BYTES
 from cdi.models.loading import checkpoints_gradients
 from cdi.utils.errors import CDIError
 
@@ -496,12 +498,13 @@ class MemoryPlan:
         verdict = {True: "fits", False: "DOES NOT FIT", None: "no limit known"}[self.fits]
         if not self.traced:
             return (f"memory plan ({self.device}, {self.dtype}): weights {_gib(sum(self.weights.values()))}, caption "
-                    f"cache {_gib(self.caption_cache)} of host memory; activations not traced off CUDA "
+                    f"cache {_gib(self.caption_cache)} (at most {_gib(CAPTION_CACHE_BYTES)} in host memory); activations "
+                    "not traced off CUDA "
                     "(`cdi speed --plan` traces them)")
         return (f"memory plan ({self.device}, {self.dtype}, batch {self.batch_size}): peak {_gib(self.peak)}"
                 f"{limit}, {verdict} (weights {_gib(sum(self.weights.values()))}, activations "
                 f"{_gib(self.activations)} for {self.largest_family}; caption cache "
-                f"{_gib(self.caption_cache)} of host memory)")
+                f"{_gib(self.caption_cache)}, at most {_gib(CAPTION_CACHE_BYTES)} of it in host memory)")
 
     def lines(self) -> list[str]:
         """The plan for people, one fact a line, each with where it comes from."""
@@ -525,8 +528,9 @@ class MemoryPlan:
             f"{_gib(self.device_memory)}{' (assumed)' if self.device_memory_assumed else ''}"
         rows.append(f"  peak device memory {_gib(self.peak)} of {limit}: "
                     f"{ {True: 'fits', False: 'DOES NOT FIT', None: '-'}[self.fits] }")
-        rows.append(f"  caption cache (host): {_gib(self.caption_cache_per_caption, 3)} per caption x "
-                    f"{self.captions} captions = {_gib(self.caption_cache)}")
+        rows.append(f"  caption cache: {_gib(self.caption_cache_per_caption)} per caption x {self.captions} captions "
+                    f"= {_gib(self.caption_cache)} (host memory up to {_gib(CAPTION_CACHE_BYTES)}, the rest in a "
+                    "temporary folder)")
         rows.extend(f"  note: {n}" for n in self.notes)
         return rows
 
