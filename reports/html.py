@@ -88,6 +88,12 @@ def render_report(
     if published.size and unpublished.size:
         figures["scores"] = Markup(plots.score_distribution_svg(published, unpublished))
         figures["roc"] = Markup(plots.roc_svg(published, unpublished))
+    effects = (result.feature_effects or {}).get("features") or []
+    if effects:
+        figures["effects"] = Markup(plots.feature_effects_svg(
+            [text.column_label(e["column"]) for e in effects], [e["d"] for e in effects],
+            [e["low"] for e in effects], [e["high"] for e in effects],
+            [e["direction"] != 0 for e in effects]))
     curve = result.sample_size_curve
     if curve is not None and curve.sizes:
         figures["pcurve"] = Markup(plots.pvalue_curve_svg(
@@ -101,19 +107,31 @@ def render_report(
         r=result,
         verdict_label=VERDICT_LABEL[result.verdict],
         verdict_test=_verdict_test(result),
+        protocol_name=_protocol_name(result),
         permutation_floor=_permutation_floor(result),
         in_test={c: sum(s.collection == c and s.in_test for s in result.scores) for c in COLLECTIONS},
         figures=figures,
-        families=_family_weights(result),
+        numbers=number_rows(result),
+        blocks=_block_rows(result),
+        parts=verdict_parts(result),
+        prior_families=_prior_families(result),
+        effects=_effect_rows(result),
+        families=_family_weights(result) if _learned_scorer(result) else [],
         measured=_measured_families(result),
         shift_fallback=_shift_fallback(result),
         shift_encoder_words=_shift_encoder_words(result),
-        settings=text.settings_rows(result.parameters),
+        settings=text.settings_rows(result.parameters, protocol=_protocol_name(result)),
         timings=text.timing_rows(result.timings),
         software=_software(result.environment),
-        raw_protocol=text.raw_json({"protocol": result.protocol, "features": result.features}),
-        raw_result=text.raw_json({k: v for k, v in result.to_dict().items() if k != "scores"}),
-        glossary=text.GLOSSARY,
+        seed_words=text.plain_field_names(str(result.protocol.get("seed_dependence") or "")),
+        glossary=text.glossary(_protocol_name(result)),
+        terms=text.glossary_terms,
+        verdict_test_term=_verdict_test(result).capitalize(),
+        numbers_terms=text.glossary_terms(*NUMBER_TERMS.get(_protocol_name(result), NUMBER_TERMS[""])),
+        protocol_words=PROTOCOL_WORDS.get(_protocol_name(result), "test"),
+        score_words=_score_words(result),
+        manifest_note=_manifest_note(result),
+        caption_chars=CAPTION_CHARS,
         thumbnails=_thumbnail_uris(thumbnails or {}),
         script=Markup(script),
         script_hash=script_hash,
@@ -321,11 +339,43 @@ def _scores(result: AuditResult, collection: str) -> np.ndarray:
     return np.array([v for v in values if _is_number(v)], dtype=float)
 
 
+#: Captions longer than this are cut in the manifest (the full caption is in result.json).
+CAPTION_CHARS = 48
+
+#: The protocol that ran, in words.
+PROTOCOL_WORDS = {"pooled": "pooled test", "sequential": "sequential test", "crossfit": "cross-fitted test"}
+
+#: Glossary terms the numbers table uses, per protocol ("" for an unknown protocol).
+NUMBER_TERMS = {
+    "pooled": ("Normal scores", "Known member directions", "Student's t-test", "Rao's F-test", "Stouffer's method",
+               "Degrees of freedom", "Permutation test", "Effect size", "AUC"),
+    "sequential": ("Normal scores", "Known member directions", "Stouffer's method", "Degrees of freedom",
+                   "Permutation test", "Effect size", "AUC"),
+    "crossfit": ("Degrees of freedom", "Permutation test", "Effect size", "AUC"),
+    "": ("Permutation test", "Effect size", "AUC"),
+}
+
+#: Test names of ``protocol["verdict_test"]`` for people (each is in the glossary).
+TEST_NAMES = {"pooled t+F": "pooled test", "t-test": "sequential test", "permutation": "permutation test"}
+
+
+def _protocol_name(result: AuditResult) -> str:
+    """``pooled``, ``sequential`` or ``crossfit``; an unknown or missing name is returned as it is."""
+    return str(result.protocol.get("name") or "")
+
+
+def _learned_scorer(result: AuditResult) -> bool:
+    """Whether a scoring model was fitted (sequential and crossfit protocols; never under pooled)."""
+    return _protocol_name(result) != "pooled"
+
+
 def _verdict_test(result: AuditResult) -> str:
     """Name of the test whose p-value is the verdict's (``protocol["verdict_test"]`` when given)."""
     named = result.protocol.get("verdict_test")
     if isinstance(named, str) and named:
-        return {"t-test": "t-test", "permutation": "permutation test"}.get(named, named)
+        if named == "t-test" and _protocol_name(result) != "sequential":
+            return "t-test"
+        return TEST_NAMES.get(named, named)
     if result.p_value_permutation is not None and result.p_value == result.p_value_permutation:
         return "permutation test"
     if result.p_value == result.p_value_ttest:
@@ -340,6 +390,203 @@ def _permutation_floor(result: AuditResult) -> int | None:
     if not isinstance(permutations, int) or permutations <= 0 or not _is_number(p):
         return None
     return permutations if p <= (1 + 1e-9) / (permutations + 1) else None
+
+
+def _p_markup(p: float | None, log_p: float | None = None) -> Markup:
+    """A p-value given by its natural logarithm (precise below 1e-308), or by itself."""
+    if _is_number(log_p):
+        return format_p(math.exp(log_p), log_p / math.log(10.0))
+    return format_p(p)
+
+
+def _row(label: str, value: Any, meaning: str, field: str, kind: str) -> dict[str, Any]:
+    """One row of "The numbers": ``field`` is the result.json path of the value, ``kind`` how it is written."""
+    return {"label": label, "value": value, "meaning": meaning, "field": field, "kind": kind}
+
+
+def number_rows(result: AuditResult) -> list[dict[str, Any]]:
+    """The rows of "The numbers" for the protocol that ran, each labelled for what it is.
+
+    Every value comes from one ``result.json`` field (``field``, a dotted
+    path) written as ``kind`` says: ``p`` (a p-value, with ``log10`` the
+    field of its base-10 logarithm), ``lnp`` (a p-value stored as its natural
+    logarithm), ``fixed2``/``fixed3``/``int`` (a number) or ``scalar``.
+    Tests render each protocol and check every row against the result.
+    """
+    protocol = _protocol_name(result)
+    proto = result.protocol
+    rows = []
+    verdict_test = _verdict_test(result)
+    rows.append(_row("verdict p-value", format_p(result.p_value, proto.get("verdict_log10_p")),
+                     "probability of a difference this large if the published images were not used, from the "
+                     f"{verdict_test}; the verdict compares it with α", "p_value", "p"))
+    rows.append(_row("significance level α", format_scalar(result.alpha),
+                     "the largest probability of a false accusation accepted before the audit was run",
+                     "alpha", "scalar"))
+    pooled = proto.get("pooled") if isinstance(proto.get("pooled"), Mapping) else None
+    if protocol == "pooled" and pooled is not None:
+        df = pooled.get("rest_df") or [None, None]
+        if pooled.get("prior_t") is not None:
+            rows.append(_row("part 1: Student's t (known member directions)", format_fixed(pooled["prior_t"], 2),
+                             f"one-sided two-sample t-test with {format_fixed(result.df, 0)} degrees of freedom: do "
+                             "the published images score higher on the prior score (the mean of the normal-scored "
+                             "measurements, each turned so that higher means more like a training image)?",
+                             "protocol.pooled.prior_t", "fixed2"))
+            rows.append(_row("part 1: p-value", _p_markup(None, pooled.get("prior_log_p")),
+                             "one-sided p-value of that t-test", "protocol.pooled.prior_log_p", "lnp"))
+        if pooled.get("rest_F") is not None:
+            rows.append(_row("part 2: Rao's F (other directions)", format_fixed(pooled["rest_F"], 2),
+                             f"F-test with {df[0]} and {df[1]} degrees of freedom: do the collections differ in "
+                             "directions other than the known ones (leading principal components of the "
+                             "normal-scored measurements) beyond what part 1 shows?",
+                             "protocol.pooled.rest_F", "fixed2"))
+            rows.append(_row("part 2: p-value", _p_markup(None, pooled.get("rest_log_p")),
+                             "upper-tail p-value of that F-test", "protocol.pooled.rest_log_p", "lnp"))
+        rows.append(_row("combined Z (weighted Stouffer)", format_fixed(result.statistic, 2),
+                         "the parts' p-values turned into normal scores z = Φ⁻¹(1 − p) and added "
+                         "with fixed weights, Z = (2 z₁ + z₂) / √5; standard normal if the "
+                         "published images were not used", "statistic", "fixed2"))
+        rows.append(_row("pooled test p-value (parametric)", format_p(result.p_value_ttest, proto.get("ttest_log10_p")),
+                         "1 − Φ(Z): the probability of a combined Z this large if the published images "
+                         "were not used", "p_value_ttest", "p"))
+    elif protocol == "sequential":
+        rows.append(_row("combined Z (Stouffer over blocks)", format_fixed(result.statistic, 2),
+                         "the blocks' one-sided Welch t-tests (table below) turned into normal scores and added with "
+                         "weights fixed by the block sizes", "statistic", "fixed2"))
+        rows.append(_row("sequential test p-value (parametric)", format_p(result.p_value_ttest,
+                                                                         proto.get("ttest_log10_p")),
+                         "1 − Φ(Z)", "p_value_ttest", "p"))
+    elif protocol == "crossfit":
+        rows.append(_row("Welch t of the out-of-fold scores", format_fixed(result.statistic, 2),
+                         "difference of the mean out-of-fold scores divided by its standard error",
+                         "statistic", "fixed2"))
+        rows.append(_row("degrees of freedom", format_fixed(result.df, 0),
+                         "Welch-Satterthwaite degrees of freedom of that t-test", "df", "fixed0"))
+        rows.append(_row("Welch t-test p-value (not the verdict's)", format_p(result.p_value_ttest,
+                                                                            proto.get("ttest_log10_p")),
+                         "one-sided; it rejects too often when the published images were not used (the "
+                         "out-of-fold scores are not independent), so the verdict uses the permutation test",
+                         "p_value_ttest", "p"))
+    else:  # a result of an unknown protocol: its figures under their field names only
+        rows.append(_row("test statistic", format_fixed(result.statistic, 2), "the protocol's test statistic "
+                         "(field statistic of result.json)", "statistic", "fixed2"))
+        rows.append(_row("parametric p-value", format_p(result.p_value_ttest, proto.get("ttest_log10_p")),
+                         "the protocol's parametric p-value (field p_value_ttest of result.json)",
+                         "p_value_ttest", "p"))
+    rows.append(_permutation_row(result))
+    score = _score_words(result)
+    rows.append(_row("effect size (Hedges' g)", format_fixed(result.effect_size, 2),
+                     f"difference of the mean {score} of the two collections in units of their spread "
+                     "(0.2 small, 0.5 medium, 0.8 large)", "effect_size", "fixed2"))
+    rows.append(_row("AUC", format_fixed(result.auc, 3),
+                     f"chance that a random published image has a higher {score[:-1]} than a random unpublished "
+                     "one (0.5 = no difference)", "auc", "fixed3"))
+    for collection, n in (("published", result.n_published), ("unpublished", result.n_unpublished)):
+        tested = sum(s.collection == collection and s.in_test for s in result.scores)
+        rows.append(_row(f"{collection} images", str(n),
+                         "all of them entered the test" if tested == n else f"{tested} of them entered the test",
+                         f"n_{collection}", "int"))
+    return rows
+
+
+def _permutation_row(result: AuditResult) -> dict[str, Any]:
+    proto = result.protocol
+    permutations = proto.get("permutations")
+    if result.p_value_permutation is None:
+        return _row("permutation test p-value", Markup("not run"), "no permutations were asked for",
+                    "p_value_permutation", "p")
+    where = {"pooled": "over all images", "sequential": "within blocks, repeating the block scoring",
+             "crossfit": "within folds, repeating the cross-fitting"}.get(_protocol_name(result), "")
+    meaning = (f"the same statistic recomputed after shuffling which images count as published, {permutations} "
+               f"times {where}; (1 + shuffles reaching the observed value) / ({permutations} + 1); exact without "
+               "assuming normal data")
+    interval = proto.get("permutation_p_interval")
+    if proto.get("permutation_at_floor"):
+        meaning += (f". No shuffle reached the observed value, so this is the smallest value {permutations} shuffles "
+                    "can give")
+    value = format_p(result.p_value_permutation)
+    if isinstance(interval, (list, tuple)) and len(interval) == 2 and all(_is_number(v) for v in interval):
+        low, high = interval
+        spread = (f"between {format_p(low)} and {format_p(high)}" if low > 0 else f"at most {format_p(high)}")
+        value = Markup(f'{value}<br><span class="muted" id="permutation-interval">another seed: {spread} '
+                       "(99%)</span>")
+    return _row("permutation test p-value", value, meaning, "p_value_permutation", "p")
+
+
+def _score_words(result: AuditResult) -> str:
+    """What a per-image score is under the protocol that ran (plural)."""
+    protocol = _protocol_name(result)
+    if protocol == "pooled":
+        if result.protocol.get("prior_used", True):
+            return "prior scores"
+        return "discriminant scores (fitted to these images, descriptive only)"
+    if protocol == "crossfit":
+        return "out-of-fold scores"
+    return "scores"
+
+
+def _manifest_note(result: AuditResult) -> str:
+    """What the manifest's score and "in test" columns mean under the protocol that ran."""
+    tested = all(s.in_test for s in result.scores)
+    if _protocol_name(result) == "pooled":
+        if result.protocol.get("prior_used", True):
+            what = ("The score is the image's prior score: the average of its normal-scored measurements, each "
+                    "turned so that higher means more like a training image; no model was fitted.")
+        else:
+            what = ("No measurement has a known member direction, so the score is the discriminant the test found "
+                    "on these images (descriptive only).")
+        return what + (" Every image entered the test." if tested else "")
+    if tested:
+        return "The score is the image's score from the scoring model; every image entered the test."
+    return ("The score is the image's score from the scoring model; images marked “no” under "
+            "“in test” were used to fit the scoring model and did not enter the test.")
+
+
+def _block_rows(result: AuditResult) -> list[dict[str, Any]]:
+    """The sequential protocol's blocks (empty under the other protocols)."""
+    blocks = result.protocol.get("blocks") if _protocol_name(result) == "sequential" else None
+    return [dict(b) for b in blocks or [] if isinstance(b, Mapping)]
+
+
+def verdict_parts(result: AuditResult) -> list[dict[str, Any]]:
+    """The verdict statistic Z split into its parts, as the pooled test recorded them (``cdi.stats.pooled``).
+
+    Part 1 (the known member directions) and part 2 (the other directions)
+    each add ``weight * z / sqrt(sum of squared weights)`` to Z
+    (``prior_contribution`` + ``rest_contribution`` = Z); ``*_share`` is
+    that contribution over Z. Empty under the other protocols and for
+    results written before the decomposition was recorded.
+    """
+    pooled = result.protocol.get("pooled")
+    if _protocol_name(result) != "pooled" or not isinstance(pooled, Mapping):
+        return []
+    parts = []
+    for key, name in (("prior", "known member directions (part 1)"), ("rest", "other directions (part 2)")):
+        contribution = pooled.get(f"{key}_contribution")
+        if not _is_number(contribution):
+            continue
+        parts.append({"name": name, "key": key, "z": pooled.get(f"{key}_z"), "weight": pooled.get(f"{key}_weight"),
+                      "contribution": contribution, "share": pooled.get(f"{key}_share")})
+    largest = max((abs(p["contribution"]) for p in parts), default=0.0) or 1.0
+    for part in parts:
+        part["width"] = 100 * abs(part["contribution"]) / largest
+    return parts
+
+
+def _prior_families(result: AuditResult) -> list[dict[str, Any]]:
+    """Each family's contribution to part 1's t (``cdi.feature_effects``), with a bar width."""
+    families = (result.feature_effects or {}).get("prior_families") or []
+    rows = [{**f, "label": text.family_name(f["family"])} for f in families]
+    largest = max((abs(f["contribution"]) for f in rows), default=0.0) or 1.0
+    for row in rows:
+        row["width"] = 100 * abs(row["contribution"]) / largest
+    return rows
+
+
+def _effect_rows(result: AuditResult) -> list[dict[str, Any]]:
+    """The per-feature standardised differences of ``result.feature_effects``, labelled for people."""
+    return [{**e, "label": text.column_label(e["column"]), "family_label": text.family_name(e["family"])}
+            for e in (result.feature_effects or {}).get("features") or []]
 
 
 def _family_weights(result: AuditResult) -> list[dict[str, Any]]:

@@ -193,6 +193,42 @@ def roc_svg(published: np.ndarray, unpublished: np.ndarray) -> str:
     return _to_svg(linear.figure, "roc-linear") + "\n" + _to_svg(loglog.figure, "roc-loglog")
 
 
+@_styled
+def feature_effects_svg(labels: list[str], d: list[float], low: list[float], high: list[float],
+                        known: list[bool]) -> str:
+    """Forest plot of the per-feature standardised differences with their 95% intervals.
+
+    One row per feature, top to bottom in the given order; a dot at ``d``, a
+    line from ``low`` to ``high``. Features with a known member direction are
+    oriented so that right means "published images look more like training
+    images" (orange); features without one keep published minus unpublished
+    (grey, hollow). ``labels`` are cdi's own column names (drawn as paths).
+    """
+    n = len(labels)
+    y = np.arange(n)[::-1]
+    fig = Figure(figsize=(5.4, 1.2 + 0.2 * n))
+    ax = fig.add_subplot()
+    d_arr, lo, hi = (np.asarray(v, dtype=float) for v in (d, low, high))
+    known_arr = np.asarray(known, dtype=bool)
+    ax.axvline(0.0, color=REFERENCE_COLOR, linewidth=1.0)
+    for mask, color, face, label in [(known_arr, PUBLISHED_COLOR, PUBLISHED_COLOR, "known member direction"),
+                                     (~known_arr, REFERENCE_COLOR, "white", "direction unknown (P minus U)")]:
+        if not mask.any():
+            continue
+        ax.hlines(y[mask], lo[mask], hi[mask], color=color, linewidth=1.3)
+        ax.plot(d_arr[mask], y[mask], "o", markersize=4, color=color, markerfacecolor=face, label=label,
+                linestyle="none")
+    ax.set_yticks(y)
+    ax.set_yticklabels(labels, fontsize=10)
+    ax.set_ylim(-0.7, n - 0.3)
+    ax.grid(axis="y", visible=False)
+    ax.set_xlabel("standardised difference with 95% interval\n(right: published images more like training images)",
+                  fontsize=10)
+    if (~known_arr).any():
+        ax.legend(loc="lower right", fontsize=9.5)
+    return _to_svg(fig, "effects")
+
+
 _SUPERSCRIPT = str.maketrans("-0123456789", "\u207b\u2070\u00b9\u00b2\u00b3\u2074\u2075\u2076\u2077\u2078\u2079")
 
 

@@ -2,8 +2,8 @@
 and provenance as labelled, rounded values, and the glossary.
 
 Everything here turns numbers and identifiers from a result into short
-plain text; the templates escape it. Exact values stay in the raw JSON that
-each report keeps one click away.
+plain text; the templates escape it. Exact values stay in ``result.json``,
+which the report names with its SHA-256.
 """
 
 from __future__ import annotations
@@ -63,6 +63,7 @@ SETTING_LABELS: dict[str, str] = {
     "seed": "random seed",
     "folds": "blocks of the scoring protocol",
     "permutations": "permutations of the permutation test",
+    "verdict": "p-value the verdict rests on",
     "scorer": "scoring model",
     "protocol": "test protocol",
     "sample_size_resamples": "resamples per size (sample-size curve)",
@@ -126,16 +127,49 @@ def duration(seconds: Any) -> str:
     return f"{int(seconds // 3600)} h {int(seconds % 3600 // 60):02d} min"
 
 
-def settings_rows(parameters: dict[str, Any]) -> list[tuple[str, str]]:
-    """(label, value) of the run settings people ask about, in a fixed order."""
+#: Settings of a scoring model and its blocks: they describe no step of the pooled protocol.
+SCORER_SETTINGS = ("folds", "scorer")
+
+
+def settings_rows(parameters: dict[str, Any], protocol: str | None = None) -> list[tuple[str, str]]:
+    """(label, value) of the run settings people ask about, in a fixed order.
+
+    Under ``protocol="pooled"`` the scoring-model settings (``SCORER_SETTINGS``)
+    are left out: no scoring model is fitted and no blocks are made, so they
+    would describe steps that did not run (they stay in ``result.json``'s
+    parameters, which record the command line).
+    """
     rows = []
     for key, label in SETTING_LABELS.items():
+        if protocol == "pooled" and key in SCORER_SETTINGS:
+            continue
         if key in parameters:
             value = parameters[key]
             if key == "features" and value is None:
                 value = "the default set for this model"
+            elif value is None:  # an option that was not given: nothing to report
+                continue
             rows.append((label, rounded(value)))
     return rows
+
+
+#: result.json field names that protocol texts mention, in words for the report.
+FIELD_WORDS = {
+    "permutation_p_interval": "the 99% interval shown beside the permutation p-value",
+    "p_value_ttest": "the parametric p-value",
+}
+
+
+def plain_field_names(sentence: str) -> str:
+    """A sentence from result.json with the field names it mentions replaced by words (``FIELD_WORDS``)."""
+    for name, words in FIELD_WORDS.items():
+        sentence = sentence.replace(name, words)
+    return sentence
+
+
+def column_label(column: str) -> str:
+    """A feature column's name as the signal chart shows it (``multiple_loss_t300`` -> ``multiple loss t300``)."""
+    return column.replace("_", " ")
 
 
 def timing_rows(timings: dict[str, Any]) -> list[tuple[str, str]]:
@@ -152,7 +186,7 @@ def timing_rows(timings: dict[str, Any]) -> list[tuple[str, str]]:
 
 
 def raw_json(data: Any) -> str:
-    """Pretty JSON of a part of the result, for the "raw values" boxes."""
+    """Pretty JSON of a part of a result, for the benchmark report's "raw values" box."""
     return json.dumps(data, indent=2, sort_keys=False, default=str, allow_nan=True)
 
 
@@ -201,7 +235,7 @@ GLOSSARY: list[tuple[str, str]] = [
      "have seen before more easily."),
     ("Score",
      "One number per image combining its features; higher means more like an image the model was "
-     "trained on. The audit compares the scores of the two collections."),
+     "trained on. Section 8 says how it was computed in this audit."),
     ("AUC",
      "The chance that a random published image scores higher than a random unpublished one: 0.5 means "
      "no difference, 1 means every published image scores higher."),
@@ -211,6 +245,42 @@ GLOSSARY: list[tuple[str, str]] = [
     ("Shift guard",
      "A check, without the model, of whether the two collections differ in themselves (camera, style, "
      "size, compression). If they do, the audit gives no verdict."),
+    ("Pooled test",
+     "The verdict's test (cdi's default protocol). Every image is used once and no model is fitted to the "
+     "collections. Part 1 is Student's t-test along the known member directions; part 2 is Rao's F-test along "
+     "other directions; Stouffer's method combines their p-values into one."),
+    ("Sequential test",
+     "The test of cdi's sequential protocol: the images are dealt into blocks, each block is scored by a model "
+     "fitted on earlier blocks and tested with Welch's t-test, and Stouffer's method combines the blocks."),
+    ("Cross-fitted test",
+     "The test of cdi's crossfit protocol: a scoring model fitted on the other folds scores each image, and "
+     "the permutation test gives the p-value."),
+    ("Normal scores",
+     "Each measurement is replaced by its rank among all images, mapped onto a bell curve (rank-based normal "
+     "scores). This is done without knowing which images are published, and makes the test robust to extreme "
+     "values."),
+    ("Known member directions",
+     "For each measurement, the direction in which training moves it (for example, a smaller denoising error "
+     "means more like a training image). The prior score is the average of the normal-scored measurements, "
+     "each turned so that higher means more like a training image."),
+    ("Student's t-test",
+     "The classical test of whether one group's average is higher than another's: the difference of the "
+     "averages divided by its standard error, compared with the t distribution."),
+    ("Rao's F-test",
+     "A test of whether further directions add a difference between the collections beyond the one already "
+     "tested (Rao 1946): an F statistic, compared with the F distribution."),
+    ("Stouffer's method",
+     "Combines independent p-values: each is turned into a normal score z, the z's are added with fixed "
+     "weights and divided by the square root of the sum of the squared weights; the result is again normal "
+     "if the published images were not used."),
+    ("Degrees of freedom",
+     "How much data a t or F distribution rests on; with more images the distribution is closer to normal."),
+    ("Standardised difference",
+     "The difference between the averages of the two collections on one measurement, in units of its spread "
+     "within the collections (Cohen's d). 0 means no difference."),
+    ("95% interval",
+     "The range that would contain the true value in 95 of 100 repetitions; an interval that does not "
+     "include 0 shows a difference on that measurement by itself."),
     ("Permutation test",
      "The same question answered by shuffling which images count as published many times and seeing "
      "how often chance alone produces a difference as large."),
@@ -218,3 +288,17 @@ GLOSSARY: list[tuple[str, str]] = [
      "A 64-character code computed from a file's exact content; any change to the file changes it. It "
      "lets anyone check that the files tested are the ones they hold."),
 ]
+
+
+#: Glossary entries that describe one protocol's test, shown only in reports of that protocol.
+PROTOCOL_TERMS = {"Pooled test": "pooled", "Sequential test": "sequential", "Cross-fitted test": "crossfit"}
+
+
+def glossary(protocol: str) -> list[tuple[str, str]]:
+    """The glossary of a report of ``protocol``: every entry but those of the other protocols' tests."""
+    return [(term, meaning) for term, meaning in GLOSSARY if PROTOCOL_TERMS.get(term, protocol) == protocol]
+
+
+def glossary_terms(*terms: str) -> list[tuple[str, str]]:
+    """The glossary entries whose term starts with one of ``terms``, in glossary order (for a section's box)."""
+    return [(term, meaning) for term, meaning in GLOSSARY if term.startswith(terms)]

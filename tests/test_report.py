@@ -5,10 +5,12 @@ from __future__ import annotations
 import base64
 import hashlib
 import io
+import json
 import re
 from collections import Counter
 from dataclasses import replace
 from html.parser import HTMLParser
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,6 +18,7 @@ from scipy import stats
 from typer.testing import CliRunner
 
 from cdi.cli.main import app
+from cdi.stats.feature_effects import feature_effects
 from cdi.audit.result import (
     REPORT_FILE,
     RESULT_FILE,
@@ -43,7 +46,7 @@ EXAMPLE_FAMILIES = {
 
 
 def make_example_result(n_published: int, n_unpublished: int, seed: int, *, shift: float = 0.35) -> AuditResult:
-    """A realistic audit result built from seeded random scores, with every section filled.
+    """A realistic audit result of the crossfit protocol built from seeded random scores, every section filled.
 
     Published scores are drawn from N(shift, 1), unpublished from N(0, 1). The
     test statistics, the permutation p-value (999 permutations), Hedges' g, the
@@ -90,6 +93,11 @@ def make_example_result(n_published: int, n_unpublished: int, seed: int, *, shif
         FeatureWeight(column=column, family=family, weight=float(rng.normal(0, 0.5 if family != "clid" else 1.0)))
         for family, columns in EXAMPLE_FAMILIES.items() for column in columns
     ]
+    columns = [c for cs in EXAMPLE_FAMILIES.values() for c in cs]
+    features_p = rng.normal(0.1, 1.0, (n_published, len(columns)))
+    features_u = rng.normal(0.0, 1.0, (n_unpublished, len(columns)))
+    effects = feature_effects(features_p, features_u, columns, None,
+                              {c: f for f, cs in EXAMPLE_FAMILIES.items() for c in cs})
     return AuditResult(
         verdict="used" if p_permutation < alpha else "not_detected",
         p_value=p_permutation,
@@ -103,11 +111,13 @@ def make_example_result(n_published: int, n_unpublished: int, seed: int, *, shif
         effect_size=float(hedges),
         auc=float(auc),
         protocol={
-            "name": "cross-fitted logistic regression, permutation test",
+            "name": "crossfit",
             "description": "Out-of-fold scores from 5-fold cross-fitted logistic regression; the p-value "
                            "comes from 999 permutations of the labels that repeat the cross-fitting.",
             "folds": 5,
             "permutations": 999,
+            "verdict_test": "permutation",
+            "verdict_choice": "permutation",
         },
         scores=scores,
         feature_weights=weights,
@@ -129,6 +139,7 @@ def make_example_result(n_published: int, n_unpublished: int, seed: int, *, shif
         environment={"cdi": "0.1.0", "python": "3.11.7", "platform": "Linux-6.1-x86_64",
                      "packages": {"torch": "2.13.0", "diffusers": "0.42.1"}},
         timings={"start": "2025-06-01T12:00:00+00:00", "features_s": 3456.7, "total_s": 3501.2},
+        feature_effects=effects,
     )
 
 
@@ -184,15 +195,15 @@ def test_report_holds_every_section_in_order(example, example_html):
     assert example.verdict == "used"
     assert "Evidence of use found" in html
     assert example.verdict_text in html
-    assert "we reject the hypothesis that the model scores the published images no higher" in html
+    assert "we reject the hypothesis that the published images were not used" in html
     assert f"p = {format_p(example.p_value)}" in html
     for value in [example.p_value_ttest, example.p_value_permutation]:
         assert str(format_p(value)) in html
     for text in [f"{example.statistic:.2f}", f"{example.df:.0f}", f"{example.effect_size:.2f}",
                  f"{example.auc:.3f}", "permutation test"]:
         assert text in html
-    assert html.count("<svg") == 4  # scores, p-value curve, ROC on linear and on log-log axes
-    assert f"About <strong>{example.sample_size_curve.n_needed} images per collection</strong>" in html
+    assert html.count("<svg") == 5  # scores, p-value curve, ROC on linear and on log-log axes, feature effects
+    assert f"From {example.sample_size_curve.n_needed} images per collection on" in html
     assert example.protocol["description"] in html
     assert example.model["fingerprint"] in html and example.model["revision"] in html
     assert "CVPR 2025" in html and "NeurIPS 2024" in html and "WACV 2024" in html
@@ -200,8 +211,8 @@ def test_report_holds_every_section_in_order(example, example_html):
     for family in EXAMPLE_FAMILIES:
         assert f"({family})" in html and family_name(family) in html
     # every image: path, hash and score
-    assert all(s.sha256 in html for s in example.scores)
-    assert html.count('<td class="sha">') == len(example.scores)
+    assert all(f'title="{s.sha256}">{s.sha256[:16]}</td>' in html for s in example.scores)
+    assert html.count('<td class="sha" data-label="SHA-256"') == len(example.scores)
 
 
 def test_report_is_self_contained_with_unique_ids(example_html):
@@ -274,7 +285,7 @@ def test_report_for_1000_images_per_collection_is_under_2_mb():
     for i in range(0, len(result.scores), 2):  # realistic caption lengths
         result.scores[i].caption = "a long descriptive caption of a photograph " * 2
     html = render_report(result)
-    assert html.count('<td class="sha">') == 2000
+    assert html.count('<td class="sha" data-label="SHA-256"') == 2000
     assert len(html.encode("utf-8")) < 2_000_000
 
 
@@ -306,11 +317,11 @@ def test_not_detected_says_what_it_does_and_does_not_mean():
 def test_missing_optional_parts_render(example):
     result = replace(example, sample_size_curve=None, shift_guard=None, feature_weights=[],
                      p_value_permutation=None, effect_size=None, df=None, p_value=0.0,
-                     p_value_ttest=0.0)
+                     p_value_ttest=0.0, feature_effects=None)
     html = render_report(result)
     assert "No sample-size curve was computed" in html
     assert "No shift guard was run" in html
-    assert "This protocol reports no feature weights" in html
+    assert "This result records no per-measurement differences" in html
     assert "not run" in html and "n/a" in html
     assert "p = &lt; 10<sup>&minus;300</sup>" in html
     assert html.count("<svg") == 3  # scores and the two ROC panels
@@ -389,3 +400,210 @@ def test_cli_report_with_thumbnails(collections):
     assert html.count('src="data:image/jpeg;base64,') == 6
     run = CliRunner().invoke(app, ["report", str(out), "--thumbnails", "3"])
     assert run.exit_code == 2 and "--published" in run.output
+
+
+# ------------------------------------------------------------ real results of every protocol
+TABLE = Path(__file__).parent / "data" / "toy_sd_light_features.csv"
+#: (protocol, verdict mode, P drawn from the members?) of the real results the tests below render.
+AUDITS = {
+    "pooled": ("pooled", "parametric", True),
+    "pooled-permutation": ("pooled", "permutation", True),
+    "pooled-null": ("pooled", "parametric", False),
+    "sequential": ("sequential", "parametric", True),
+    "crossfit": ("crossfit", "permutation", True),
+}
+
+
+def table_audit(protocol: str, verdict: str, members: bool, *, n: int = 150, resamples: int = 0,
+                permutations: int = 199) -> AuditResult:
+    """The result an audit of the stored light-toy features gives: P = ``n`` members (or other non-members), U = ``n`` non-members.
+
+    The same ``analyse_tables`` and ``build_result`` as ``cdi audit``, without the model and the shift guard.
+    """
+    from cdi.audit.analysis import analyse_tables, build_result
+    from cdi.audit.config import AuditConfig
+    from cdi.engine.table import FeatureTable
+    from cdi.features.registry import directions_of, resolve_features
+
+    table = FeatureTable.from_csv(TABLE)
+    families = resolve_features("cdi+clid+sima")
+    nonmembers = [i for i, p in enumerate(table.paths) if p.startswith("nonmembers/")]
+    published = table.subset([i for i, p in enumerate(table.paths) if p.startswith("members/")][:n] if members
+                             else nonmembers[n:2 * n])
+    unpublished = table.subset(nonmembers[:n])
+    config = AuditConfig(published="P", unpublished="U", model="toy", out="out", protocol=protocol,
+                         verdict=verdict, permutations=permutations, sample_size_resamples=resamples)
+    directions = directions_of(families)
+    analysis = analyse_tables(published, unpublished, directions=directions, config=config)
+    return build_result(analysis, published, unpublished, families=families, feature_spec="cdi+clid+sima",
+                        directions=directions, model={"model_id": "toy"}, config=config, timings={})
+
+
+@pytest.fixture(scope="module")
+def audits() -> dict[str, AuditResult]:
+    results = {name: table_audit(*spec) for name, spec in AUDITS.items()}
+    guard = ShiftGuard(encoder="builtin", p_value=3e-9, auc=0.81, detected=True, ignored=False, alpha=0.05)
+    results["pooled-inconclusive"] = replace(results["pooled"], verdict="inconclusive", shift_guard=guard,
+                                             parameters={**results["pooled"].parameters, "shift_encoder": "auto"})
+    return results
+
+
+@pytest.fixture(scope="module")
+def audit_html(audits) -> dict[str, str]:
+    return {name: render_report(result) for name, result in audits.items()}
+
+
+def _visible_text(html: str) -> str:
+    parsed = _parse(re.sub(r"<style>.*?</style>", "", html, flags=re.S))
+    return re.sub(r"\s+", " ", "".join(parsed.text))
+
+
+def _field(data: dict, path: str):
+    for key in path.split("."):
+        data = data[int(key)] if isinstance(data, list) else data[key]
+    return data
+
+
+def _expected(data: dict, field: str, kind: str) -> str:
+    """A result.json value written as the report writes a figure of that kind."""
+    value = _field(data, field)
+    if kind == "p":
+        log10 = {"p_value": "verdict_log10_p", "p_value_ttest": "ttest_log10_p"}.get(field)
+        return _plain(str(format_p(value, data["protocol"].get(log10) if log10 else None)))
+    if kind == "lnp":
+        return _plain(str(format_p(float(np.exp(value)), value / np.log(10))))
+    if kind.startswith("fixed"):
+        return f"{value:.{kind[5:]}f}"
+    return str(value)
+
+
+def _plain(fragment: str) -> str:
+    import html as html_module
+
+    return html_module.unescape(re.sub(r"<[^>]+>", "", fragment)).strip()
+
+
+@pytest.mark.parametrize("name", [*AUDITS, "pooled-inconclusive"])
+def test_every_labelled_figure_is_the_result_json_value(name, audits, audit_html):
+    """Each row of "The numbers" names its result.json field; the value shown is that field's value."""
+    result, html = audits[name], audit_html[name]
+    data = json.loads(result.to_json())
+    rows = re.findall(r'<tr data-field="([^"]+)" data-kind="([^"]+)"><td>(.*?)</td><td class="value">(.*?)</td>'
+                      r"<td>(.*?)</td></tr>", html)
+    fields = {field for field, *_ in rows}
+    assert len(rows) == len(fields) >= 8
+    for field, kind, label, value, meaning in rows:
+        shown = _plain(re.sub(r'<span class="muted" id="permutation-interval">.*?</span>', "", value))
+        assert shown == _expected(data, field, kind), (name, label, field)
+    protocol = result.protocol["name"]
+    labels = {field: _plain(label) for field, _, label, *_ in rows}
+    if protocol == "pooled":
+        assert {"protocol.pooled.prior_t", "protocol.pooled.prior_log_p", "protocol.pooled.rest_F",
+                "protocol.pooled.rest_log_p", "statistic", "p_value_ttest"} <= fields
+        assert labels["statistic"] == "combined Z (weighted Stouffer)"
+        assert labels["p_value_ttest"] == "pooled test p-value (parametric)"
+        assert "df" not in fields  # part 1's df is named in its row, not as a test of its own
+        assert not any("Welch" in text or "t-test p-value" in text for text in labels.values())
+    elif protocol == "sequential":
+        assert labels["statistic"] == "combined Z (Stouffer over blocks)"
+        blocks = re.findall(r'data-field="protocol\.blocks\.(\d+)\.statistic">([^<]+)<', html)
+        assert [f"{b['statistic']:.2f}" for b in data["protocol"]["blocks"]] == [v for _, v in blocks] != []
+    else:
+        assert labels["statistic"] == "Welch t of the out-of-fold scores" and labels["df"] == "degrees of freedom"
+    # the permutation row never claims a bound that its own interval contradicts
+    assert "the true p-value is at most" not in html
+    verdict_row = next(meaning for field, _, _, _, meaning in rows if field == "p_value")
+    assert ("permutation test" if result.protocol["verdict_test"] == "permutation" else
+            {"pooled": "pooled test", "sequential": "sequential test"}[protocol]) in verdict_row
+
+
+def test_result_json_says_what_each_figure_is(audits):
+    for name, result in audits.items():
+        figures = result.protocol["figures"]
+        assert set(figures) == {"p_value", "p_value_ttest", "p_value_permutation", "statistic", "df",
+                                "effect_size", "auc"}
+        assert ("permutation" in figures["p_value"]) == (result.protocol["verdict_test"] == "permutation")
+    assert audits["pooled"].protocol["figures"]["statistic"].startswith("combined Z of the pooled test")
+    assert "not a t-test" in audits["pooled"].protocol["figures"]["p_value_ttest"]
+    assert audits["crossfit"].protocol["figures"]["statistic"].startswith("Welch t")
+
+
+@pytest.mark.parametrize("name", ["pooled", "pooled-permutation", "pooled-null", "pooled-inconclusive"])
+def test_pooled_report_describes_no_scoring_model_or_blocks(name, audits, audit_html):
+    result = audits[name]
+    for key in ("scorer", "folds", "penalty", "blocks"):
+        assert key not in result.protocol  # result.json: no field of a step that did not run
+    text = _visible_text(audit_html[name])
+    for words in ("scoring model", "scorer", "logistic", "blocks?", "folds?", "Welch", "permutation_p_interval"):
+        assert not re.search(rf"\b{words}\b", text), words
+    assert "no model was fitted" in text and "Every image entered the test" in text
+
+
+def test_learned_protocols_describe_their_scoring_model(audit_html):
+    for name in ("sequential", "crossfit"):
+        text = _visible_text(audit_html[name])
+        assert "Weights of the scoring model" in text and "scoring model" in text
+    assert "The blocks of the sequential test" in _visible_text(audit_html["sequential"])
+
+
+def test_signal_chart_shows_what_carried_the_evidence(audits, audit_html):
+    """Per-feature differences and the parts' shares differ between a used and a null audit, as they should."""
+    used, null = audits["pooled"].feature_effects, audits["pooled-null"].feature_effects
+    d_used = np.array([f["d"] for f in used["features"]])
+    d_null = np.array([f["d"] for f in null["features"]])
+    assert len(d_used) == 35 and not np.allclose(d_used, d_null)
+    # members look member-like on most features; on the null half the intervals cover 0
+    assert np.mean(d_used > 0) > 0.75 and np.mean(d_used) > np.mean(d_null) + 0.15
+    assert np.mean([f["low"] < 0 < f["high"] for f in null["features"]]) > 0.75
+    # the families' contributions add up to part 1's t
+    for effects, result in ((used, audits["pooled"]), (null, audits["pooled-null"])):
+        assert sum(f["contribution"] for f in effects["prior_families"]) == pytest.approx(effects["prior_t"])
+        assert effects["prior_t"] == pytest.approx(result.protocol["pooled"]["prior_t"])
+    shares = {name: re.findall(r'<tr data-part="(\w+)">.*?</tr>', audit_html[name], re.S) for name in audits}
+    assert shares["pooled"] == ["prior", "rest"]
+    used_rows = re.search(r'<table class="shares stack" id="verdict-parts">.*?</table>', audit_html["pooled"], re.S)
+    null_rows = re.search(r'<table class="shares stack" id="verdict-parts">.*?</table>', audit_html["pooled-null"],
+                          re.S)
+    assert used_rows.group(0) != null_rows.group(0)
+    assert _figure(audit_html["pooled"], "effects") != _figure(audit_html["pooled-null"], "effects")
+    # the parts' contributions add up to the combined Z
+    from cdi.reports.html import verdict_parts
+
+    for name in ("pooled", "pooled-null"):
+        parts = verdict_parts(audits[name])
+        assert sum(p["contribution"] for p in parts) == pytest.approx(audits[name].statistic)
+
+
+def _figure(html: str, name: str) -> str:
+    return re.search(rf'<figure id="figure-{name}">.*?</figure>', html, re.S).group(0)
+
+
+def test_headline_names_the_p_value_in_plain_words(audits, audit_html):
+    html = audit_html["pooled"]
+    claim = re.search(r'<div class="claim">.*?</div>', html, re.S).group(0)
+    assert "Probability of a difference this large if the published images were not used" in claim
+    assert "From the pooled test" in claim
+    estimate = _plain(re.search(r'<p id="sample-size-estimate">.*?</p>', claim, re.S).group(0))
+    needed = audits["pooled"].sample_size_estimate
+    assert f"about {needed['published_needed']} published images and as many unpublished" in estimate
+    # one images-needed figure: the others in the sentence are its interval and the audit's own settings
+    numbers = set(re.findall(r"\d+", estimate)) - {"9", "10", "90", "0", "01", "95"}
+    assert numbers == {str(needed["published_needed"]), str(needed["published_low"]), str(needed["published_high"])}
+    terms = re.search(r'<aside class="terms">.*?</aside>', html[html.index('<section id="numbers">'):], re.S).group(0)
+    for term in ("Pooled test", "Normal scores", "Student&#39;s t-test", "Rao&#39;s F-test", "Stouffer&#39;s method"):
+        assert f"<dt>{term}</dt>" in html and (term == "Pooled test" or f"<dt>{term}</dt>" in terms)
+    glossary = html[html.index('<section id="glossary">'):]
+    assert "<dt>Pooled test</dt>" in glossary and "<dt>Sequential test</dt>" not in glossary
+
+
+def test_inconclusive_fix_names_the_installed_download_command(audit_html):
+    html = audit_html["pooled-inconclusive"]
+    assert "<code>hf download openai/clip-vit-large-patch14</code>" in html
+    assert "huggingface-cli" not in html
+    assert 'id="verdict-p"' not in html
+
+
+def test_no_raw_json_in_the_report(audit_html):
+    text = _visible_text(audit_html["pooled"])
+    assert '": ' not in text and "{" not in text
+    assert re.search(r'SHA-256 <span class="hash" id="result-sha256">[0-9a-f]{64}</span>', audit_html["pooled"])

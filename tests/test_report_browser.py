@@ -166,6 +166,14 @@ document.querySelectorAll("body *").forEach(function (el) {
     out.wide.push(el.tagName.toLowerCase() + "." + el.className + " " + Math.round(el.getBoundingClientRect().right));
   }
 });
+out.manifestHidden = [];
+document.querySelectorAll("table.manifest td").forEach(function (cell) {
+  var box = cell.getBoundingClientRect();
+  if (box.width === 0 || box.height === 0 || box.right > window.innerWidth + 1 || box.left < 0) {
+    out.manifestHidden.push(cell.getAttribute("data-label") + " " + Math.round(box.left) + "-" + Math.round(box.right));
+  }
+});
+out.manifestCells = document.querySelectorAll("table.manifest td").length;
 var pre = document.createElement("pre");
 pre.id = "measured";
 pre.textContent = JSON.stringify(out);
@@ -224,6 +232,9 @@ def test_report_reads_on_a_phone(verdict, tmp_path):
     assert measured["viewport"] == PHONE
     assert measured["page"] <= PHONE, f"page is {measured['page']} px wide at a {PHONE} px viewport: {measured['wide'][:8]}"
     assert measured["broken"] == [], f"cells that break words: {measured['broken'][:5]}"
+    # the manifest reflows: every one of its cells (7 per image) is on screen, none hidden
+    assert measured["manifestCells"] == 7 * len(result.scores)
+    assert measured["manifestHidden"] == [], measured["manifestHidden"][:5]
     # Plots are drawn with 11 pt text; at this scale it is at least ~9.5 px on screen.
     assert measured["plotScale"] and min(measured["plotScale"]) * 11 * 4 / 3 >= 9.5, measured["plotScale"]
 
@@ -266,3 +277,60 @@ def save_screenshots(folder: Path, workdir: Path) -> list[Path]:
 def test_save_verdict_screenshots(tmp_path):
     saved = save_screenshots(Path(os.environ["CDI_SCREENSHOT_DIR"]), tmp_path)
     assert all(path.stat().st_size > 10_000 for path in saved)
+
+
+# ------------------------------------------------------------------ print
+A4_PAGES = 12  # most pages a printed 150 + 150 audit may take (issue 22)
+PDF_PAGE = re.compile(rb"/Type\s*/Page(?![a-zA-Z])")
+
+
+@pytest.fixture(scope="module")
+def printed(tmp_path_factory):
+    """A 150 + 150 pooled audit of the stored toy features (with captions and a sample-size curve), printed to A4."""
+    from test_report import table_audit
+
+    workdir = tmp_path_factory.mktemp("print")
+    result = table_audit("pooled", "parametric", True, resamples=10)
+    for i, score in enumerate(result.scores):  # captions as long as real ones, one per line if not truncated
+        result.scores[i] = replace(score, caption=f"a handwritten digit, scanned at low resolution, number {i}, "
+                                                   "with a long description that goes on")
+    page = workdir / "report.html"
+    page.write_text(render_report(result), encoding="utf-8")
+    pdf = workdir / "report.pdf"
+    open_in_chromium(page, workdir, "--no-pdf-header-footer", f"--print-to-pdf={pdf}")
+    if os.environ.get("CDI_SCREENSHOT_DIR"):
+        shutil.copyfile(pdf, Path(os.environ["CDI_SCREENSHOT_DIR"]) / "report.pdf")
+    pages = []
+    if shutil.which("pdftotext"):
+        text = subprocess.run(["pdftotext", "-layout", str(pdf), "-"], capture_output=True, text=True,
+                              check=True).stdout
+        pages = text.split("\f")
+    return {"result": result, "pdf": pdf.read_bytes(), "pages": [p for p in pages if p.strip()]}
+
+
+def test_printed_report_fits_twelve_a4_pages(printed):
+    count = len(PDF_PAGE.findall(printed["pdf"]))
+    assert 4 <= count <= A4_PAGES, f"{count} pages"
+    if printed["pages"]:
+        assert len(printed["pages"]) == count
+
+
+def test_printed_report_has_no_raw_json_and_defines_terms_where_used(printed):
+    pages = printed["pages"]
+    if not pages:
+        pytest.skip("pdftotext (poppler-utils) is not installed")
+    text = "\n".join(pages)
+    assert '": ' not in text and '{"' not in text  # no raw JSON
+    assert "result.json" in text and "SHA-256" in text
+    # every image is listed; its caption is cut, not wrapped over lines
+    assert all(s.sha256[:16] in text for s in printed["result"].scores)
+    assert "goes on" not in text
+    # Glossary terms are explained beside the section that uses them: the first page using a term holds its
+    # explanation, or the next page does (a section's words are listed where the section ends).
+    for term, definition in [("Stouffer", "Stouffer's method:"), ("Rao's F", "Rao's F-test:"),
+                             ("normal scores", "Normal scores:"), ("pooled test", "Pooled test:"),
+                             ("p-value", "p-value:"), ("SHA-256", "SHA-256 fingerprint:"),
+                             ("95% interval", "95% interval:"), ("standardised difference", "Standardised difference:")]:
+        used = [i for i, page in enumerate(pages) if term.lower() in page.lower()]
+        defined = [i for i, page in enumerate(pages) if definition in page]
+        assert used and defined and 0 <= defined[0] - used[0] <= 1, (term, used, defined)
