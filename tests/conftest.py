@@ -11,10 +11,17 @@ dtype="float32")``. Shared by every test: do not modify an adapter (use
 
 Heavy imports happen inside the fixtures, so test modules that do not use
 them do not pay for diffusers.
+
+The tests are laid out like the package: one folder per room (``tests/stats/``, ``tests/data/``, ...;
+``tests/data/`` also holds the stored feature tables). Test modules import shared builders from each
+other by module name (``from test_extract import write_images``), and the helpers beside this file
+(``counting``, ``oracle``, ``ldm_checkpoint``) likewise, so every test folder is put on ``sys.path``
+here, before any test module is collected.
 """
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -24,6 +31,11 @@ import torch
 # and on small shared machines a second OpenMP thread waiting for a busy core
 # makes every op many times slower.
 torch.set_num_threads(1)
+
+TESTS = Path(__file__).resolve().parent
+for _folder in sorted(TESTS.iterdir()):
+    if _folder.is_dir() and any(_folder.glob("test_*.py")) and str(_folder) not in sys.path:
+        sys.path.insert(0, str(_folder))
 
 TINY_FAMILIES = ("sd", "sd_v", "sdxl", "ldm", "dit", "ddpm", "ddpm_uncond")
 

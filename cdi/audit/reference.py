@@ -44,7 +44,7 @@ cancel it whatever the LoRA keeps. (With the sequential verdict before
 issue 12 that null rejected 8.0% with differences only: fine-tuning can
 also change how the model treats the base's own training images; with the
 pooled verdict the 200-audit calibration tests of both nulls in
-``tests/test_reference.py`` pass.) ``calibrated_matrix(with_raw=True)``
+``tests/audit/test_reference.py`` pass.) ``calibrated_matrix(with_raw=True)``
 stays for that measurement.
 """
 

@@ -34,7 +34,7 @@ t-test on within-block normal scores; the blocks are combined with fixed
 weights. The classifier learns which way the collections differ, so the
 one-sided test of its held-out scores detects a difference in any
 direction, and under "same distribution" the p-value is calibrated like the
-verdict's (``tests/test_shift_guard.py``).
+verdict's (``tests/data/test_shift_guard.py``).
 """
 
 from __future__ import annotations

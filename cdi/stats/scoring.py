@@ -56,7 +56,7 @@ influenced. Under the null hypothesis each block's statistic is, given
 everything before it, a two-sample statistic on exchangeable images, and
 ``cdi.stats.verdict`` combines the blocks with fixed weights (Stouffer). The choice
 between the candidates matters because which one is better depends on the
-data: simulations (``tests/test_stats.py`` and the report of task F) show
+data: simulations (``tests/stats/test_stats.py`` and the report of task F) show
 the prior winning when the member effect is spread over many columns in
 their known directions, the learned scorer winning when a large shared
 nuisance (image difficulty) must be contrasted away, and the sequential

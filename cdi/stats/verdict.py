@@ -85,7 +85,7 @@ Why this is valid. Under H0, given everything that happened in blocks
 block ``k`` are exchangeable, so ``z_k`` is (approximately, through the
 t-distribution) standard normal whatever happened before. The ``z_k`` form
 a martingale-difference sequence, they are uncorrelated, and ``Z`` with fixed
-weights is standard normal. ``tests/test_stats.py`` checks calibration by
+weights is standard normal. ``tests/stats/test_stats.py`` checks calibration by
 simulation (rejection rates at 0.05 and 0.01 inside their 99% binomial
 intervals, KS test of uniformity), and ``cdi.stats.calibration.null_calibration`` repeats that
 check on any pool of null feature rows (e.g. stored features of a real

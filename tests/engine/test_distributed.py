@@ -32,8 +32,8 @@ from cdi.features.registry import resolve_features
 from test_extract import CHEAP, N_IMAGES, load_float64
 from test_extract import adapter, collection, images  # noqa: F401 (the same module fixtures)
 
-REPO = Path(__file__).resolve().parents[1]
-TESTS = Path(__file__).resolve().parent
+REPO = Path(__file__).resolve().parents[2]
+TESTS = Path(__file__).resolve().parents[1]
 BATCH = 2  # 10 images: five batches, so both workers get several
 
 

@@ -20,7 +20,7 @@ from cdi.utils.errors import CDIError
 from cdi.models.loading import resolve_dtype
 
 runner = CliRunner()
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 LOADING_COMMANDS = ("extract", "audit", "speed", "benchmark")
 LOADER_FLAGS = ("--device", "--dtype", "--revision", "--variant", "--allow-pickle", "--compile",
                 "--local-files-only", "--cache-dir", "--token", "--lora", "--lora-scale", "--unet", "--component",

@@ -31,7 +31,7 @@ from cdi.audit.verify import verify_audit
 
 runner = CliRunner()
 N = 25
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,7 @@ from cdi.stats.calibration import null_calibration
 from cdi.engine.table import FeatureTable
 from cdi.features.registry import columns_of, directions_of, resolve_features
 
-TABLE = Path(__file__).parent / "data" / "toy_sd_light_features.csv"
+TABLE = Path(__file__).parents[1] / "data" / "toy_sd_light_features.csv"
 
 
 @pytest.fixture(scope="module")

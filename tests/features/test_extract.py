@@ -39,8 +39,8 @@ from cdi.features.extract import condition_key, extract_features, model_key, par
 from cdi.features.registry import columns_of, resolve_features, total_cost
 from counting import counting  # tests/ is on sys.path under pytest
 
-REPO = Path(__file__).resolve().parents[1]
-TESTS = Path(__file__).resolve().parent
+REPO = Path(__file__).resolve().parents[2]
+TESTS = Path(__file__).resolve().parents[1]
 N_IMAGES = 10
 CHEAP = "denoising_loss,multiple_loss,pia"
 

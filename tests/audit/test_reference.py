@@ -25,8 +25,8 @@ from cdi.utils.errors import CDIError
 from cdi.audit.reference import check_reference, difference_table
 from cdi.engine.table import FeatureTable
 
-DATA = Path(__file__).parent / "data"
-sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+DATA = Path(__file__).parents[1] / "data"
+sys.path.insert(0, str(Path(__file__).parents[2] / "benchmarks"))
 
 
 def _table(hashes, values, columns=("a", "b")):

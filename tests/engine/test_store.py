@@ -27,7 +27,7 @@ from cdi.utils.errors import CDIError
 from cdi.engine.store import STORE_FILENAME, FeatureStore, resolve_store_path
 from cdi.engine.table import FeatureTable, sidecar_path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 MK, FK, COLS = "sd-float32-abc", "fam-0123456789abcdef", ["a", "b", "c"]
 
 
