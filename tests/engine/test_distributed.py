@@ -33,7 +33,10 @@ from test_extract import CHEAP, N_IMAGES, load_float64
 from test_extract import adapter, collection, images  # noqa: F401 (the same module fixtures)
 
 REPO = Path(__file__).resolve().parents[2]
-TESTS = Path(__file__).resolve().parents[1]
+#: the folders of this module, of test_extract (whose builders it imports) and tests/ (their helper modules),
+#: for Ray workers and subprocesses
+TEST_FOLDERS = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1] / "features"),
+                str(Path(__file__).resolve().parents[1])]
 BATCH = 2  # 10 images: five batches, so both workers get several
 
 
@@ -42,7 +45,7 @@ def ray_instance():
     """A local Ray instance with two CPUs; its workers import this checkout and these tests."""
     import ray
 
-    path = os.pathsep.join([str(REPO), str(TESTS), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    path = os.pathsep.join([str(REPO), *TEST_FOLDERS, os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     previous = os.environ.get("PYTHONPATH")
     os.environ["PYTHONPATH"] = path  # inherited by the raylet, so by every worker of every driver
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
@@ -141,7 +144,7 @@ def test_two_workers_match_one_process_even_when_one_dies(ray_instance, adapter,
 
 KILLED_DRIVER = """
     import functools, sys
-    sys.path[:0] = [{repo!r}, {tests!r}]
+    sys.path[:0] = [{repo!r}, *{tests!r}]
     from cdi.data.collection import ImageCollection
     from cdi.engine.distributed import RayRunner
     from cdi.features.extract import extract_features
@@ -165,7 +168,7 @@ def test_killed_driver_resumes_computing_only_what_is_missing(ray_instance, adap
                                                               images, tiny_model_dirs, tmp_path):
     store_path, log, hanging = tmp_path / "store.sqlite", tmp_path / "first.log", tmp_path / "hanging"
     script = tmp_path / "driver.py"
-    script.write_text(textwrap.dedent(KILLED_DRIVER.format(repo=str(REPO), tests=str(TESTS), batch=BATCH)))
+    script.write_text(textwrap.dedent(KILLED_DRIVER.format(repo=str(REPO), tests=TEST_FOLDERS, batch=BATCH)))
     address = ray_instance.get_runtime_context().gcs_address
     # Batches 0..4 of two images; worker 1 hangs on batch 1 (and batch 3 waits behind it), worker 0
     # computes batches 0, 2 and 4: six images are stored when the driver is killed.

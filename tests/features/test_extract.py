@@ -40,7 +40,8 @@ from cdi.features.registry import columns_of, resolve_features, total_cost
 from counting import counting  # tests/ is on sys.path under pytest
 
 REPO = Path(__file__).resolve().parents[2]
-TESTS = Path(__file__).resolve().parents[1]
+#: this module's folder and tests/ (its helper modules), for the subprocess that imports it
+TEST_FOLDERS = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
 N_IMAGES = 10
 CHEAP = "denoising_loss,multiple_loss,pia"
 
@@ -307,7 +308,7 @@ KILLED_RUN = """
     import sys, time
     import torch
     torch.set_num_threads(1)
-    sys.path.insert(0, {tests!r})
+    sys.path[:0] = {tests!r}
     from cdi.data.collection import ImageCollection
     from cdi.data.preprocess import Preprocess
     from cdi.features.extract import extract_features
@@ -331,7 +332,7 @@ def test_killed_run_resumes_without_recomputing(adapter, collection, reference, 
                                                 tiny_model_dirs):
     store_path = tmp_path / "killed.sqlite"
     script = tmp_path / "killed_run.py"
-    script.write_text(textwrap.dedent(KILLED_RUN.format(tests=str(TESTS))))
+    script.write_text(textwrap.dedent(KILLED_RUN.format(tests=TEST_FOLDERS)))
     proc = subprocess.Popen([sys.executable, str(script), str(images), str(store_path),
                              str(tiny_model_dirs["sd"])], cwd=REPO,
                             env=dict(os.environ, PYTHONPATH=str(REPO)), stdout=subprocess.PIPE,
