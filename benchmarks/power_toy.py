@@ -20,7 +20,19 @@ registry's member directions):
 * ``crossfit``: 5-fold cross-fitted logistic regression calibrated by
   ``--permutations`` permutations (the CDI reference protocol made exact;
   computed only as far as the decision at alpha needs, ``crossfit_pvalue``);
-* ``loss``: the baseline, a one-sided Welch t-test on the denoising loss.
+* ``loss``: the baseline, a one-sided Welch t-test on the denoising loss;
+* ``verdict``: the decision word of the pooled protocol (issue 21,
+  ``cdi.stats.verdict.direction_rule``): the pooled p-value where the
+  verdict is ``used``, 1 where it is not (so "p < alpha" counts ``used``);
+* ``prior``: part 1 of the pooled test alone (one-sided t-test of the prior
+  score, the known member directions).
+
+Other tables (``--member-prefix``, ``--nonmember-prefixes``, ``--features``),
+e.g. the fine-tune toy's (P from the LoRA's training images, U from the
+artist's images it never saw):
+
+    python benchmarks/power_toy.py tests/data/toy_lora_strong_features.csv --features denoising_loss,pia,multiple_loss,clid \
+        --member-prefix artist_published/ --nonmember-prefixes artist_unpublished/,artist_unused/ --sizes 25,50,100,200
 
 Paired comparison: for each other method, the draws where only ``pooled``
 detects (b) and only the other detects (c); the difference of shares
@@ -45,7 +57,7 @@ from cdi.stats.verdict import audit_test, permutation_pvalue, protocol_statistic
 from cdi.engine.table import FeatureTable
 from cdi.features.registry import columns_of, directions_of, resolve_features
 
-METHODS = ("pooled", "sequential", "crossfit", "loss")
+METHODS = ("pooled", "verdict", "prior", "sequential", "crossfit", "loss")
 
 
 def crossfit_pvalue(P: np.ndarray, U: np.ndarray, directions, draw: int, permutations: int, alpha: float,
@@ -80,6 +92,11 @@ def method_pvalue(method: str, P: np.ndarray, U: np.ndarray, directions, loss: i
         return float(sps.ttest_ind(P[:, loss], U[:, loss], equal_var=False, alternative="less").pvalue)
     if method == "crossfit":
         return crossfit_pvalue(P, U, directions, draw, permutations, alpha)
+    if method in ("verdict", "prior"):
+        res = audit_test(P, U, directions=directions, permutations=0, alpha=alpha)
+        if method == "prior":
+            return math.exp(res.pooled["prior_log_p"])
+        return res.verdict_p if res.verdict == "used" else 1.0
     return audit_test(P, U, directions=directions, protocol=method, permutations=0, seed=draw).verdict_p
 
 
@@ -116,7 +133,7 @@ def summarise(paths: list[str], alpha: float) -> None:
                 rows.setdefault((r["fraction"], r["n"], r["draw"]), {}).update(r["p"])
     cells = sorted({(k[0], k[1]) for k in rows}, key=lambda c: (-c[0], c[1]))
     methods = [m for m in METHODS if any(m in v for v in rows.values())]
-    print(f"share of draws with p < {alpha}; paired: pooled minus other, diff [95% CI], McNemar p (other better)")
+    print(f"share of draws with p < {alpha} (verdict: share 'used'); paired: pooled minus other, diff [95% CI], McNemar p (other better)")
     print(f"{'fraction':>8} {'n':>4} " + " ".join(f"{m:>14}" for m in methods))
     for fraction, n in cells:
         keys = [k for k in rows if k[:2] == (fraction, n)]
@@ -149,6 +166,10 @@ def main() -> None:
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--columns", default=None,
                         help="Comma-separated columns to use (default: all); e.g. to add or leave out a family.")
+    parser.add_argument("--features", default="cdi+clid+sima", help="Feature set whose member directions apply.")
+    parser.add_argument("--member-prefix", default="members/", help="Paths of the member rows start with this.")
+    parser.add_argument("--nonmember-prefixes", default="nonmembers/",
+                        help="Comma-separated path prefixes of the non-member rows.")
     parser.add_argument("--out", default=None, help="Append every draw's p-values to this JSON-lines file.")
     parser.add_argument("--summarise", nargs="+", default=None, metavar="JSONL",
                         help="Print the table from the JSON lines of earlier runs instead of running.")
@@ -157,13 +178,14 @@ def main() -> None:
         summarise(args.summarise, args.alpha)
         return
     table = FeatureTable.from_csv(args.table)
-    families = resolve_features("cdi+clid,sima")
+    families = resolve_features(args.features)
     known = dict(zip(columns_of(families), directions_of(families)))
     cols = table.columns if args.columns is None else args.columns.split(",")
     idx = [table.columns.index(c) for c in cols]
     directions = [known[c] for c in cols]
-    is_member = np.array([p.startswith("members/") for p in table.paths])
-    members, nonmembers = table.values[is_member][:, idx], table.values[~is_member][:, idx]
+    is_member = np.array([p.startswith(args.member_prefix) for p in table.paths])
+    is_nonmember = np.array([p.startswith(tuple(args.nonmember_prefixes.split(","))) for p in table.paths])
+    members, nonmembers = table.values[is_member][:, idx], table.values[is_nonmember][:, idx]
     loss = cols.index("denoising_loss")
     methods = args.methods.split(",")
     out = open(args.out, "a") if args.out else None

@@ -80,6 +80,7 @@ def audit(
     scorer: str = "logistic",
     sample_size_resamples: int = 50,
     ignore_shift: bool = False,
+    no_harmonise: bool = False,
     shift_alpha: float = 0.05,
     shift_encoder: str = "auto",
     batch_size: int | str = "auto",
@@ -112,7 +113,7 @@ def audit(
         model=_describe(model), out="" if out is None else os.fspath(out), features=features, alpha=alpha,
         seed=seed, folds=folds, permutations=permutations, scorer=scorer,
         sample_size_resamples=sample_size_resamples, ignore_shift=ignore_shift, shift_alpha=shift_alpha,
-        shift_encoder=shift_encoder, batch_size=batch_size, store=store, workers=workers,
+        shift_encoder=shift_encoder, batch_size=batch_size, store=store, workers=workers, no_harmonise=no_harmonise,
         force=force or out is None,
         **{k: v for k, v in load_kwargs.items() if k in AuditConfig.__dataclass_fields__},
     )
@@ -161,12 +162,15 @@ def _audit_images(published, unpublished, model, config: AuditConfig, progress: 
     from cdi.engine.batching import resolve_batch_size
     from cdi.data.duplicates import check_disjoint
     from cdi.data.shift_guard import image_embeddings
+    from cdi.audit.analysis import harmonisation_record
+    from cdi.data.harmonise import harmonised_preprocess, probe_collection
     from cdi.features.extract import extract_features
     from cdi.features.registry import default_feature_set, directions_of, resolve_features
 
     collections = _collection(published, "published"), _collection(unpublished, "unpublished")
     check_disjoint(*collections)
     _check_sizes(*collections, config.folds)
+    probes = [probe_collection(c) for c in collections]
     if config.features is not None:
         resolve_features(config.features)
     adapter = load_adapter(model, **load_kwargs)
@@ -175,17 +179,22 @@ def _audit_images(published, unpublished, model, config: AuditConfig, progress: 
     for family in families:
         family.check_applicable(adapter)
     batch_size = resolve_batch_size(config.batch_size, adapter, families, collections[0].records[0].caption)
+    plan, preprocess = harmonised_preprocess(*probes, adapter.resolution, adapter.image_channels,
+                                             enabled=not config.no_harmonise)
     pair = [extract_features(adapter, c, families, seed=config.seed, batch_size=batch_size, store=config.store,
-                             num_workers=config.workers, progress=progress) for c in collections]
-    emb_p, encoder = image_embeddings(collections[0], encoder=config.shift_encoder)
-    emb_u, _ = image_embeddings(collections[1], encoder=encoder)
+                             num_workers=config.workers, progress=progress, preprocess=preprocess)
+            for c in collections]
+    seen = preprocess if preprocess.harmonised else None  # the guard sees what the model saw
+    emb_p, encoder = image_embeddings(collections[0], encoder=config.shift_encoder, harmonisation=seen)
+    emb_u, _ = image_embeddings(collections[1], encoder=encoder, harmonisation=seen)
     directions = directions_of(families, adapter)
     analysis = analyse_tables(pair[0], pair[1], directions=directions, config=config,
-                              shift_features=(emb_p, emb_u, encoder))
+                              shift_features=(emb_p, emb_u, encoder), encodings=(*probes, plan.enabled))
     model = {**adapter.describe(), "files": dict(getattr(adapter, "files", {}))}
     result = build_result(analysis, pair[0], pair[1], families=families, feature_spec=spec, directions=directions,
                           model=model, config=config, timings={})
     result.extraction = extraction_record(config.batch_size, batch_size, adapter.device, pair)
+    result.harmonisation = harmonisation_record(plan.to_dict(), preprocess, analysis.encoding)
     return result, pair
 
 

@@ -38,7 +38,6 @@ not fit, a ``CDIError`` says what to do.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import logging
@@ -89,7 +88,7 @@ def model_key(adapter: DiffusionAdapter, preprocess: Preprocess) -> str:
     A SHA-256 over the weights' fingerprint, the dtype the network computes
     in, the family, conditioning and prediction type, the noise schedule
     (``alphas_cumprod``), and the image preprocessing (resolution, channels,
-    crop, resampling); prefixed with the family and dtype for readability. Device
+    crop, resampling, and any harmonisation: ``Preprocess.record``); prefixed with the family and dtype for readability. Device
     is not part of it: CPU and GPU results agree to float32 rounding.
     """
     schedule = adapter.alphas_cumprod.detach().to("cpu", torch.float32).numpy().tobytes()
@@ -102,7 +101,7 @@ def model_key(adapter: DiffusionAdapter, preprocess: Preprocess) -> str:
         "prediction_type": adapter.prediction_type,
         "learned_variance": bool(adapter.learned_variance),
         "alphas_cumprod_sha256": hashlib.sha256(schedule).hexdigest(),
-        "preprocess": dataclasses.asdict(preprocess),
+        "preprocess": preprocess.record(),
     }
     digest = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
     return f"{adapter.family or 'model'}-{dtype}-{digest[:32]}"
@@ -178,6 +177,7 @@ def extract_features(
     num_workers: int | None = None,
     progress: bool = True,
     runner=None,
+    preprocess: Preprocess | None = None,
 ) -> FeatureTable:
     """Compute the features of ``families`` for the images of ``collection``.
 
@@ -186,8 +186,7 @@ def extract_features(
     adapter : DiffusionAdapter
         The loaded model; its dtype and device are used as they are.
     collection : cdi.data.collection.ImageCollection
-        The images (with captions). Preprocessed with
-        ``Preprocess(adapter.resolution, adapter.image_channels)``.
+        The images (with captions). Preprocessed with ``preprocess``.
     families : sequence of FeatureFamily
         The feature families; their columns must not clash.
     seed : int
@@ -214,6 +213,11 @@ def extract_features(
         Ray workers (one model replica each), the values streamed back here
         and written to the store by this process alone. Values do not
         depend on it.
+    preprocess : cdi.data.preprocess.Preprocess or None
+        How images become model input; default
+        ``Preprocess(adapter.resolution, adapter.image_channels)``. The audit
+        passes one with the collections' harmonisation (``cdi.data.harmonise``);
+        it is part of the store key (``model_key``).
 
     Returns
     -------
@@ -228,11 +232,15 @@ def extract_features(
     if not 0 <= seed < 2**63:
         raise CDIError(f"seed must be an integer between 0 and 2**63 - 1, got {seed}")
     shard = parse_shard(shard)
+    if preprocess is not None and (preprocess.resolution, preprocess.channels) != (
+            adapter.resolution, adapter.image_channels):
+        raise CDIError(f"the preprocessing makes {preprocess.resolution} px images with {preprocess.channels} "
+                       f"channel(s), the model takes {adapter.resolution} px with {adapter.image_channels}")
     owned = isinstance(store, (str, os.PathLike))
     store = FeatureStore(store) if owned else store
     try:
         return _Extraction(adapter, collection, families, seed, batch_size, store, shard,
-                           num_workers, progress, runner).run()
+                           num_workers, progress, runner, preprocess).run()
     finally:
         if owned:
             store.close()
@@ -356,7 +364,7 @@ class _Extraction:
     """One call of ``extract_features`` (state shared by its steps)."""
 
     def __init__(self, adapter, collection, families, seed, batch_size, store, shard, num_workers, progress,
-                 runner=None):
+                 runner=None, preprocess=None):
         self.adapter = adapter
         self.collection = collection
         self.families = families
@@ -368,7 +376,7 @@ class _Extraction:
         self.shard = shard
         self.num_workers = num_workers
         self.progress_enabled = progress
-        self.preprocess = Preprocess(adapter.resolution, adapter.image_channels)
+        self.preprocess = preprocess or Preprocess(adapter.resolution, adapter.image_channels)
         self.model_key = model_key(adapter, self.preprocess)
         self.columns = {f.name: list(f.columns(adapter)) for f in families}
         self.records = collection.records
@@ -501,7 +509,7 @@ class _Extraction:
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "model": self.adapter.describe(),
             "model_key": self.model_key,
-            "preprocess": dataclasses.asdict(self.preprocess),
+            "preprocess": self.preprocess.record(),
             "families": [
                 {"name": f.name, "key": f.key(), "config": f.config_dict(), "columns": self.columns[f.name]}
                 for f in self.families

@@ -30,6 +30,8 @@ class Analysis:
     shift: ShiftGuard | None
     seconds: dict[str, float]
     estimate: dict[str, Any] | None = None  # cdi.stats.sample_size.ForwardSampleSize.to_dict()
+    encoding: Any = None  # cdi.data.shift_guard.EncodingGuardResult, when the files were probed
+    encoding_blocks: bool = False  # an encoding difference nobody harmonised (EncodingGuardResult.blocks_verdict)
 
 
 
@@ -41,11 +43,15 @@ def analyse_tables(
     directions: Sequence[int] | None,
     config: AuditConfig,
     shift_features: tuple[np.ndarray, np.ndarray, str] | None = None,
+    encodings: tuple[Sequence, Sequence, bool] | None = None,
 ) -> Analysis:
     """Tests, sample-size curve, shift guard and verdict from feature tables alone.
 
     ``shift_features`` is ``(descriptors of P, descriptors of U, encoder name)``
     for the shift guard; None skips the guard (recorded as not run).
+    ``encodings`` is ``(probes of P, probes of U, harmonised)``
+    (``cdi.data.harmonise.EncodingProbe``) for the guard's encoding test
+    (``cdi.data.shift_guard.encoding_guard``); None skips it.
     """
     from cdi.data.shift_guard import shift_guard
     from cdi.stats.sample_size import forward_sample_size, sample_size_curve
@@ -89,22 +95,57 @@ def analyse_tables(
         )
         seconds["shift_guard_s"] = time.perf_counter() - start
 
-    verdict = decide_verdict(test.verdict, shift, ignore_shift=config.ignore_shift)
-    return Analysis(verdict=verdict, test=test, curve=curve, shift=shift, seconds=seconds, estimate=estimate)
+    encoding = None
+    if encodings is not None:
+        from cdi.data.shift_guard import encoding_guard
+
+        encoding = encoding_guard(encodings[0], encodings[1], alpha=config.shift_alpha, seed=config.seed,
+                                  harmonised=encodings[2])
+    blocks = encoding is not None and encoding.blocks_verdict
+    verdict = decide_verdict(test.verdict, shift, ignore_shift=config.ignore_shift, encoding_blocks=blocks)
+    return Analysis(verdict=verdict, test=test, curve=curve, shift=shift, seconds=seconds, estimate=estimate,
+                    encoding=encoding, encoding_blocks=blocks)
 
 
-def decide_verdict(test_verdict: str, shift: ShiftGuard | None, *, ignore_shift: bool) -> str:
-    """``inconclusive`` if the shift guard detected a shift (unless ignored), else the test's decision word."""
-    if shift is not None and shift.detected and not ignore_shift:
+def decide_verdict(test_verdict: str, shift: ShiftGuard | None, *, ignore_shift: bool,
+                   encoding_blocks: bool = False) -> str:
+    """``inconclusive`` if the shift guard detected a shift, or an encoding difference that was not harmonised
+    (``encoding_blocks``), unless ignored; else the test's decision word."""
+    if not ignore_shift and ((shift is not None and shift.detected) or encoding_blocks):
         return "inconclusive"
     return test_verdict
 
 
-def inconclusive_reason(verdict: str, shift: ShiftGuard | None, *, ignore_shift: bool) -> str | None:
-    """Why an ``inconclusive`` verdict: ``"shift_guard"`` (it decides first) or ``"direction"`` (the test's rule)."""
+def inconclusive_reason(verdict: str, shift: ShiftGuard | None, *, ignore_shift: bool,
+                        encoding_blocks: bool = False) -> str | None:
+    """Why an ``inconclusive`` verdict: ``"shift_guard"`` (it decides first), ``"encoding"`` (the files are
+    encoded differently and were not harmonised) or ``"direction"`` (the test's rule)."""
     if verdict != "inconclusive":
         return None
-    return "shift_guard" if shift is not None and shift.detected and not ignore_shift else "direction"
+    if not ignore_shift and shift is not None and shift.detected:
+        return "shift_guard"
+    return "encoding" if encoding_blocks and not ignore_shift else "direction"
+
+
+def harmonisation_record(plan: dict[str, Any], preprocess, encoding) -> dict[str, Any]:
+    """The ``harmonisation`` section of ``result.json``: what both collections went through, and why.
+
+    ``plan`` is ``HarmonisationPlan.to_dict()`` (per-collection encodings,
+    the decision and its reasons), ``preprocess`` the model's preprocessing
+    as recorded in the store key (``Preprocess.record``), ``encoding`` the
+    guard's encoding test; ``risk`` says in words what an unharmonised
+    audit of differently encoded collections risks (None otherwise).
+    """
+    risk = None
+    if not plan["enabled"] and (plan["wanted"] or (encoding is not None and encoding.detected)):
+        risk = ("The two collections are encoded differently and were not harmonised (--no-harmonise, or feature "
+                "tables extracted without it): the model saw each collection's own compression and size, which "
+                "alone can make it treat them differently "
+                "(in our measurements JPEG copies of images the model never saw scored as more member-like, a "
+                "bias that grows with the number of images), so a `used` verdict could come from the encoding "
+                "rather than from training")
+    return {**plan, "preprocess": preprocess.record(), "encoding_guard": None if encoding is None else
+            encoding.to_dict(), "risk": risk}
 
 
 def _family_of_columns(families) -> dict[str, str]:
@@ -157,7 +198,8 @@ def build_result(
                     figures=figure_labels(test.protocol, test.verdict_test, test.permutations))
     return AuditResult(
         verdict=analysis.verdict,
-        inconclusive_reason=inconclusive_reason(analysis.verdict, analysis.shift, ignore_shift=config.ignore_shift),
+        inconclusive_reason=inconclusive_reason(analysis.verdict, analysis.shift, ignore_shift=config.ignore_shift,
+                                                encoding_blocks=analysis.encoding_blocks),
         p_value=float(test.verdict_p),
         p_value_ttest=float(test.ttest_p),
         p_value_permutation=None if test.permutation_p is None else float(test.permutation_p),

@@ -36,6 +36,7 @@ class AuditConfig:
     verdict: str = "parametric"  # or "permutation": the exact permutation p-value is the verdict
     sample_size_resamples: int = 50
     ignore_shift: bool = False
+    no_harmonise: bool = False  # feed each collection's own encoding to the model (cdi.data.harmonise)
     shift_alpha: float = 0.05  # the guard errs towards "inconclusive": a missed shift could accuse wrongly
     shift_encoder: str = "auto"
     batch_size: int | str = "auto"

@@ -17,8 +17,12 @@ under those names (same keys); the collections share no image.
 
 The shift guard needs the images (it works on model-free image
 descriptors): with ``--published``/``--unpublished`` it runs on those
-folders, which must hold exactly the tables' images (by SHA-256); without
-them it is recorded as not run.
+folders, which must hold exactly the tables' images (by SHA-256), through
+the tables' own preprocessing (with any harmonisation recorded in it), and
+tests the files' encodings; without them it is recorded as not run. The
+tables' harmonisation is the one they were extracted with (``cdi extract``
+applies none), so a detected encoding difference stops such an audit as
+``inconclusive`` unless the tables were harmonised.
 """
 
 from __future__ import annotations
@@ -82,7 +86,7 @@ def load_feature_tables(published: str, unpublished: str):
 
 def run_audit_from_features(config):
     """``cdi.audit.run.run_audit`` for a config with ``published_features``/``unpublished_features``."""
-    from cdi.audit.analysis import analyse_tables, build_result
+    from cdi.audit.analysis import analyse_tables, build_result, harmonisation_record
     from cdi.audit.design import design_for_audit, design_record
     from cdi.data.collection import load_audit_collections
     from cdi.audit.evidence import write_evidence
@@ -112,7 +116,7 @@ def run_audit_from_features(config):
         if len(table) < need:
             raise CDIError(f"the {name} feature table has {len(table)} images, but an audit with --folds "
                            f"{config.folds} needs at least {need} per collection")
-    shift_features = None
+    shift_features = encodings = None
     t_loaded = time.perf_counter()
     if config.published is not None:
         from cdi.data.shift_guard import image_embeddings
@@ -125,11 +129,22 @@ def run_audit_from_features(config):
                                f"({len(collection)} images in the folder, {len(table)} rows in the table, "
                                f"{len(set(collection.hashes) ^ set(table.hashes))} differing); give the folder "
                                f"the features were extracted from")
-        emb_p, encoder = image_embeddings(collections[0], encoder=config.shift_encoder)
-        emb_u, _ = image_embeddings(collections[1], encoder=encoder)
+        from cdi.data.harmonise import plan_harmonisation, probe_collection
+        from cdi.data.preprocess import Preprocess
+
+        preprocess = Preprocess(**p.meta["preprocess"])
+        seen = preprocess if preprocess.harmonised else None  # the guard sees what the model saw
+        emb_p, encoder = image_embeddings(collections[0], encoder=config.shift_encoder, harmonisation=seen)
+        emb_u, _ = image_embeddings(collections[1], encoder=encoder, harmonisation=seen)
         shift_features = (emb_p, emb_u, encoder)
+        probes = [probe_collection(c) for c in collections]
+        encodings = (*probes, preprocess.harmonised)
+        plan = plan_harmonisation(*probes, preprocess.resolution, enabled=False, off_reason=(
+            "an audit from feature tables uses the preprocessing the tables were extracted with (`cdi extract` "
+            "harmonises nothing)"))
     t_embedded = time.perf_counter()
-    analysis = analyse_tables(p, u, directions=directions, config=config, shift_features=shift_features)
+    analysis = analyse_tables(p, u, directions=directions, config=config, shift_features=shift_features,
+                              encodings=encodings)
     timings = {"started_at": started, "load_s": t_loaded - t0, "extract_s": 0.0,
                "shift_embeddings_s": t_embedded - t_loaded}
     model = {**p.meta["model"], "model_key": p.meta["model_key"]}
@@ -137,6 +152,8 @@ def run_audit_from_features(config):
                           model=model, config=config, timings=timings)
     result.features["noise_seed"] = p.meta["seed"]  # the extraction's; config.seed drives the tests
     result.design = design_checks
+    if analysis.encoding is not None:
+        result.harmonisation = harmonisation_record(plan.to_dict(), preprocess, analysis.encoding)
     result.timings["total_s"] = time.perf_counter() - t0
     write_evidence(config.out, result, [p, u])
     return result

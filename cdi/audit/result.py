@@ -156,6 +156,8 @@ class AuditResult:
     design: dict[str, Any] | None = None
     # this audit's line in the audit ledger and the other audits of the same collections (cdi.audit.ledger)
     ledger: dict[str, Any] | None = None
+    # what both collections went through before the model (cdi.data.harmonise) and the encoding guard
+    harmonisation: dict[str, Any] | None = None
     # per-feature standardised differences (95% intervals) and per-family contributions to the pooled test's
     # prior part (cdi.stats.feature_effects): what the report's signal chart draws; descriptive, not the verdict
     feature_effects: dict[str, Any] | None = None

@@ -9,15 +9,21 @@
    across the folders; ``cdi.data.duplicates``: perceptual near-duplicates
    warned about), and the captions the model and features need
    (``cdi.models.captions.check_captions``);
-2. with ``--captions auto``, caption every image (``cdi.models.captions``); load the
-   model and resolve the feature families;
+2. with ``--captions auto``, caption every image (``cdi.models.captions``); read
+   how every file is encoded (``cdi.data.harmonise.probe_collection``); load the
+   model and resolve the feature families; decide the harmonisation of the
+   two collections' encodings (``cdi.data.harmonise.plan_harmonisation``, off
+   with ``no_harmonise``);
 3. extract per-image features of P and U (one encode per image, cached in
-   the feature store when one is given);
+   the feature store when one is given), both through the same
+   (harmonised) preprocessing;
 4. run the verdict test and the permutation test (``cdi.stats.verdict.audit_test``),
    the sample-size curve (``cdi.stats.sample_size.sample_size_curve``, with the forward estimate) and the shift
-   guard (``cdi.data.shift_guard``) on model-free image descriptors;
+   guard (``cdi.data.shift_guard``) on model-free image descriptors of what the
+   model saw, and on the files' encodings;
 5. decide the verdict: ``inconclusive`` if the shift guard detects that P
-   and U differ without the model (unless ``ignore_shift``), else the test's
+   and U differ without the model, or that their encodings differ while
+   harmonisation is off (unless ``ignore_shift``), else the test's
    own decision ``TestResult.verdict`` (``cdi.stats.verdict.direction_rule``:
    ``used`` only if the test rejects at ``alpha`` along the known member
    directions, ``inconclusive`` if the published images look less like
@@ -49,7 +55,9 @@ from cdi.audit.result import FEATURES_FILE, REPORT_FILE, RESULT_FILE, AuditResul
 from cdi.engine.table import FeatureTable
 # The audit's options and its analysis from feature tables, re-exported: ``cdi.audit.run`` is the module
 # ``cdi audit`` runs, and its callers import these names from here.
-from cdi.audit.analysis import Analysis, analyse_tables, build_result, decide_verdict  # noqa: F401
+from cdi.audit.analysis import (  # noqa: F401
+    Analysis, analyse_tables, build_result, decide_verdict, harmonisation_record,
+)
 from cdi.audit.config import (  # noqa: F401
     SCORERS, AuditConfig, check_seed, check_workers, check_writable, reproduce_command,
 )
@@ -61,6 +69,7 @@ def run_audit(config: AuditConfig, *, progress: bool = True) -> AuditResult:
     """Run a whole audit and write its files into ``config.out``; see the module docstring."""
     from cdi.engine.batching import parse_batch_size, resolve_batch_size
     from cdi.models import load_model
+    from cdi.data.harmonise import harmonised_preprocess, probe_collection
     from cdi.data.shift_guard import image_embeddings
     from cdi.features.extract import extract_features
     from cdi.features.registry import default_feature_set, directions_of, resolve_features
@@ -83,6 +92,7 @@ def run_audit(config: AuditConfig, *, progress: bool = True) -> AuditResult:
                                   [(r.path, r.sha256) for r in unpublished.records])
     _check_sizes(published, unpublished, config.folds)
     inputs = input_record(published, unpublished)
+    probes = [probe_collection(c) for c in (published, unpublished)]
     memory_plan = _plan_memory(config, len(published) + len(unpublished), progress=progress)
     published, unpublished, caption_record = prepare_captions(
         [published, unpublished], model=config.model, revision=config.revision, features=config.features,
@@ -119,6 +129,8 @@ def run_audit(config: AuditConfig, *, progress: bool = True) -> AuditResult:
         for family in families:
             family.check_applicable(adapter)
         directions = directions_of(families, adapter)
+        plan, preprocess = harmonised_preprocess(*probes, adapter.resolution, adapter.image_channels,
+                                                 enabled=not config.no_harmonise)
         t_loaded = time.perf_counter()
 
         if runner is None:  # the text encoders visit the device once for both collections (flow models)
@@ -133,7 +145,7 @@ def run_audit(config: AuditConfig, *, progress: bool = True) -> AuditResult:
             batch_size = parse_batch_size(config.batch_size)
             batch_size = runner.auto_batch_size(adapter, families, caption) if batch_size == "auto" else batch_size
         extract_kwargs = dict(seed=config.seed, batch_size=batch_size, store=config.store,
-                              num_workers=config.workers, progress=progress)
+                              num_workers=config.workers, progress=progress, preprocess=preprocess)
         tables = [extract_features(adapter, collection, families, runner=runner, **extract_kwargs)
                   for collection in (published, unpublished)]
         if reference is not None:  # the reference runs in this process (not on the Ray workers)
@@ -144,12 +156,13 @@ def run_audit(config: AuditConfig, *, progress: bool = True) -> AuditResult:
                                                         extract_kwargs=extract_kwargs))
     t_extracted = time.perf_counter()
 
-    emb_p, encoder = image_embeddings(published, encoder=config.shift_encoder)
-    emb_u, _ = image_embeddings(unpublished, encoder=encoder)
+    seen = preprocess if preprocess.harmonised else None  # the guard sees what the model saw
+    emb_p, encoder = image_embeddings(published, encoder=config.shift_encoder, harmonisation=seen)
+    emb_u, _ = image_embeddings(unpublished, encoder=encoder, harmonisation=seen)
     t_embedded = time.perf_counter()
 
     analysis = analyse_tables(tables[0], tables[1], directions=directions, config=config,
-                              shift_features=(emb_p, emb_u, encoder))
+                              shift_features=(emb_p, emb_u, encoder), encodings=(*probes, plan.enabled))
     timings = {
         "started_at": started,
         "load_s": t_loaded - t0,
@@ -167,6 +180,7 @@ def run_audit(config: AuditConfig, *, progress: bool = True) -> AuditResult:
     if memory_plan is not None:
         result.extraction["memory_plan"] = memory_plan.as_dict()
     result.inputs, result.captions, result.design = inputs, caption_record, design_checks
+    result.harmonisation = harmonisation_record(plan.to_dict(), preprocess, analysis.encoding)
     if reference is not None:
         result.reference_model = reference.describe()
         result.question = "used_beyond_reference"

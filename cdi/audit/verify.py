@@ -170,8 +170,10 @@ def retest(folder: str | Path, *, curve: bool = True) -> tuple[AuditResult, Audi
     directions = recorded.features.get("directions")
     analysis = analyse_tables(published, unpublished, directions=directions, config=config)
     analysis.shift = recorded.shift_guard
+    encoding = (recorded.harmonisation or {}).get("encoding_guard") or {}
+    analysis.encoding_blocks = bool(encoding.get("blocks_verdict"))
     analysis.verdict = decide_verdict(analysis.test.verdict, recorded.shift_guard,
-                                      ignore_shift=config.ignore_shift)
+                                      ignore_shift=config.ignore_shift, encoding_blocks=analysis.encoding_blocks)
     families = [_RecordedFamily(f) for f in recorded.features.get("families", [])]
     recomputed = build_result(analysis, published, unpublished, families=families,
                               feature_spec=recorded.features.get("set", ""), directions=directions,

@@ -715,6 +715,7 @@ def audit_command(
     verdict: str = choice("parametric", "--verdict", ("parametric", "permutation"), "parametric (the protocol's p-value) or permutation (the exact permutation p-value is the verdict)."),
     sample_size_resamples: int = typer.Option(50, "--sample-size-resamples", help="Resamples per size for the images-needed curve (0: off)."),
     ignore_shift: bool = typer.Option(False, "--ignore-shift", help="Give a verdict even if the shift guard finds that P and U differ without the model."),
+    no_harmonise: bool = typer.Option(False, "--no-harmonise", help="Do not re-encode the two collections alike when their JPEG quality, format or size differ (the report then says what this risks)."),
     shift_alpha: float = typer.Option(0.05, "--shift-alpha", help="Significance level of the shift guard (higher = more cautious)."),
     shift_encoder: str = choice("auto", "--shift-encoder", ("auto", "clip", "builtin"), "auto (CLIP if cached locally, else built-in), clip or builtin."),
     batch_size: str = typer.Option("auto", "--batch-size", help=BATCH_SIZE_HELP),
@@ -746,7 +747,7 @@ def audit_command(
             verdict=verdict.lower(),
             sample_size_resamples=sample_size_resamples, ignore_shift=ignore_shift, shift_alpha=shift_alpha,
             shift_encoder=shift_encoder, batch_size=batch_size, store=store, skip_bad=skip_bad, workers=workers,
-            force=force, published_features=published_features, unpublished_features=unpublished_features,
+            no_harmonise=no_harmonise, force=force, published_features=published_features, unpublished_features=unpublished_features,
             ray=ray, ray_workers=ray_workers, ray_threads=ray_threads, captions=captions,
             **({} if max_pixels is None else {"max_pixels": max_pixels}), **loader.as_config(),
             reference_model=reference_model, design=design, allow_deviations=allow_deviations, ledger=ledger,
@@ -799,6 +800,8 @@ def store_merge_command(
 def demo_command(
     out: str = typer.Option("demo-out", "--out", help="Folder for the demo's data and audit files."),
     null: bool = typer.Option(False, "--null", help="Draw the published images from non-members: the audit must not detect use."),
+    web: bool = typer.Option(False, "--web", help="Publish web copies: the published images are JPEG copies (quality 85), the unpublished ones the original PNGs."),
+    no_harmonise: bool = typer.Option(False, "--no-harmonise", help="Audit without harmonising the two collections' encodings (see `cdi audit --help`)."),
     member_fraction: float = typer.Option(1.0, "--member-fraction", help="Share of the published images drawn from the members (partial use)."),
     n: int = typer.Option(None, "--n", help="Images per collection (default: 150)."),
     kind: str = choice("sd", "--kind", ("sd", "ddpm", "flow"), "Toy model: sd (text-to-image latent model), ddpm (class-conditional pixel model) or flow (SD3-style flow-matching transformer)."),
@@ -818,13 +821,14 @@ def demo_command(
             from pathlib import Path
 
             results = run_demo(out, null=null, n=n or DEFAULT_DEMO_SIZE, seed=seed, permutations=permutations,
-                               progress=True, scenario="lora")
+                               progress=True, scenario="lora", web=web)
             for result, folder in zip(results, ("lora", "lora-vs-base")):
                 _print_result(result, fmt, str(Path(out) / folder))
             return
         result = run_demo(out, null=null, member_fraction=member_fraction, n=n or DEFAULT_DEMO_SIZE, kind=kind,
                           strength=strength, seed=seed, permutations=permutations, store=store,
-                          progress=True, scenario=scenario, design=design)  # progress on stderr
+                          progress=True, scenario=scenario, design=design, web=web,
+                          no_harmonise=no_harmonise)  # progress on stderr
         _print_result(result, fmt, out)
 
 

@@ -21,6 +21,12 @@ in the [0, 1] intensity scale:
 A contrast or colour-balance difference between the two collections, a
 different camera, compression or source, shows up in several of them.
 Greyscale input is treated as RGB with three equal channels.
+
+``encoding_descriptors`` describes how each *file* is encoded instead
+(``ENCODING_COLUMNS``, from ``cdi.data.harmonise.probe_collection``): lossy or
+not, the estimated JPEG quality, chroma subsampling, palette, native size and
+aspect ratio. The shift guard tests them as a check of their own, because
+pixel statistics at 64 x 64 see JPEG artefacts only by chance.
 """
 
 from __future__ import annotations
@@ -57,6 +63,29 @@ def _column_names() -> list[str]:
 
 #: Names of the descriptor columns, in order.
 DESCRIPTOR_COLUMNS: list[str] = _column_names()
+
+
+#: Names of the encoding descriptor columns (``encoding_descriptors``), in order.
+ENCODING_COLUMNS: list[str] = ["lossy", "jpeg_quality", "chroma_subsampling", "palette", "log2_short_side",
+                               "aspect_ratio"]
+
+_SUBSAMPLING_LEVEL = {None: 0.0, "4:4:4": 0.0, "4:2:2": 1.0, "4:2:0": 2.0}
+
+
+def encoding_descriptors(probes: Sequence) -> np.ndarray:
+    """How every image file is encoded, as numbers (one row per ``cdi.data.harmonise.EncodingProbe``).
+
+    Columns (``ENCODING_COLUMNS``): 1 for a lossy file; the estimated JPEG
+    quality (100 for lossless files); chroma subsampling as 0 (none or
+    4:4:4), 1 (4:2:2) or 2 (4:2:0); 1 for a palette image; log2 of the
+    shorter native side; longer side over shorter side.
+    """
+    probes = list(probes)
+    if not probes:
+        raise CDIError("no images to describe")
+    rows = [[float(p.lossy), float(p.quality), _SUBSAMPLING_LEVEL[p.subsampling], float(p.palette),
+             float(np.log2(p.short_side)), max(p.width, p.height) / p.short_side] for p in probes]
+    return np.asarray(rows, dtype=np.float64)
 
 
 def as_unit_tensor(images) -> torch.Tensor:

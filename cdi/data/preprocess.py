@@ -1,13 +1,15 @@
 """How a decoded image becomes model input: ``Preprocess`` (the settings) and ``preprocess_image``.
 
 EXIF transpose, conversion to RGB or L, resize of the shorter side and
-centre crop (or a squash to the square), scaling to [-1, 1]; the loader that
-runs this in worker processes is ``cdi.data.image_loader``.
+centre crop (or a squash to the square), scaling to [-1, 1]; when the audit
+harmonises two collections' encodings (``cdi.data.harmonise``), a working size and
+one JPEG generation before the model's resolution. The loader that runs this
+in worker processes is ``cdi.data.image_loader``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
@@ -15,6 +17,7 @@ from PIL import Image, ImageOps
 
 from cdi.utils.errors import CDIError
 from cdi.data.image_files import EXIF_ORIENTATION, convert_mode
+from cdi.data.harmonise import SUBSAMPLINGS, already_encoded, reencode_jpeg
 
 @dataclass(frozen=True)
 class Preprocess:
@@ -35,12 +38,27 @@ class Preprocess:
         Pillow resampling filter, ``"bicubic"`` (default) or ``"bilinear"``
         (what the diffusers fine-tuning scripts use); pick the one the model
         was trained with when known.
+    jpeg_quality : int or None
+        Harmonisation (``cdi.data.harmonise``): re-encode every image as one JPEG
+        generation at this libjpeg quality, at the working size, before it
+        is brought to ``resolution`` (an image that already is such a JPEG
+        and needs no resampling is left as decoded). None: no re-encoding.
+    jpeg_subsampling : str or None
+        Chroma subsampling of that JPEG, ``"4:4:4"``, ``"4:2:2"`` or
+        ``"4:2:0"`` (with ``jpeg_quality`` only).
+    working_size : int or None
+        Harmonisation: the side (shorter side for ``crop="center"``) every
+        image is brought to first; then re-encoded, then resized to
+        ``resolution``. None: straight to ``resolution``.
     """
 
     resolution: int
     channels: int = 3
     crop: str = "center"
     resample: str = "bicubic"
+    jpeg_quality: int | None = None
+    jpeg_subsampling: str | None = None
+    working_size: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.resolution, bool) or not isinstance(self.resolution, int) or self.resolution < 1:
@@ -51,6 +69,35 @@ class Preprocess:
             raise CDIError(f"crop must be 'center' or 'resize', got {self.crop!r}")
         if self.resample not in _RESAMPLE:
             raise CDIError(f"resample must be one of {sorted(_RESAMPLE)}, got {self.resample!r}")
+        if self.jpeg_quality is not None and (isinstance(self.jpeg_quality, bool) or not isinstance(
+                self.jpeg_quality, int) or not 1 <= self.jpeg_quality <= 100):
+            raise CDIError(f"the harmonising JPEG quality must be a whole number 1..100, got {self.jpeg_quality!r}")
+        if (self.jpeg_subsampling is None) != (self.jpeg_quality is None) or (
+                self.jpeg_subsampling is not None and self.jpeg_subsampling not in SUBSAMPLINGS):
+            raise CDIError(f"the harmonising JPEG subsampling must be one of {', '.join(SUBSAMPLINGS)} and go with "
+                           f"a quality, got {self.jpeg_subsampling!r} with quality {self.jpeg_quality!r}")
+        if self.working_size is not None and (isinstance(self.working_size, bool) or not isinstance(
+                self.working_size, int) or self.working_size < 1):
+            raise CDIError(f"the working size must be a positive whole number, got {self.working_size!r}")
+
+    @property
+    def harmonised(self) -> bool:
+        """Whether a working size or a JPEG generation is part of this preprocessing."""
+        return self.jpeg_quality is not None or self.working_size is not None
+
+    def record(self) -> dict:
+        """The settings as a dict, for store keys and provenance.
+
+        The harmonisation fields appear only when set, so that a plain
+        preprocessing keeps the key it had before harmonisation existed
+        (stores and stored tables stay valid) while any harmonisation
+        changes it.
+        """
+        values = asdict(self)
+        for name in ("jpeg_quality", "jpeg_subsampling", "working_size"):
+            if values[name] is None:
+                del values[name]
+        return values
 
 
 _RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
@@ -66,30 +113,49 @@ def preprocess_image(image: Image.Image, pre: Preprocess) -> torch.Tensor:
     as 0..65535 and ``F`` as 0..1, then rounded to 8 bits); resize and crop
     as ``pre.crop`` says; scale 0..255 to [-1, 1] (``x / 127.5 - 1``, up to float rounding the
     same values as torchvision ``ToTensor`` + ``Normalize(0.5, 0.5)``).
+
+    With harmonisation (``pre.working_size``, ``pre.jpeg_quality``): resize
+    and crop to the working size (default ``pre.resolution``), re-encode as
+    one JPEG generation (``cdi.data.harmonise.reencode_jpeg``; skipped for a file
+    that already is that JPEG and was not resampled), then resize the
+    square to ``pre.resolution``.
     """
     image.load()  # the EXIF block of some formats (PNG) follows the pixel data
+    encoded = pre.jpeg_quality is not None and already_encoded(image, pre.jpeg_quality, pre.jpeg_subsampling)
     if image.getexif().get(EXIF_ORIENTATION, 1) != 1:
         image = ImageOps.exif_transpose(image)
     image = convert_mode(image, "RGB" if pre.channels == 3 else "L")
     res = pre.resolution
     resample = _RESAMPLE[pre.resample]
-    if pre.crop == "resize":
-        if image.size != (res, res):
-            image = image.resize((res, res), resample)
-    else:
-        width, height = image.size
-        short, long = min(width, height), max(width, height)
-        if short != res:  # torchvision Resize(int): shorter side to res, longer side truncated
-            new_long = int(res * long / short)
-            size = (res, new_long) if width <= height else (new_long, res)
-            image = image.resize(size, resample)
-        width, height = image.size
-        left = int(round((width - res) / 2.0))  # torchvision CenterCrop offsets
-        top = int(round((height - res) / 2.0))
-        image = image.crop((left, top, left + res, top + res))
+    first = pre.working_size or res
+    image, resampled = _fit(image, first, pre.crop, resample)
+    if pre.jpeg_quality is not None and (resampled or not encoded):
+        image = reencode_jpeg(image, pre.jpeg_quality, pre.jpeg_subsampling)
+    if first != res:
+        image = image.resize((res, res), resample)
     array = np.asarray(image, dtype=np.uint8)  # (H, W) or (H, W, 3)
     if array.ndim == 2:
         array = array[:, :, None]
     # numpy, not torch: tiny multi-threaded torch ops are slow in a busy process
     scaled = np.ascontiguousarray(array.transpose(2, 0, 1), dtype=np.float32) / np.float32(127.5) - np.float32(1.0)
     return torch.from_numpy(scaled)
+
+
+def _fit(image: Image.Image, res: int, crop: str, resample) -> tuple[Image.Image, bool]:
+    """Resize and crop to a ``res`` square as ``crop`` says; also whether the image was resampled."""
+    if crop == "resize":
+        if image.size != (res, res):
+            return image.resize((res, res), resample), True
+        return image, False
+    resampled = False
+    width, height = image.size
+    short, long = min(width, height), max(width, height)
+    if short != res:  # torchvision Resize(int): shorter side to res, longer side truncated
+        new_long = int(res * long / short)
+        size = (res, new_long) if width <= height else (new_long, res)
+        image = image.resize(size, resample)
+        resampled = True
+    width, height = image.size
+    left = int(round((width - res) / 2.0))  # torchvision CenterCrop offsets
+    top = int(round((height - res) / 2.0))
+    return image.crop((left, top, left + res, top + res)), resampled

@@ -35,6 +35,20 @@ weights. The classifier learns which way the collections differ, so the
 one-sided test of its held-out scores detects a difference in any
 direction, and under "same distribution" the p-value is calibrated like the
 verdict's (``tests/data/test_shift_guard.py``).
+
+When the audit harmonises the collections' encodings (``cdi.data.harmonise``),
+the guard's images go through the same working size and JPEG generation as
+the model's (``image_embeddings(..., harmonisation=...)``): the guard asks
+whether what the model sees differs.
+
+Encodings (``encoding_guard``)
+------------------------------
+The same test on ``cdi.data.descriptors.encoding_descriptors`` of the files
+(lossy, estimated JPEG quality, chroma subsampling, palette, native size,
+aspect ratio) says whether the two collections were *encoded* differently.
+With harmonisation on, a detected difference is reported and the
+re-encoding is what answers it; with harmonisation off it stops the audit
+like an image shift (``inconclusive``, unless the shift is ignored).
 """
 
 from __future__ import annotations
@@ -104,13 +118,18 @@ def _clip_input(x: torch.Tensor) -> torch.Tensor:
     return (x - mean) / std
 
 
-def _batches(images, resolution: int, batch_size: int, num_workers: int | None):
+def _batches(images, resolution: int, batch_size: int, num_workers: int | None, harmonisation=None):
     """Yield (N, 3, H, W) [0, 1] tensors from a collection, a tensor/array, or PIL images."""
     if hasattr(images, "records"):  # a cdi.data.collection.ImageCollection
         from cdi.data.image_loader import image_batches
         from cdi.data.preprocess import Preprocess
 
         pre = Preprocess(resolution, channels=3, crop="center", resample="bicubic")
+        if harmonisation is not None and harmonisation.harmonised:  # the model's working size and JPEG
+            pre = Preprocess(resolution, channels=3, crop=harmonisation.crop, resample="bicubic",
+                             jpeg_quality=harmonisation.jpeg_quality,
+                             jpeg_subsampling=harmonisation.jpeg_subsampling,
+                             working_size=harmonisation.working_size or harmonisation.resolution)
         for pixels, _ in image_batches(images, pre, batch_size=batch_size, num_workers=num_workers):
             yield as_unit_tensor(pixels)
         return
@@ -131,6 +150,7 @@ def image_embeddings(
     batch_size: int = 32,
     device: str | torch.device | None = None,
     num_workers: int | None = None,
+    harmonisation=None,
 ) -> tuple[np.ndarray, str]:
     """Model-free features of every image, for the shift guard and shift measures.
 
@@ -146,6 +166,10 @@ def image_embeddings(
     batch_size, device, num_workers
         Batching, the encoder's device (default: CUDA when available), and
         decoding workers for collections.
+    harmonisation : cdi.data.preprocess.Preprocess or None
+        The model's preprocessing when it harmonises the collections: a
+        collection's images then pass through its working size (default its
+        resolution) and JPEG generation before the encoder's own resize.
 
     Returns
     -------
@@ -175,11 +199,12 @@ def image_embeddings(
             logger.warning("CLIP image encoder %s not in the local cache; the shift guard uses the built-in "
                            "descriptors instead", clip_model)
     if net is None:
-        chunks = [descriptor_features(x) for x in _batches(images, RESOLUTION, batch_size, num_workers)]
+        chunks = [descriptor_features(x)
+                  for x in _batches(images, RESOLUTION, batch_size, num_workers, harmonisation)]
         return _stack(chunks), "builtin"
     chunks = []
     with torch.no_grad():
-        for x in _batches(images, _CLIP_SIZE, batch_size, num_workers):
+        for x in _batches(images, _CLIP_SIZE, batch_size, num_workers, harmonisation):
             emb = net(pixel_values=_clip_input(x).to(device)).image_embeds.float()
             chunks.append(F.normalize(emb, dim=-1).cpu().double().numpy())
     return _stack(chunks), "clip"
@@ -310,8 +335,70 @@ def shift_guard(
 def _encoder_note(encoder: str) -> str:
     if encoder == "clip":
         return "CLIP image embeddings, classifier two-sample test (sequential blocks, no member directions)"
+    if encoder == "encoding":
+        return ("file encoding descriptors (lossy, JPEG quality, chroma subsampling, palette, size, aspect), "
+                "classifier two-sample test (sequential blocks, no member directions)")
     if encoder == "builtin":
         why = "" if clip_cached() else " (CLIP ViT-L/14 weights are not in the local Hugging Face cache)"
         return ("built-in colour/contrast/texture/layout descriptors" + why
                 + ", classifier two-sample test (sequential blocks, no member directions)")
     return f"{encoder} features, classifier two-sample test (sequential blocks, no member directions)"
+
+
+# --------------------------------------------------------------------------
+# encodings
+# --------------------------------------------------------------------------
+
+
+@dataclass
+class EncodingGuardResult:
+    """The guard's test on the files' encodings (``encoding_guard``); ``to_dict()`` is JSON-able.
+
+    ``detected``: the encoding descriptors separate the collections at
+    ``alpha``. ``harmonised``: the audit re-encoded both collections alike,
+    so the difference was answered by preprocessing; otherwise it stops the
+    audit like an image shift. ``means`` holds each descriptor's mean per
+    collection.
+    """
+
+    p_value: float
+    auc: float
+    detected: bool
+    alpha: float
+    harmonised: bool
+    columns: list[str]
+    means: dict[str, dict[str, float]]
+    note: str
+
+    @property
+    def blocks_verdict(self) -> bool:
+        """A detected encoding difference that no harmonisation answered."""
+        return self.detected and not self.harmonised
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "blocks_verdict": self.blocks_verdict}
+
+
+def encoding_guard(probes_p, probes_u, *, alpha: float, seed: int = 0, harmonised: bool) -> EncodingGuardResult:
+    """Test whether the files' encodings separate the published from the unpublished images.
+
+    ``probes_p``, ``probes_u``: ``cdi.data.harmonise.EncodingProbe`` of each
+    image. The test is ``shift_guard`` on ``encoding_descriptors``; when
+    every descriptor is the same for all images it is not run (p = 1).
+    """
+    from cdi.data.descriptors import ENCODING_COLUMNS, encoding_descriptors
+
+    feat_p, feat_u = encoding_descriptors(probes_p), encoding_descriptors(probes_u)
+    guard = shift_guard(feat_p, feat_u, alpha=alpha, seed=seed, encoder="encoding")
+    means = {c: {"published": float(feat_p[:, j].mean()), "unpublished": float(feat_u[:, j].mean())}
+             for j, c in enumerate(ENCODING_COLUMNS)}
+    if not guard.detected:
+        note = "no difference in the files' encodings was detected"
+    elif harmonised:
+        note = ("the files are encoded differently; both collections were re-encoded alike before the model "
+                "(harmonisation), so the model and the image guard saw one encoding")
+    else:
+        note = ("the files are encoded differently and harmonisation was turned off: the model saw each "
+                "collection's own encoding, which alone can make it treat them differently")
+    return EncodingGuardResult(p_value=guard.p_value, auc=guard.auc, detected=guard.detected, alpha=float(alpha),
+                               harmonised=bool(harmonised), columns=list(ENCODING_COLUMNS), means=means, note=note)

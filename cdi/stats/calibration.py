@@ -1,7 +1,12 @@
-"""Null calibration: many audits in which the null hypothesis holds by construction."""
+"""Null calibration: many audits in which the null hypothesis holds by construction.
+
+``null_calibration``: P and U drawn from one pool of null rows. ``nuisance_rates``: the same, with the
+published rows shifted by something other than training (issue 21): how often the verdict says ``used``.
+"""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -135,3 +140,85 @@ def null_calibration(
     ks = {name: float(stats.kstest(ps, "uniform").pvalue) for name, ps in pvalues.items()}
     return NullCalibration(pvalues=pvalues, checks=checks, ks_pvalues=ks, ks_level=float(ks_level),
                            sizes=[tuple(s) for s in sizes])
+
+
+@dataclass
+class NuisanceRates:
+    """Outcome of ``nuisance_rates``: how often a difference that is NOT training gives each answer."""
+
+    kind: str
+    strength: float
+    fraction: float
+    n: int
+    draws: int
+    alpha: float
+    used: int  # verdict word "used"
+    inconclusive: int
+    rejected: int  # the combined (pooled) test alone rejected at alpha
+    high: int  # upper end of the central 99% interval of Binomial(draws, alpha): "used" must not exceed it
+
+    @property
+    def ok(self) -> bool:
+        return self.used <= self.high
+
+
+def nuisance_rates(
+    pool: np.ndarray,
+    directions: np.ndarray | Sequence[int],
+    *,
+    n: int,
+    strength: float,
+    kind: str = "against",
+    fraction: float = 1.0,
+    draws: int = 100,
+    alpha: float = 0.01,
+    seed: int = 0,
+    interval: float = 0.99,
+) -> NuisanceRates:
+    """Null audits whose published rows are shifted in feature space by something other than training.
+
+    Every draw takes P and U (``n`` rows each, disjoint) from ``pool``, rows
+    known to be null (e.g. non-members), and shifts the rows of P:
+
+    * ``kind="against"``: by ``strength`` column SDs *against* the member
+      direction on a random ``fraction`` of the columns with a known direction
+      (published images made less member-like: issue 21, finding 1);
+    * ``kind="orthogonal"``: along a random direction orthogonal to the
+      prior's (in units of column SDs, length ``strength * sqrt(d)``, i.e.
+      as large as a shift of ``strength`` SD on every column): a difference
+      the known member directions do not see.
+
+    Counts the draws whose verdict word is ``used`` and ``inconclusive``, and
+    those where the combined pooled test alone rejects at ``alpha``. Since
+    no draw is a training effect, ``used`` should stay within the central
+    ``interval`` of Binomial(draws, alpha) (``NuisanceRates.ok``).
+    """
+    if kind not in ("against", "orthogonal"):
+        raise CDIError(f"kind must be 'against' or 'orthogonal', got {kind!r}")
+    pool = np.asarray(pool, dtype=np.float64)
+    directions = np.asarray(directions, dtype=np.float64)
+    if 2 * n > len(pool):
+        raise CDIError(f"the pool has {len(pool)} rows; two collections of {n} need {2 * n}")
+    sd = pool.std(axis=0)
+    known = np.flatnonzero(directions != 0)
+    rng = np.random.default_rng([int(seed), int(n), int(round(strength * 1000)), int(round(fraction * 1000)),
+                                 0 if kind == "against" else 1])
+    used = inconclusive = rejected = 0
+    for _ in range(int(draws)):
+        rows = rng.permutation(len(pool))[:2 * n]
+        P, U = pool[rows[:n]].copy(), pool[rows[n:]]
+        if kind == "against":
+            cols = rng.choice(known, max(1, int(round(fraction * len(known)))), replace=False)
+            P[:, cols] -= strength * sd[cols] * directions[cols]
+        else:
+            unit = directions / np.linalg.norm(directions)
+            v = rng.standard_normal(len(directions))
+            v -= (v @ unit) * unit
+            P += strength * math.sqrt(len(directions)) * sd * v / np.linalg.norm(v)
+        res = audit_test(P, U, directions=directions, permutations=0, alpha=alpha)
+        used += res.verdict == "used"
+        inconclusive += res.verdict == "inconclusive"
+        rejected += bool(res.rejected)
+    high = int(stats.binom.isf((1.0 - interval) / 2.0, draws, alpha))
+    return NuisanceRates(kind=kind, strength=float(strength), fraction=float(fraction), n=int(n), draws=int(draws),
+                         alpha=float(alpha), used=used, inconclusive=inconclusive, rejected=rejected, high=high)

@@ -3,8 +3,9 @@
 ``load_digit_images`` (white digit on black, upsampled bicubically),
 ``caption`` (``"a handwritten digit seven"``), the seeded member split
 (``split_members``), the image folders with their ``metadata.jsonl``
-(``write_image_folder``) and the visibly shifted copy of a folder
-(``shift_image``, ``write_shifted_images``). ``cdi.toy.world`` assembles the world
+(``write_image_folder``), the visibly shifted copy of a folder
+(``shift_image``, ``write_shifted_images``) and the web copy of an image
+(``web_copy``: what a creator publishes). ``cdi.toy.world`` assembles the world
 from them; its docstring describes the layout.
 """
 
@@ -35,6 +36,9 @@ NULL_CLASS_ID = 10
 SHIFT_BLUR_RADIUS = 1.0
 SHIFT_GAIN = (1.0, 0.8, 0.55)
 SHIFT_OFFSET = (28.0, 18.0, 8.0)
+
+#: JPEG quality of the toy world's web copies (``web_copy``): a common "save for web" setting.
+WEB_QUALITY = 85
 
 
 def caption(label: int) -> str:
@@ -151,6 +155,26 @@ def write_shifted_images(src_dir: str | Path, dst_dir: str | Path, fraction: flo
         for meta in ("metadata.jsonl", "metadata.csv"):
             if (src / meta).is_file():
                 shutil.copy2(src / meta, tmp / meta)
+
+
+def web_copy(image: Image.Image, quality: int | str = WEB_QUALITY) -> bytes:
+    """The web copy of an image, as a creator's website would show it: the bytes of a JPEG file.
+
+    The image in RGB, saved by Pillow's libjpeg at ``quality`` with its
+    default chroma subsampling (4:2:0), baseline, same size. ``quality`` may
+    also name one of Pillow's presets (``"web_high"``: Photoshop-like
+    "save for web" tables, not libjpeg's, with 4:4:4 chroma).
+    """
+    import io
+
+    buffer = io.BytesIO()
+    image.convert("RGB").save(buffer, format="JPEG", quality=quality if isinstance(quality, str) else int(quality))
+    return buffer.getvalue()
+
+
+def web_copy_name(name: str) -> str:
+    """File name of a web copy: the same stem with ``.jpg``."""
+    return Path(name).with_suffix(".jpg").name
 
 
 # --------------------------------------------------------------- file helpers

@@ -10,7 +10,11 @@ scikit-learn's digits. The demo draws
 * U ("unpublished"): ``n`` other non-members, disjoint from P,
 
 copies them with their captions into ``OUT/data/published`` and
-``OUT/data/unpublished``, and runs an ordinary audit on those folders.
+``OUT/data/unpublished``, and runs an ordinary audit on those folders. With
+``web=True`` the published images are web copies (``cdi.toy.data.web_copy``:
+JPEG at quality 85) while the unpublished ones stay the original PNGs, as a
+creator's website and hard disk would hold them; the audit harmonises the
+two (``cdi.data.harmonise``) unless told not to (``no_harmonise=True``).
 """
 
 from __future__ import annotations
@@ -66,12 +70,18 @@ def draw_demo_sets(members: list[str], nonmembers: list[str], *, n: int, null: b
     return DemoDraw(published_members, published_nonmembers, unpublished)
 
 
-def write_demo_folders(world, draw: DemoDraw, data_dir: Path, captions: dict | None = None) -> tuple[Path, Path]:
+def write_demo_folders(world, draw: DemoDraw, data_dir: Path, captions: dict | None = None, *,
+                       web: bool = False) -> tuple[Path, Path]:
     """Copy the drawn images and their captions into ``published/`` and ``unpublished/``.
 
     ``captions``: ``{"members": {file: caption}, "nonmembers": {...}}`` when the
-    caller has read them already; else read here.
+    caller has read them already; else read here. ``web``: the published
+    images are written as web copies (``cdi.toy.data.web_copy``, ``.jpg``).
     """
+    from PIL import Image
+
+    from cdi.toy.data import web_copy, web_copy_name
+
     if captions is None:
         captions = {"members": _captions(world.members_dir), "nonmembers": _captions(world.nonmembers_dir)}
     sources = {"members": world.members_dir, "nonmembers": world.nonmembers_dir}
@@ -88,8 +98,14 @@ def write_demo_folders(world, draw: DemoDraw, data_dir: Path, captions: dict | N
         folder.mkdir(parents=True)
         lines = []
         for half, file_name in sorted(files, key=lambda item: item[1]):
-            shutil.copyfile(sources[half] / file_name, folder / file_name)
-            lines.append(json.dumps({"file_name": file_name, "text": captions[half][file_name]}))
+            if web and name == "published":
+                with Image.open(sources[half] / file_name) as image:
+                    (folder / web_copy_name(file_name)).write_bytes(web_copy(image))
+                written = web_copy_name(file_name)
+            else:
+                shutil.copyfile(sources[half] / file_name, folder / file_name)
+                written = file_name
+            lines.append(json.dumps({"file_name": written, "text": captions[half][file_name]}))
         (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
         folders.append(folder)
     return folders[0], folders[1]
@@ -98,8 +114,10 @@ def write_demo_folders(world, draw: DemoDraw, data_dir: Path, captions: dict | N
 def run_demo(out: str | Path = "demo-out", *, null: bool = False, member_fraction: float = 1.0,
              n: int = DEFAULT_DEMO_SIZE, kind: str = "sd", strength: str = "overtrained", seed: int = 0,
              permutations: int | None = None, progress: bool = True, scenario: str = "pretrained",
-             design: bool = False, **audit_options):
+             design: bool = False, web: bool = False, **audit_options):
     """Build or load the toy world, draw P and U, and audit them; returns the ``AuditResult``.
+
+    ``web=True``: P holds web copies (JPEG) of the drawn images, U the original PNGs (module docstring).
 
     ``scenario="lora"``: the fine-tune toy world instead (``cdi.toy.lora.run_lora_demo``), audited without
     and with the base as reference; returns both results. ``design=True``: the flow of a pre-registered
@@ -118,6 +136,8 @@ def run_demo(out: str | Path = "demo-out", *, null: bool = False, member_fractio
     if scenario == "lora":
         from cdi.toy.lora import run_lora_demo
 
+        if web:
+            raise CDIError("--web applies to the pretrained scenario only")
         return run_lora_demo(out, n=n, null=null, seed=seed, permutations=permutations, progress=progress,
                              **audit_options)
     if scenario != "pretrained":
@@ -126,6 +146,8 @@ def run_demo(out: str | Path = "demo-out", *, null: bool = False, member_fractio
         if null or member_fraction != 1.0:
             raise CDIError("--design draws its works from the toy's non-members itself: drop --null and "
                            "--member-fraction")
+        if web:
+            raise CDIError("--web and --design are separate demos; run one at a time")
         return run_design_demo(out, n=n, kind=kind, strength=strength, seed=seed, permutations=permutations,
                                progress=progress, **audit_options)
     out = Path(out)
@@ -135,12 +157,12 @@ def run_demo(out: str | Path = "demo-out", *, null: bool = False, member_fractio
     captions = {"members": _captions(world.members_dir), "nonmembers": _captions(world.nonmembers_dir)}
     draw = draw_demo_sets(sorted(captions["members"]), sorted(captions["nonmembers"]), n=n, null=null,
                           member_fraction=member_fraction, seed=seed)
-    published, unpublished = write_demo_folders(world, draw, out / "data", captions)
+    published, unpublished = write_demo_folders(world, draw, out / "data", captions, web=web)
     config = AuditConfig(
         published=str(published), unpublished=str(unpublished), model=str(world.model_dir), out=str(out),
         seed=seed, permutations=permutations, force=True,
         extra={"demo": {"kind": kind, "strength": strength, "null": null, "member_fraction": member_fraction,
-                        "n": n, "published_members": len(draw.published_members),
+                        "n": n, "web": web, "published_members": len(draw.published_members),
                         "published_nonmembers": len(draw.published_nonmembers)}},
         **audit_options,
     )
