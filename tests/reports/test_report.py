@@ -403,7 +403,7 @@ def test_cli_report_with_thumbnails(collections):
 
 
 # ------------------------------------------------------------ real results of every protocol
-TABLE = Path(__file__).parent / "data" / "toy_sd_light_features.csv"
+TABLE = Path(__file__).parents[1] / "data" / "toy_sd_light_features.csv"
 #: (protocol, verdict mode, P drawn from the members?) of the real results the tests below render.
 AUDITS = {
     "pooled": ("pooled", "parametric", True),
