@@ -102,6 +102,10 @@ def run_audit(config: AuditConfig, *, progress: bool = True) -> AuditResult:
     options = dict(name=config.model, revision=config.revision, variant=config.variant, dtype=config.dtype,
                    allow_pickle=config.allow_pickle, compile=config.compile, **config.loading_options())
     hub = dict(local_files_only=config.local_files_only, cache_dir=config.cache_dir, token=config.token)
+    if config.ray:
+        from cdi.models.loading import ray_dtype
+
+        options["dtype"] = ray_dtype(config.dtype, config.device)
     with contextlib.ExitStack() as stack:
         runner = ray_runner(config.ray, workers=config.ray_workers, threads=config.ray_threads,
                             device=config.device, **options)

@@ -381,13 +381,16 @@ def extract_command(
         )
         with contextlib.ExitStack() as stack:
             cache = stack.enter_context(FeatureStore(store)) if store is not None else None
-            options = dict(name=model, revision=loader.revision, variant=loader.variant, dtype=loader.dtype,
+            from cdi.models.loading import ray_dtype
+
+            dtype = ray_dtype(loader.dtype, loader.device) if ray else loader.dtype
+            options = dict(name=model, revision=loader.revision, variant=loader.variant, dtype=dtype,
                            allow_pickle=loader.allow_pickle, compile=loader.compile, **loader.loading_options())
             runner = ray_runner(ray, workers=ray_workers, threads=ray_threads, device=loader.device, **options)
             if runner is not None:
                 stack.enter_context(runner)
             # with --ray this process only derives the store key and the columns: a CPU copy of the model
-            adapter = dataclasses.replace(loader, compile=loader.compile and runner is None,
+            adapter = dataclasses.replace(loader, compile=loader.compile and runner is None, dtype=dtype,
                                           device="cpu" if runner is not None else loader.device).load(model)
             if families is None:
                 families = resolve_features(default_feature_set(adapter))

@@ -164,6 +164,15 @@ def auto_dtype(device: torch.device | str) -> torch.dtype:
 RELEASE_DTYPES = {"sd3": torch.bfloat16, "flux": torch.bfloat16, "zimage": torch.bfloat16}
 
 
+def ray_dtype(dtype: str, device: str) -> str:
+    """The dtype name a ``--ray`` run loads with: ``--dtype default`` becomes ``"release"`` unless the
+    workers compute on the CPU, so that the driver's CPU copy and the GPU workers hold the same model
+    (the workers check the store key, which includes the dtype)."""
+    if str(dtype).strip().lower() == "default" and str(device).strip().lower() != "cpu":
+        return "release"
+    return dtype
+
+
 def resolve_dtype_for(name: str | torch.dtype, device: torch.device | str, family: str | None) -> torch.dtype:
     """``resolve_dtype``, where ``"default"`` is the release dtype on CUDA and float32 elsewhere.
 
@@ -172,9 +181,12 @@ def resolve_dtype_for(name: str | torch.dtype, device: torch.device | str, famil
     bfloat16; the UNet families stay float32, the reference. ``--dtype
     float32`` still gives float32 everywhere.
     """
-    if isinstance(name, str) and name.strip().lower() == "default":
+    text = name.strip().lower() if isinstance(name, str) else None
+    if text == "default":
         cuda = torch.device(device).type == "cuda"
         name = RELEASE_DTYPES.get(family or "", torch.float32) if cuda else torch.float32
+    elif text == "release":  # the release dtype on any device (a --ray driver's CPU copy of GPU workers' model)
+        name = RELEASE_DTYPES.get(family or "", torch.float32)
     return resolve_dtype(name, device)
 
 
@@ -187,7 +199,7 @@ def resolve_dtype(name: str | torch.dtype, device: torch.device | str) -> torch.
     """
     if isinstance(name, torch.dtype):
         dtype = name
-    elif str(name).strip().lower() == "default":  # checked here; resolved per family by resolve_dtype_for
+    elif str(name).strip().lower() in ("default", "release"):  # resolved per family by resolve_dtype_for
         dtype = torch.float32
     elif str(name).strip().lower() == "auto":
         dtype = auto_dtype(device)

@@ -515,3 +515,17 @@ def test_distilled_models_are_named_as_such(tiny_model_dirs, tmp_path):
     result = copy.deepcopy(make_example_result(40, 40, seed=0))
     result.model["distilled"] = distillation("sd35-large-turbo")
     assert 'id="distilled"' in render_report(result) and "sd35-large" in render_report(result)
+
+
+def test_default_dtype_is_the_release_dtype_on_cuda_only():
+    import torch
+
+    from cdi.models.loading import ray_dtype, resolve_dtype_for
+
+    assert resolve_dtype_for("default", "cuda", "flux") == torch.bfloat16
+    assert resolve_dtype_for("default", "cuda", "sd") == torch.float32
+    assert resolve_dtype_for("default", "cpu", "flux") == torch.float32
+    assert resolve_dtype_for("float32", "cuda", "flux") == torch.float32  # --dtype float32 still possible
+    # a --ray driver's CPU copy loads what the GPU workers load
+    assert ray_dtype("default", "auto") == "release" and ray_dtype("default", "cpu") == "default"
+    assert resolve_dtype_for("release", "cpu", "zimage") == torch.bfloat16
