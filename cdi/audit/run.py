@@ -204,11 +204,14 @@ def _plan_memory(config: AuditConfig, images: int, *, progress: bool):
     from cdi.engine.memory_plan import check_fits, plan_for, planned_device
 
     device = planned_device("cpu" if config.ray else config.device)
-    plan = plan_for(config.model, device=device, dtype=config.dtype, features=config.features,
-                    batch_size=config.batch_size, images=images, trace=device.startswith("cuda"))
+    why = "the model's configs are not local yet"
+    try:
+        plan = plan_for(config.model, device=device, dtype=config.dtype, features=config.features,
+                        batch_size=config.batch_size, images=images, trace=device.startswith("cuda"))
+    except Exception as exc:  # noqa: BLE001 -- a plan that cannot be made must not stop the audit itself
+        plan, why = None, f"{type(exc).__name__}: {exc}"
     if progress:
-        print(plan.summary() if plan is not None else
-              "memory plan: not made (the model's configs are not local yet)", file=sys.stderr)
+        print(plan.summary() if plan is not None else f"memory plan: not made ({why})", file=sys.stderr)
     if plan is not None:
         check_fits(plan)
     return plan

@@ -198,6 +198,8 @@ def spec_from_folder(folder: str | Path) -> ModelSpec:
     for name, value in index.items():
         if name.startswith("_") or not isinstance(value, list) or value[1] is None:
             continue
+        if name not in (*_DENOISERS, "vae") and not name.startswith("text_encoder"):
+            continue  # what the adapters load (no safety checker, image encoder, tokenizer, scheduler)
         config = folder / name / "config.json"
         if config.is_file():
             data = {k: v for k, v in json.loads(config.read_text()).items() if not k.startswith("_")}
