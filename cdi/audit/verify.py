@@ -13,9 +13,10 @@ skipped (with what to pass to run it):
 3. **statistics**: the test is run again from ``features.csv`` alone
    (``retest``), with the parameters recorded in ``result.json``, and every
    recorded number must come out exactly (bit for bit): the verdict, its
-   p-value, the t-test and permutation p-values, the statistic, effect size,
-   AUC, the protocol's details, every image's score and the feature weights,
-   and the sample-size curve when one was computed. The shift guard needs
+   p-value and its sentence, the t-test and permutation p-values, the
+   statistic, effect size, AUC, the protocol's details, every image's score
+   and the feature weights, the forward sample-size estimate, and the
+   sample-size curve when one was computed. The shift guard needs
    the images, not the features, so its recorded outcome is taken as it is.
 4. **images** (with ``--published`` / ``--unpublished``): every file of the
    manifest is hashed again; missing and changed files are reported, and so
@@ -70,8 +71,9 @@ from cdi.audit.result import FEATURES_FILE, REPORT_FILE, RESULT_FILE, AuditResul
 from cdi.engine.table import FeatureTable
 
 #: The fields of ``result.json`` that ``retest`` must reproduce exactly.
-RETESTED_FIELDS = ("verdict", "p_value", "p_value_ttest", "p_value_permutation", "statistic", "df",
-                   "effect_size", "auc", "protocol", "scores", "feature_weights", "sample_size_curve")
+RETESTED_FIELDS = ("verdict", "verdict_text", "p_value", "p_value_ttest", "p_value_permutation", "statistic", "df",
+                   "effect_size", "auc", "protocol", "scores", "feature_weights", "sample_size_curve",
+                   "sample_size_estimate")
 _REPORT_HASH = re.compile(r'<meta name="cdi-result-sha256" content="([0-9a-f]{64})">')
 _LISTED = 20  # problems listed per check before "... and N more"
 
