@@ -17,6 +17,7 @@ import pytest
 from typer.testing import CliRunner
 
 from cdi.cli.main import app
+from test_cli_inputs import folders  # noqa: F401 - the fixture: 3 + 2 small images
 from test_data import save_image  # the image builders of the unit tests
 
 runner = CliRunner()
@@ -28,13 +29,9 @@ def flat(text: str) -> str:
 
 
 @pytest.fixture
-def two_folders(tmp_path):
-    """A folder of 3 small images and one of 2."""
-    for i in range(3):
-        save_image(tmp_path / "P" / f"p{i}.png", seed=i)
-    for i in range(2):
-        save_image(tmp_path / "U" / f"u{i}.png", seed=100 + i)
-    return tmp_path / "P", tmp_path / "U"
+def two_folders(folders):
+    """A folder of 3 small images and one of 2 (``test_cli_inputs.folders``)."""
+    return folders[0], folders[1]
 
 
 def test_inspect_takes_the_folder_as_an_argument(two_folders):
