@@ -63,8 +63,9 @@ TEXT_BATCH = 16
 #: Device memory outside PyTorch's allocator: CUDA context (~0.5 GiB on an H100), cuBLAS/cuDNN workspaces
 #: and allocator fragmentation; a round allowance, not a measurement.
 CUDA_OVERHEAD = int(1.5 * GiB)
-#: Device memory assumed when planning for CUDA on a machine without one.
-DEFAULT_GPU_GIB = 80.0
+#: Device memory assumed when planning for CUDA on a machine without one: an 80 GB card as PyTorch sees
+#: it (``total_memory`` of an H100 80GB HBM3: 85.0e9 bytes, 79.2 GiB).
+DEFAULT_GPU_GIB = 79.2
 #: The families whose network calls back-propagate to their input (their ``cost().backward`` > 0).
 BACKWARD_FAMILIES = ("noise_optimization", "gradient_masking", "gsa1", "gsa2")
 #: The families whose network calls the planner traces (the others get no plan).
