@@ -656,9 +656,9 @@ def direction_rule(rejected: bool, parts: dict | None, alpha: float) -> tuple[st
         return "inconclusive", REASON_NO_DIRECTIONS
     if parts["prior_z"] <= 0.0:
         return "inconclusive", REASON_AGAINST
-    share = parts["prior_share"]  # Z > 0 when the test rejects, so the share is defined
-    if share < MIN_PRIOR_SHARE:
-        return "inconclusive", REASON_OTHER_DIRECTIONS.format(share=share)
+    share = parts["prior_share"]  # None only if Z == 0 (a permutation verdict could still reject)
+    if share is None or share < MIN_PRIOR_SHARE:
+        return "inconclusive", REASON_OTHER_DIRECTIONS.format(share=share or 0.0)
     return "used", (f"the combined test rejected at alpha and the known member directions, along which the "
                     f"published images look more like training data, carry {share:.0%} of the evidence")
 
