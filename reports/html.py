@@ -442,10 +442,13 @@ def number_rows(result: AuditResult) -> list[dict[str, Any]]:
                              "protocol.pooled.rest_F", "fixed2"))
             rows.append(_row("part 2: p-value", _p_markup(None, pooled.get("rest_log_p")),
                              "upper-tail p-value of that F-test", "protocol.pooled.rest_log_p", "lnp"))
-        rows.append(_row("combined Z (weighted Stouffer)", format_fixed(result.statistic, 2),
-                         "the parts' p-values turned into normal scores z = Φ⁻¹(1 − p) and added "
-                         "with fixed weights, Z = (2 z₁ + z₂) / √5; standard normal if the "
-                         "published images were not used", "statistic", "fixed2"))
+        both = pooled.get("prior_t") is not None and pooled.get("rest_F") is not None
+        rows.append(_row("combined Z (weighted Stouffer)" if both else "Z of the test's one part",
+                         format_fixed(result.statistic, 2),
+                         ("the parts' p-values turned into normal scores z = Φ⁻¹(1 − p) and added with fixed weights, "
+                          "Z = (2 z₁ + z₂) / √5" if both else "the part's p-value turned into a normal score "
+                          "Z = Φ⁻¹(1 − p)") + "; standard normal if the published images were not used",
+                         "statistic", "fixed2"))
         rows.append(_row("pooled test p-value (parametric)", format_p(result.p_value_ttest, proto.get("ttest_log10_p")),
                          "1 − Φ(Z): the probability of a combined Z this large if the published images "
                          "were not used", "p_value_ttest", "p"))
@@ -502,8 +505,8 @@ def _permutation_row(result: AuditResult) -> dict[str, Any]:
                "assuming normal data")
     interval = proto.get("permutation_p_interval")
     if proto.get("permutation_at_floor"):
-        meaning += (f". No shuffle reached the observed value, so this is the smallest value {permutations} shuffles "
-                    "can give")
+        meaning += (f". No shuffle reached the observed value, so the p-value reads “below 1/({permutations} + 1)”: "
+                    "more shuffles would be needed to resolve it")
     value = format_p(result.p_value_permutation)
     if isinstance(interval, (list, tuple)) and len(interval) == 2 and all(_is_number(v) for v in interval):
         low, high = interval
@@ -554,7 +557,9 @@ def verdict_parts(result: AuditResult) -> list[dict[str, Any]]:
     Part 1 (the known member directions) and part 2 (the other directions)
     each add ``weight * z / sqrt(sum of squared weights)`` to Z
     (``prior_contribution`` + ``rest_contribution`` = Z); ``*_share`` is
-    that contribution over Z. Empty under the other protocols and for
+    that contribution over Z, shown only when both parts push Z up (with
+    parts pulling against each other the shares of their sum exceed 100%
+    and say nothing; the contributions still do). Empty under the other protocols and for
     results written before the decomposition was recorded.
     """
     pooled = result.protocol.get("pooled")
@@ -568,8 +573,11 @@ def verdict_parts(result: AuditResult) -> list[dict[str, Any]]:
         parts.append({"name": name, "key": key, "z": pooled.get(f"{key}_z"), "weight": pooled.get(f"{key}_weight"),
                       "contribution": contribution, "share": pooled.get(f"{key}_share")})
     largest = max((abs(p["contribution"]) for p in parts), default=0.0) or 1.0
+    same_way = all(p["contribution"] >= 0 for p in parts) and sum(p["contribution"] for p in parts) > 0
     for part in parts:
         part["width"] = 100 * abs(part["contribution"]) / largest
+        if not same_way:  # parts pulling against each other: a share of their small sum says nothing
+            part["share"] = None
     return parts
 
 
