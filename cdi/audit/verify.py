@@ -721,7 +721,7 @@ def _scope(result: AuditResult, checks: dict[str, Check], *, curve: bool, recomp
     ran = {name for name, c in checks.items() if c.status != "skipped"}
     checked = [f"{RESULT_FILE}, {FEATURES_FILE}, {FEATURES_FILE}.json and {REPORT_FILE} belong together "
                "(SHA-256)", f"every row of {FEATURES_FILE} is its manifest entry (path, SHA-256, caption)"]
-    recomputed = ["the test, its p-values, statistic, effect size, AUC, scores and weights, from "
+    recomputed = ["the test, its p-values, statistic, effect size, AUC, scores, weights and sample-size estimate, from "
                   f"{FEATURES_FILE} (exactly)" + ("" if result.sample_size_curve is None else
                                                   ", with the sample-size curve" if curve else
                                                   "; the sample-size curve was not re-run (--quick)")]

@@ -24,6 +24,7 @@ from cdi import __version__
 from cdi.cli.options import (BATCH_SIZE_HELP, FEATURES_HELP, Command, Group, LoaderOptions, choice, format_option,
                              reference_option, with_loader_options)
 from cdi.utils.errors import CDIError
+from cdi.utils.progress import quiet_library_progress
 from cdi.utils.terminal import console_text, sanitise_cdi_log
 
 EXIT_CODES_HELP = (
@@ -755,6 +756,7 @@ def audit_command(
             **({} if max_pixels is None else {"max_pixels": max_pixels}), **loader.as_config(),
             reference_model=reference_model, design=design, allow_deviations=allow_deviations, ledger=ledger,
         )
+        quiet_library_progress()  # cdi reports its own progress; no weight-loading bars of the libraries
         result = run_audit(config, progress=True)  # progress goes to stderr: stdout holds only the JSON
         _print_result(result, fmt, out)
 
@@ -820,6 +822,7 @@ def demo_command(
     with _user_errors():
         from cdi.toy.demo import DEFAULT_DEMO_SIZE, run_demo
 
+        quiet_library_progress()
         if scenario == "lora":
             from pathlib import Path
 
@@ -934,6 +937,7 @@ def benchmark_command(
             store=store, mix=mix, permutations=permutations, folds=folds, alpha=alpha, **loader.as_config(),
             reference_model=reference_model,
         )
+        quiet_library_progress()
         result = run_benchmark(config, progress=True)  # progress on stderr
         if fmt == "json":
             from cdi.benchmark import BENCHMARK_FILE
