@@ -220,37 +220,43 @@ def test_audit_records_harmonisation_and_no_harmonise_says_what_it_risks(tmp_pat
 
 # -- the web-copy null on stored features ------------------------------------------------
 #
-# tests/data/toy_sd_light_web_features.csv holds the default features (cdi+clid+sima, seed 0) of the light
-# toy world's non-members as an audit of web copies against originals computes them, made by
+# tests/data/toy_sd_light_web_features.csv and tests/data/toy_sd_light_webhigh_features.csv hold the default
+# features (cdi+clid+sima, seed 0) of the light toy world's non-members as an audit of web copies against
+# originals computes them, made by
 #
 #     python benchmarks/web_copies.py extract --out tests/data/toy_sd_light_web_features.csv
+#     python benchmarks/web_copies.py extract --quality web_high --out tests/data/toy_sd_light_webhigh_features.csv
 #
-# (web copies: JPEG quality 85; originals: harmonised, re-encoded once at quality 85, 4:2:0).
+# web: libjpeg quality-85 copies (left as they are), originals re-encoded once at quality 85, 4:2:0;
+# webhigh: copies with Pillow's Photoshop-like "web_high" tables (4:4:4, estimated quality 85), so both the
+# copies and the originals get one more generation at quality 85, 4:4:4 (the copies are compressed twice).
 
-WEB_TABLE = Path(__file__).parent / "toy_sd_light_web_features.csv"
+DATA = Path(__file__).parent
 
 
 @pytest.fixture(scope="module")
-def web_pools():
+def web_module():
     import sys
 
     sys.path.insert(0, str(Path(__file__).parents[2] / "benchmarks"))
     import web_copies
 
-    from cdi.features.registry import directions_of, resolve_features
-
-    return web_copies, web_copies.load_pools(WEB_TABLE), directions_of(resolve_features("cdi+clid+sima"))
+    return web_copies
 
 
-@pytest.mark.parametrize("n", [100, 300])
-def test_harmonised_web_copies_of_nonmembers_are_not_used_more_often_than_alpha(web_pools, n):
-    """P = web copies of n non-members, U = n other non-members (harmonised): 100 pooled verdicts per size (300 in the benchmark)
-    reject at most at the nominal rate (the count at or below the top of Binomial(100, alpha)'s central 99%
-    interval). A rejection is necessary for `used`, so this bounds the `used` rate."""
+@pytest.mark.parametrize("table,n", [("web", 100), ("webhigh", 100), ("webhigh", 300)])
+def test_harmonised_web_copies_of_nonmembers_are_not_used_more_often_than_alpha(web_module, table, n):
+    """P = web copies of n non-members, U = n other non-members (harmonised): 100 pooled verdicts per case
+    (300 in the benchmark) reject at most at the nominal rate (the count at or below the top of
+    Binomial(100, alpha)'s central 99% interval). A rejection is necessary for `used`, so this bounds the
+    `used` rate."""
     from scipy import stats
 
-    web_copies, pools, directions = web_pools
+    from cdi.features.registry import directions_of, resolve_features
+
+    pools = web_module.load_pools(DATA / f"toy_sd_light_{table}_features.csv")
     assert pools["web"].shape == pools["harmonised"].shape == (899, 35)
-    p, _ = web_copies.null_draws(pools["web"], pools["harmonised"], n, 100, seed=1000 + n, directions=directions)
+    directions = directions_of(resolve_features("cdi+clid+sima"))
+    p, _ = web_module.null_draws(pools["web"], pools["harmonised"], n, 100, seed=1000 + n, directions=directions)
     for alpha in (0.05, 0.01):
         assert (p < alpha).sum() <= stats.binom.ppf(0.995, len(p), alpha), (alpha, (p < alpha).sum())
