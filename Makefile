@@ -29,8 +29,12 @@ install-test: $(VENV)/.installed-test
 demo: install
 	$(VENV)/bin/cdi demo
 
+# The suite runs on every core (pytest-xdist); --dist loadscope keeps each test module on one worker, so
+# module fixtures (an audited toy world, a Ray instance) are built once. The duration is printed at the end.
+TEST_WORKERS ?= auto
 test: install-test
-	$(PY) -m pytest -q tests
+	@start=$$(date +%s); $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadscope tests; status=$$?; \
+	echo "make test: pytest took $$(( $$(date +%s) - start )) s"; exit $$status
 
 clean:
 	rm -rf $(VENV) build *.egg-info

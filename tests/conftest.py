@@ -21,15 +21,25 @@ here, before any test module is collected.
 
 from __future__ import annotations
 
+import os
 import sys
-from pathlib import Path
 
-import pytest
-import torch
+# One thread everywhere, set before numpy and torch load (and inherited by every subprocess the tests
+# start: CLI runs, Ray workers). The test models and matrices are tiny, so per-op overhead dominates; on
+# a loaded 2-core machine a second OpenBLAS/OpenMP thread waiting for a busy core makes small ops tens of
+# times slower (a 600 x 36 QR: 0.16-0.7 s with OpenBLAS's default threads, 0.003 s with one), and under
+# pytest-xdist the workers would oversubscribe the cores. Fixed, not defaulted: no test may depend on the
+# caller's thread settings.
+for _variable in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ[_variable] = "1"
 
-# One intra-op thread: the test models are tiny, so per-op overhead dominates,
-# and on small shared machines a second OpenMP thread waiting for a busy core
-# makes every op many times slower.
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from threadpoolctl import threadpool_limits  # noqa: E402
+
+threadpool_limits(limits=1)  # in case a plugin imported numpy before this file
 torch.set_num_threads(1)
 
 TESTS = Path(__file__).resolve().parent

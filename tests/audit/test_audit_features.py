@@ -26,15 +26,14 @@ STATS = ["--permutations", "100", "--sample-size-resamples", "0", "--shift-encod
 
 
 @pytest.fixture(scope="module")
-def folders(tmp_path_factory):
-    """P: 40 members of the overtrained toy SD; U: 40 non-members; and the model folder.
+def folders(tmp_path_factory, toy_sd_world):
+    """P: 40 members of the overtrained toy SD (the session's world); U: 40 non-members; and the model folder.
 
     (Too few images for these three families to detect use: the test is that both audits agree.)"""
     from cdi.toy.demo import DemoDraw, write_demo_folders
-    from cdi.toy.world import build_world
 
     root = tmp_path_factory.mktemp("stored")
-    world = build_world("sd", "overtrained", root / "world", progress=False)
+    world = toy_sd_world
     names = lambda folder: sorted(p.name for p in folder.glob("*.png"))[:N]  # noqa: E731
     draw = DemoDraw(published_members=names(world.members_dir), published_nonmembers=[],
                     unpublished=names(world.nonmembers_dir))

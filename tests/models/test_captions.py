@@ -12,7 +12,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from cdi.models.captions import CaptionOption, check_captions, model_conditioning, parse_captions_option
@@ -24,11 +23,9 @@ N = 10  # images per collection: the minimum for --folds 2
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    from cdi.toy.world import build_world
-
-    torch.set_num_threads(1)
-    return build_world("sd", "overtrained", tmp_path_factory.mktemp("toy") / "world", progress=False)
+def world(toy_sd_world):
+    """The session's sd-overtrained toy world (conftest); read only."""
+    return toy_sd_world
 
 
 def copy_images(source: Path, target: Path, n: int, *, offset: int = 0) -> Path:
