@@ -42,6 +42,13 @@ from threadpoolctl import threadpool_limits  # noqa: E402
 threadpool_limits(limits=1)  # in case a plugin imported numpy before this file
 torch.set_num_threads(1)
 
+# Hypothesis draws its examples from a fixed seed and keeps no example database: every run (and every
+# xdist worker) tests the same examples, so a red run is reproducible and a green one stays green.
+from hypothesis import settings as _hypothesis_settings  # noqa: E402
+
+_hypothesis_settings.register_profile("cdi-tests", derandomize=True, database=None)
+_hypothesis_settings.load_profile("cdi-tests")
+
 TESTS = Path(__file__).resolve().parent
 for _folder in sorted(TESTS.iterdir()):
     if _folder.is_dir() and any(_folder.glob("test_*.py")) and str(_folder) not in sys.path:

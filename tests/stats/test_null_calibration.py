@@ -99,3 +99,39 @@ def test_shifts_orthogonal_to_the_prior_are_rarely_used(nonmember_pool):
     pool, directions = nonmember_pool
     rates = nuisance_rates(pool, directions, n=150, strength=0.2, kind="orthogonal", draws=50, alpha=0.01, seed=21)
     assert rates.rejected >= 45 and rates.ok and rates.high == 3, rates
+
+
+@pytest.mark.parametrize("broken", ["halved", "tail"])
+def test_calibration_check_fails_a_protocol_that_rejects_at_twice_alpha(nonmember_pool, monkeypatch, broken):
+    """The checks above can fail: the same calibration as the permutation test (same sizes, audits and
+    seed), run on a deliberately broken protocol whose p-values are halved -- everywhere ("halved": a
+    one-sided p-value reported for a two-sided test) or only below 0.1 ("tail": the distribution looks
+    uniform except where the verdict is decided) -- so that it rejects at twice the nominal rate.
+
+    "halved" fails the KS check and the count at 0.05; "tail" leaves KS blind (D = 0.05) and fails on the
+    count at 0.05 (20 and 23 rejections of 200 against the 99% interval [3, 19]). The power of one such
+    calibration against tail-only doubling is about 0.53 at 200 audits and 0.81 at 300 (binomial, at
+    alpha 0.05); the four calibrations above are independent draws, each a further chance to catch it.
+    """
+    import dataclasses
+
+    import cdi.stats.calibration as calibration
+
+    real = calibration.audit_test
+
+    def twice_alpha(p):
+        return p / 2 if broken == "halved" or p < 0.1 else p
+
+    def broken_audit_test(*args, **kwargs):
+        result = real(*args, **kwargs)
+        return dataclasses.replace(result, ttest_p=twice_alpha(result.ttest_p),
+                                   permutation_p=twice_alpha(result.permutation_p))
+
+    monkeypatch.setattr(calibration, "audit_test", broken_audit_test)
+    pool, directions = nonmember_pool
+    result = null_calibration(pool, sizes=((50, 50), (80, 60)), audits=200, permutations=100,
+                              directions=directions, seed=2)
+    assert not result.calibrated
+    assert [c.ok for c in result.checks if c.alpha == 0.05] == [False, False], result.summary()
+    if broken == "halved":
+        assert max(result.ks_pvalues.values()) < 1e-10, result.summary()
