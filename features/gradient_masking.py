@@ -10,6 +10,23 @@ For each t:
 3. ``x~ = x0`` with the elements in ``M`` replaced by ``eps``;
 4. feature_t = ``||(eps - x0)[M] - eps_theta(x~, t, c)[M]||_2`` (one forward).
 
+Variant (version 3), the mask's edge: a hard top-k is a discontinuous
+function of ``g``, and ``g`` carries the float32 rounding of the network's
+batched kernels, which depends on the batch size. When the k-th and
+(k+1)-th largest ``|g|`` are closer than that rounding, the mask swaps one
+element for another between batch sizes and the feature jumps (7.8 % of its
+spread across images at t = 600 between batch sizes 1 and 8, issue 24).
+So the mask is decided in float64 with a narrow linear edge (``mask_weights``):
+with ``tau`` the midpoint of the k-th and (k+1)-th largest ``|g|``, an
+element's weight is ``clip(1/2 + (|g| - tau) / (2 h), 0, 1)`` with
+``h = MASK_EDGE * tau``; ``x~ = x0 + w (eps - x0)`` and the error is weighted
+by ``w``. When the k-th and (k+1)-th values are at least ``2 h`` apart (all
+but a small share of image-timesteps) the weights are exactly the top-k mask
+and the feature is the reference's, bit for bit; otherwise the elements at
+the edge enter with fractional weights, which makes the feature a
+continuous function of ``g``: rounding of ``g`` by ``delta`` moves a weight
+by at most ``delta / (2 h)``.
+
 Variant: the reference text is followed literally, so ``x~`` is *not* noised
 to t before the second query. ``x~ - x0`` is ``eps - x0`` on ``M`` and zero
 elsewhere, so the feature asks how well the model, told the noise level t,
@@ -72,16 +89,42 @@ class GradientMaskingConfig:
         )
 
 
+#: Half-width of the mask's linear edge, relative to the threshold ``tau``
+#: (see the module docstring): 100x the largest rounding of ``|g|`` between
+#: batch sizes measured on the toy SD (docs/notes/issue-24-batch.md).
+MASK_EDGE = 1e-3
+
+
 def masked_count(fraction: float, n: int) -> int:
     """Number of masked elements out of ``n``: ``round(fraction * n)``, at least 1."""
     return max(1, int(round(fraction * n)))
+
+
+def mask_weights(magnitude: torch.Tensor, count: int, edge: float = MASK_EDGE) -> torch.Tensor:
+    """Mask weights in [0, 1] of each row's ``count`` largest entries, with a linear edge (float64).
+
+    ``magnitude`` is (N, n) and non-negative. With ``tau`` the midpoint of a
+    row's ``count``-th and ``count + 1``-th largest values and ``h = edge *
+    tau``, the weight is ``clip(1/2 + (m - tau) / (2 h), 0, 1)``: exactly the
+    top-``count`` indicator when those two values are at least ``2 h`` apart,
+    a continuous function of ``magnitude`` always. Equal values get equal
+    weights, so ties need no order. ``count == n`` gives all ones.
+    """
+    m = magnitude.double()
+    n = m.shape[1]
+    if count >= n:
+        return torch.ones_like(m)
+    top = m.topk(count + 1, dim=1).values
+    tau = (top[:, count - 1] + top[:, count]) / 2
+    h = (edge * tau).clamp(min=torch.finfo(torch.float64).tiny)[:, None]
+    return ((m - tau[:, None]) / (2 * h) + 0.5).clamp(0.0, 1.0)
 
 
 class GradientMasking(FeatureFamily):
     """Error of the model on the inputs its loss gradient points at, per timestep."""
 
     name = "gradient_masking"
-    version = 2  # the image's shared noise (features.calls) instead of its own
+    version = 3  # 2: the image's shared noise (features.calls); 3: the mask's linear edge (mask_weights)
     config_class = GradientMaskingConfig
 
     def columns(self, adapter: DiffusionAdapter | None = None) -> list[str]:
@@ -112,10 +155,12 @@ class GradientMasking(FeatureFamily):
 
         _, grad = noised_residuals(adapter, batch, cfg.timesteps, grad=True, chunk=self.chunk_for(batch))
         flat = grad.flatten(2).flatten(0, 1)  # (B * T, n), image-major
-        top = flat.abs().topk(masked_count(cfg.mask_fraction, flat.shape[1]), dim=1).indices
-        mask = torch.zeros_like(flat, dtype=torch.bool).scatter_(1, top, True).view_as(x0)
+        w = mask_weights(flat.abs(), masked_count(cfg.mask_fraction, flat.shape[1])).view_as(x0)
+        inside, outside = w == 1, w == 0  # where the weights are the hard mask, keep its exact arithmetic
+        w = w.to(x0.dtype)
 
-        x_tilde = torch.where(mask, eps, x0)
+        x_tilde = torch.where(inside, eps, torch.where(outside, x0, x0 + w * (eps - x0)))
         pred = predict_eps(adapter, x_tilde, t, cond, self.chunk_for(batch))
-        err = torch.where(mask, (eps - x0) - pred, torch.zeros_like(pred))
+        target = (eps - x0) - pred
+        err = torch.where(inside, target, torch.where(outside, torch.zeros_like(pred), w * target))
         return per_sample_norm(err).view(b, n_t)

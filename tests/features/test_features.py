@@ -24,7 +24,7 @@ from cdi.features.calls import evaluate, planned_calls
 from cdi.features.clid import CLiD, mask_caption
 from cdi.features.clid_captions import clip_captions, importance_captions, importance_ranking, released_count
 from cdi.features.denoising_loss import DenoisingLoss
-from cdi.features.gradient_masking import GradientMasking, masked_count
+from cdi.features.gradient_masking import MASK_EDGE, GradientMasking, mask_weights, masked_count
 from cdi.features.multiple_loss import MultipleLoss
 from cdi.features.noise_optimization import NoiseOptimization, per_sample_lbfgs
 from cdi.features.pia import PIA
@@ -67,9 +67,9 @@ def _pixels(n: int, channels: int, size: int) -> torch.Tensor:
 
 def _captions_for(adapter: DiffusionAdapter, n: int) -> list[str | None]:
     if adapter.conditioning == "text":
-        return CAPTIONS[:n]
+        return [CAPTIONS[i % len(CAPTIONS)] for i in range(n)]
     if adapter.conditioning == "class":
-        return CLASS_LABELS[:n]
+        return [CLASS_LABELS[i % len(CLASS_LABELS)] for i in range(n)]
     return [None] * n
 
 
@@ -205,13 +205,14 @@ def hand_gradient_masking(ad, batch, i, fraction=0.2):
     out = []
     for t in range(0, 1000, 100):
         # d/dx ||c (x - sqrt(a) mu) - eps|| = c r / ||r||, c > 0: |g| ranks like |r|.
-        r = _eps_hat(ad, _noised(ad, x0, eps, t), t, mu) - eps
-        mask = np.zeros(x0.size, dtype=bool)
-        mask[np.argsort(-np.abs(r).ravel(), kind="stable")[:k]] = True
-        mask = mask.reshape(x0.shape)
-        x_tilde = np.where(mask, eps, x0)
-        err = (eps - x0) - _eps_hat(ad, x_tilde, t, mu)
-        out.append(_norm(err[mask]))
+        # The mask's edge is relative to the threshold, so |r| gives the same weights as |g|.
+        r = np.abs(_eps_hat(ad, _noised(ad, x0, eps, t), t, mu) - eps)
+        top = np.sort(r.ravel())[::-1]
+        tau = (top[k - 1] + top[k]) / 2
+        w = np.clip(0.5 + (r - tau) / (2 * MASK_EDGE * tau), 0.0, 1.0)
+        x_tilde = x0 + w * (eps - x0)
+        err = w * ((eps - x0) - _eps_hat(ad, x_tilde, t, mu))
+        out.append(_norm(err))
     return out
 
 
@@ -256,7 +257,11 @@ def test_family_matches_closed_form(oracles, name, conditioning):
     got = family.extract(ad, batch)
     assert got.dtype == torch.float32 and got.shape == (len(batch), len(family.columns(ad)))
     want = np.array([HAND[name](ad, batch, i) for i in range(len(batch))])
-    np.testing.assert_allclose(got.double().numpy(), want, rtol=1e-5, atol=1e-6)
+    # Gradient Masking: an element inside the mask's edge has a weight that moves by the float32
+    # rounding of |g| (relative, up to ~1e-5 where eps_hat - eps cancels) over 2 * MASK_EDGE, a gain
+    # of 500; measured worst 4.8e-4 of the value against the float64 hand computation.
+    rtol = 2e-3 if name == "gradient_masking" else 1e-5
+    np.testing.assert_allclose(got.double().numpy(), want, rtol=rtol, atol=1e-6)
 
 
 def test_secmi_and_pia_configs_are_used(oracles):
@@ -472,14 +477,77 @@ def test_values_do_not_depend_on_batch_mates_order_or_chunking_oracle(conditioni
     _check_invariance(oracles[conditioning], 5, rtol=1e-6, atol=1e-7)
 
 
-def test_values_do_not_depend_on_batch_mates_order_or_chunking_network(tiny_unet):
-    """On a network the batch size changes the rounding of its kernels (~1e-7), nothing more.
+#: Largest batch-size difference allowed per column, as a share of the column's spread across images.
+#: Issue 24's bound is 1 %. Measured on this tiny UNet (16 images, one at a time against all 16 and in
+#: chunks of 7; docs/notes/issue-24-batch.md): noise_opt_norm 8e-4 (L-BFGS amplifies the kernels'
+#: rounding), every other column at most 5e-5. The bound is a share of the spread, not of the value,
+#: so it does not depend on how the instruction set or the thread count round (relative rounding of
+#: 5e-5 on noise_opt_norm, as measured on an AVX-512/MKL machine, is 3e-5 of its spread here).
+SPREAD_SHARE = {"noise_opt_loss": 1e-2, "noise_opt_norm": 1e-2}
+SPREAD_SHARE_OTHERS = 1e-3
 
-    (With the literal ``objective="norm"`` L-BFGS divides by a near-zero
-    curvature and amplifies that rounding to ~1e-3 of ||d||: one reason the
-    default is the squared objective.)
+
+def test_values_do_not_depend_on_batch_mates_order_or_chunking_network(tiny_unet):
+    """On a network the batch size changes the rounding of its kernels, and no column may amplify it.
+
+    Each column's differences (alone, shuffled, chunked, against the full
+    batch of 8) must stay under ``SPREAD_SHARE`` of its standard deviation
+    across the 8 images: 1 % for the noise-optimisation columns, whose
+    L-BFGS amplifies rounding (measured at most 8e-4), 0.1 % for every other
+    column (measured at most 5e-5; Gradient Masking's mask edge keeps a
+    near-tie of the top-k from turning rounding into a jump). (With the
+    literal ``objective="norm"`` L-BFGS divides by a near-zero curvature and
+    amplifies that rounding to ~1e-3 of ||d||: one reason the default is
+    the squared objective.)
     """
-    _check_invariance(tiny_unet, 4, rtol=1e-4, atol=1e-5)
+    n = 8
+    full = _extract_all(tiny_unet, make_batch(tiny_unet, n)).double()
+    columns = columns_of(_all_families(tiny_unet), tiny_unet)
+    spread = full.std(dim=0)
+    share = torch.tensor([SPREAD_SHARE.get(c, SPREAD_SHARE_OTHERS) for c in columns], dtype=torch.float64)
+    order = [n - 1] + list(range(n - 1))
+    others = {
+        "shuffled": _extract_all(tiny_unet, make_batch(tiny_unet, n, order))[torch.argsort(torch.tensor(order))],
+        "alone": torch.cat([_extract_all(tiny_unet, make_batch(tiny_unet, n, [i])) for i in range(n)]),
+        "chunked": _extract_all(tiny_unet, make_batch(tiny_unet, n), max_chunk=3),
+    }
+    assert bool((spread > 0).all())
+    for what, other in others.items():
+        worst = ((other.double() - full).abs().amax(dim=0) / spread)
+        bad = {c: float(w) for c, w, b in zip(columns, worst, share) if w > b}
+        assert not bad, f"{what}: differences over their share of the spread across images: {bad}"
+
+
+def test_mask_weights_are_the_top_k_mask_away_from_ties():
+    """With the k-th and (k+1)-th magnitudes further apart than the edge, the weights are the hard top-k."""
+    gen = torch.Generator().manual_seed(5)
+    m = torch.rand((6, 256), generator=gen, dtype=torch.float64)
+    k = 51
+    w = mask_weights(m, k)
+    top = m.sort(dim=1, descending=True).values
+    clear = (top[:, k - 1] - top[:, k]) >= 2 * MASK_EDGE * (top[:, k - 1] + top[:, k]) / 2
+    hard = torch.zeros_like(m).scatter_(1, m.topk(k, dim=1).indices, 1.0)
+    assert bool(clear.any())
+    assert torch.equal(w[clear], hard[clear])
+    assert torch.equal(mask_weights(m, 256), torch.ones_like(m))
+
+
+def test_mask_weights_move_continuously_through_a_near_tie():
+    """Two magnitudes crossing at the threshold swap weights smoothly, never by a jump; ties weigh alike."""
+    base = torch.linspace(1.0, 2.0, 11, dtype=torch.float64)  # k = 5: the 5th and 6th largest are 1.6, 1.5
+    k = 5
+    tau = 1.55
+    last = None
+    for delta in torch.linspace(-0.2 * MASK_EDGE, 0.2 * MASK_EDGE, 41, dtype=torch.float64):
+        m = base.clone()
+        m[5], m[6] = tau * (1 - delta), tau * (1 + delta)  # 1.5 and 1.6 replaced by a near-tie
+        w = mask_weights(m[None], k)[0]
+        assert abs(float(w.sum()) - k) < 1e-9
+        if last is not None:  # rounding delta * tau moves a weight by at most delta / (2 * MASK_EDGE)
+            assert float((w - last).abs().max()) <= 0.01 * MASK_EDGE / (2 * MASK_EDGE) * 1.0001
+        last = w
+    tied = torch.tensor([[3.0, 2.0, 2.0, 1.0]], dtype=torch.float64)
+    assert torch.equal(mask_weights(tied, 2), torch.tensor([[1.0, 0.5, 0.5, 0.0]], dtype=torch.float64))
 
 
 def test_seed_changes_the_noise(oracles):
