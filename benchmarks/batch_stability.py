@@ -19,11 +19,11 @@ import json
 import numpy as np
 import torch
 
-from cdi.data import ImageCollection
+from cdi.data.collection import ImageCollection
 from cdi.features.extract import extract_features
 from cdi.features.registry import resolve_features
 from cdi.models import load_model
-from cdi.toy import build_world
+from cdi.toy.world import build_world
 
 
 def main() -> None:

@@ -17,7 +17,8 @@ A feature family is a small class with
   too (``features.calls``); the engine evaluates each distinct one once per
   batch;
 * ``extract(adapter, batch)``: a (B, len(columns)) float32 tensor for one
-  ``EncodedBatch``, on the adapter's device.
+  ``EncodedBatch``, on the adapter's device;
+* ``draws_noise``: whether its values depend on the seed's noise draws.
 
 ``extract`` talks only to the adapter protocol of ``cdi.models.base``. It may
 put timesteps, repetitions and conditions of its images in the batch
@@ -149,6 +150,8 @@ class FeatureFamily:
     version: ClassVar[int] = 1
     config_class: ClassVar[type] = type(None)
     requires_condition: ClassVar[bool] = False
+    #: Whether the values depend on ``EncodedBatch.noise``, hence on the seed (SecMI, PIA and SimA do not).
+    draws_noise: ClassVar[bool] = True
 
     def __init__(self, config: Any = None, *, max_chunk: int | None = None, **overrides: Any) -> None:
         config = config if config is not None else self.config_class()

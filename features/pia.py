@@ -51,6 +51,7 @@ class PIA(FeatureFamily):
     """PIA and its normalised variant PIAN (two columns sharing e0)."""
 
     name = "pia"
+    draws_noise = False  # deterministic: no EncodedBatch.noise
     config_class = PIAConfig
 
     def columns(self, adapter: DiffusionAdapter | None = None) -> list[str]:

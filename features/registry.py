@@ -109,3 +109,41 @@ def total_cost(families: Sequence[FeatureFamily], adapter: DiffusionAdapter) -> 
         total = total + family.cost(adapter)
     saved = shared_savings(families, adapter)
     return Cost(total.forward - saved.forward, total.backward - saved.backward)
+
+
+#: The verdict p-value over feature seeds on the toy demo's own folders, as measured (issue 21):
+#: ``cdi demo``, then ``python benchmarks/seed_spread.py extract demo-out --seeds 0-9 --out seeds``
+#: and ``python benchmarks/seed_spread.py families seeds`` (default features, 150 + 150 images).
+DEMO_SEED_SPREAD = {
+    "what": "verdict p-value of cdi demo's folders (toy SD, 150 + 150 images, cdi+clid+sima) over feature seeds",
+    "seeds": 10,
+    "p_min": 2.6e-9,
+    "p_max": 5.0e-6,
+    "max_over_min": 1914,
+    "command": "python benchmarks/seed_spread.py extract demo-out --seeds 0-9 --out seeds && "
+               "python benchmarks/seed_spread.py families seeds",
+}
+
+
+def seed_dependence(families: Sequence[FeatureFamily]) -> dict:
+    """How the feature values of ``families`` depend on ``--seed``, for result.json and the report.
+
+    ``families_drawing_noise`` lists the families whose values average
+    random noise draws seeded by the seed (``FeatureFamily.draws_noise``);
+    ``text`` says in words what that means for the verdict, with the spread
+    measured on the toy demo (``DEMO_SEED_SPREAD``) when some family draws
+    noise; ``demo_measurement`` holds that measurement.
+    """
+    noisy = [f.name for f in families if f.draws_noise]
+    free = [f.name for f in families if not f.draws_noise]
+    if not noisy:
+        return {"families_drawing_noise": [], "seed_free_families": free, "demo_measurement": None,
+                "text": "No feature family here draws noise: the feature values, hence the verdict's parametric "
+                        "p-value, are the same for every seed."}
+    m = DEMO_SEED_SPREAD
+    text = (f"The features of {', '.join(noisy)} are computed from random noise draws seeded by the seed, so an "
+            f"audit re-run with another seed computes other feature values and another verdict p-value"
+            f"{' (' + ', '.join(free) + ' draw no noise)' if free else ''}. How much it moves was not measured "
+            f"for this audit; on the toy demo's folders (150 + 150 images, default features) {m['seeds']} seeds "
+            f"gave verdict p-values from {m['p_min']:.1e} to {m['p_max']:.1e}, a factor of {m['max_over_min']:,.0f}.")
+    return {"families_drawing_noise": noisy, "seed_free_families": free, "demo_measurement": dict(m), "text": text}

@@ -60,6 +60,7 @@ class SecMI(FeatureFamily):
     """SecMI_stat: the error of one DDIM up-and-down step after deterministic inversion."""
 
     name = "secmi"
+    draws_noise = False  # deterministic: no EncodedBatch.noise
     config_class = SecMIConfig
 
     def columns(self, adapter: DiffusionAdapter | None = None) -> list[str]:

@@ -49,6 +49,7 @@ class SimA(FeatureFamily):
     """``||eps_theta(x0, t, c)||_4^4`` on the clean input, one column per timestep (lower = member)."""
 
     name = "sima"
+    draws_noise = False  # deterministic: no EncodedBatch.noise
     config_class = SimAConfig
 
     def columns(self, adapter: DiffusionAdapter | None = None) -> list[str]:

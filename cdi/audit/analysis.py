@@ -169,6 +169,7 @@ def build_result(
 ) -> AuditResult:
     """Assemble the ``AuditResult`` of an analysis."""
     from cdi.audit.figures import NOT_RUN_UNDER_POOLED, figure_labels
+    from cdi.features.registry import seed_dependence
     from cdi.stats.feature_effects import feature_effects
 
     test = analysis.test
@@ -224,6 +225,7 @@ def build_result(
                          for f in families],
             "columns": list(published.columns),
             "directions": None if directions is None else [int(d) for d in directions],
+            "seed_dependence": seed_dependence(families),
         },
         parameters={k: v for k, v in asdict(config).items() if k not in ("force", "token")},
         seed=config.seed,

@@ -163,10 +163,12 @@ VERDICTS = ("parametric", "permutation")
 
 #: How each protocol's p-values depend on ``seed`` (recorded in the result).
 SEED_DEPENDENCE = {
-    "pooled": ("The verdict's parametric p-value uses no random draw: it is a function of the feature table "
-               "alone, the same for every seed. Only the permutation p-value depends on the seed, through "
-               "the Monte Carlo draw of its permutations: permutation_p_interval holds the 99% interval "
-               "within which another seed's permutation p-value would fall."),
+    "pooled": ("The test itself draws nothing at random for its parametric p-value: it is a function of the "
+               "feature table, which depends on the seed wherever a feature family draws noise (result.json's "
+               "features.seed_dependence says which, and how much that moved the p-value on the demo). The "
+               "permutation p-value also depends on the seed through the Monte Carlo draw of its permutations: "
+               "permutation_p_interval holds the 99% interval within which another seed's permutation p-value "
+               "would fall for these features."),
     "sequential": ("The p-value depends on how the seed deals the images into blocks; on the demo's table it "
                    "varied by a factor of about 5,000 over 20 seeds (2.3e-7 to 1.1e-3). Prefer protocol 'pooled'."),
     "crossfit": ("The permutation p-value depends on the seed through the folds and the Monte Carlo draw "

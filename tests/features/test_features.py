@@ -35,6 +35,7 @@ from cdi.features.registry import (
     default_feature_set,
     directions_of,
     resolve_features,
+    seed_dependence,
     total_cost,
 )
 from cdi.features.secmi import SecMI
@@ -556,6 +557,26 @@ def test_seed_changes_the_noise(oracles):
     b = EncodedBatch(a.x0, a.hashes, a.captions, a.cond, SEED + 1)
     fam = DenoisingLoss()
     assert not torch.allclose(fam.extract(ad, a), fam.extract(ad, b))
+
+
+def test_draws_noise_says_whether_values_depend_on_the_seed(oracles):
+    """``draws_noise`` is what the report's seed sentence rests on: it must match the values."""
+    ad = oracles["text"]
+    a = make_batch(ad, 2)
+    b = EncodedBatch(a.x0, a.hashes, a.captions, a.cond, SEED + 1)
+    for family in resolve_features("cdi+clid+sima"):
+        same = torch.equal(family.extract(ad, a), family.extract(ad, b))
+        assert same == (not family.draws_noise), family.name
+
+
+def test_seed_dependence_never_says_same_for_every_seed_when_noise_is_drawn():
+    noisy = seed_dependence(resolve_features("cdi+clid+sima"))
+    assert "same for every seed" not in noisy["text"] and "another verdict p-value" in noisy["text"]
+    assert noisy["families_drawing_noise"] == ["denoising_loss", "multiple_loss", "noise_optimization",
+                                               "gradient_masking", "clid"]
+    assert noisy["demo_measurement"]["max_over_min"] > 1
+    free = seed_dependence(resolve_features("secmi,pia,sima"))
+    assert free["families_drawing_noise"] == [] and "same for every seed" in free["text"]
 
 
 def test_gradient_families_run_under_inference_mode(oracles, tiny_unet):
