@@ -71,7 +71,8 @@ def test_verdict_does_not_depend_on_the_seed():
     ps = {audit_test(P, U, directions=DIRECTIONS, permutations=0, seed=s).verdict_p for s in range(20)}
     assert len(ps) == 1
     res = audit_test(P, U, directions=DIRECTIONS, permutations=0, seed=0)
-    assert res.protocol == "pooled" and "function of the feature table alone" in res.seed_dependence
+    assert res.protocol == "pooled" and "function of the feature table" in res.seed_dependence
+    assert "draws noise" in res.seed_dependence  # the table itself depends on the features' seed (issue 21)
     json.dumps(res.to_dict(), allow_nan=False)
 
 
