@@ -342,3 +342,16 @@ class DiffusionAdapter:
         """The raw network output for a batch (in ``self.dtype``)."""
         raise NotImplementedError
 
+
+def autoencoder_downsampling(autoencoder: torch.nn.Module) -> int:
+    """Pixels per latent along each side: 2 ** (number of encoder blocks - 1), as the pipelines compute it."""
+    return 2 ** (len(autoencoder.config.block_out_channels) - 1)
+
+
+def square_resolution(sample_size: int | list[int] | tuple[int, ...], downsampling: int = 1) -> int:
+    """Pixel size of the square input: the denoiser's ``sample_size`` times the autoencoder's downsampling."""
+    if isinstance(sample_size, (list, tuple)):
+        if len(set(sample_size)) != 1:
+            raise CDIError(f"non-square models are not supported (sample_size {list(sample_size)})")
+        sample_size = sample_size[0]
+    return int(sample_size) * downsampling

@@ -22,8 +22,7 @@ import torch
 from diffusers import SchedulerMixin, UNet2DModel
 
 from cdi.utils.errors import CDIError
-from cdi.models.base import Condition, DiffusionAdapter
-from cdi.models.loading import square_resolution
+from cdi.models.base import Condition, DiffusionAdapter, square_resolution
 
 
 class DDPMAdapter(DiffusionAdapter):

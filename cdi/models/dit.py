@@ -25,8 +25,7 @@ import torch
 from diffusers import AutoencoderKL, DiTTransformer2DModel, SchedulerMixin
 
 from cdi.utils.errors import CDIError
-from cdi.models.base import Condition, DiffusionAdapter
-from cdi.models.loading import autoencoder_downsampling, square_resolution
+from cdi.models.base import Condition, DiffusionAdapter, autoencoder_downsampling, square_resolution
 from cdi.models.stable_diffusion import encode_autoencoder_kl
 
 

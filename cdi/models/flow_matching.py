@@ -72,8 +72,7 @@ from typing import Iterator, Sequence
 import torch
 
 from cdi.utils.errors import CDIError
-from cdi.models.base import Condition, DiffusionAdapter
-from cdi.models.loading import autoencoder_downsampling
+from cdi.models.base import Condition, DiffusionAdapter, autoencoder_downsampling
 
 logger = logging.getLogger("cdi")
 

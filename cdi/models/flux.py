@@ -39,9 +39,8 @@ import torch
 from diffusers import AutoencoderKL, FluxTransformer2DModel, SchedulerMixin
 from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
-from cdi.models.base import Condition
+from cdi.models.base import Condition, autoencoder_downsampling
 from cdi.models.flow_matching import FlowMatchingAdapter, autoencoder_native_size, encode_flow_autoencoder
-from cdi.models.loading import autoencoder_downsampling
 
 #: FluxPipeline.__call__'s default T5 length; schnell must use 256.
 FLUX_MAX_SEQUENCE_LENGTH = {"dev": 512, "schnell": 256}

@@ -29,8 +29,7 @@ from pathlib import Path
 import torch
 from diffusers import SchedulerMixin, UNet2DModel, VQModel
 
-from cdi.models.base import Condition, DiffusionAdapter
-from cdi.models.loading import autoencoder_downsampling, square_resolution
+from cdi.models.base import Condition, DiffusionAdapter, autoencoder_downsampling, square_resolution
 
 
 class LDMAdapter(DiffusionAdapter):

@@ -27,9 +27,8 @@ import torch
 from diffusers import AutoencoderKL, SchedulerMixin, SD3Transformer2DModel
 from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
-from cdi.models.base import Condition
+from cdi.models.base import Condition, autoencoder_downsampling, square_resolution
 from cdi.models.flow_matching import FlowMatchingAdapter, encode_flow_autoencoder
-from cdi.models.loading import autoencoder_downsampling, square_resolution
 
 #: StableDiffusion3Pipeline.__call__'s default T5 length.
 SD3_MAX_SEQUENCE_LENGTH = 256

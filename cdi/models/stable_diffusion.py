@@ -24,8 +24,7 @@ import torch
 from diffusers import AutoencoderKL, SchedulerMixin, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from cdi.models.base import Condition, DiffusionAdapter
-from cdi.models.loading import autoencoder_downsampling, square_resolution
+from cdi.models.base import Condition, DiffusionAdapter, autoencoder_downsampling, square_resolution
 
 logger = logging.getLogger("cdi")
 
