@@ -233,8 +233,10 @@ def test_result_records_model_files_and_batch_size(crash_states, env):
     files = result.model["files"]
     weights = "unet/diffusion_pytorch_model.safetensors"
     assert files[weights] == _sha(Path(env["world"].model_dir) / weights)
-    assert result.extraction == {"batch_size": 32, "batch_size_rule": "auto: fixed 32 off CUDA",
-                                 "final_batch_size": 32}
+    extraction = dict(result.extraction)
+    plan = extraction.pop("memory_plan")  # cdi.engine.memory_plan: weights and caches off CUDA, not traced
+    assert extraction == {"batch_size": 32, "batch_size_rule": "auto: fixed 32 off CUDA", "final_batch_size": 32}
+    assert plan["device"] == "cpu" and not plan["traced"] and sum(plan["weights"].values()) > 0
     assert result.evidence_files["features.csv"] == _sha(crash_states["new"] / "features.csv")
 
 
