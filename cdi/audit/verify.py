@@ -180,6 +180,9 @@ def retest(folder: str | Path, *, curve: bool = True) -> tuple[AuditResult, Audi
     recomputed = build_result(analysis, published, unpublished, families=families,
                               feature_spec=recorded.features.get("set", ""), directions=directions,
                               model=recorded.model, config=config, timings={})
+    # The question the audit answered is set by the run that chose it (a reference-model audit), not by the
+    # test: taken from the record, so the verdict text is compared on the same question.
+    recomputed.question, recomputed.reference_model = recorded.question, recorded.reference_model
     return recorded, recomputed
 
 
@@ -201,6 +204,15 @@ class _RecordedFamily:
 
     def columns(self) -> list[str]:
         return list(self.record.get("columns", []))
+
+    @property
+    def draws_noise(self) -> bool:
+        """The family's ``FeatureFamily.draws_noise`` (True for a family this cdi does not know: the cautious
+        reading, since its values may then depend on the seed)."""
+        from cdi.features.registry import FAMILIES
+
+        family = FAMILIES.get(self.name)
+        return True if family is None else family.draws_noise
 
 
 def retest_differences(recorded: AuditResult, recomputed: AuditResult, *, curve: bool = True) -> list[str]:
