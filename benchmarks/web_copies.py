@@ -78,7 +78,8 @@ def extract(args) -> None:
     from cdi.data.collection import ImageCollection
     from cdi.features.extract import extract_features
     from cdi.features.registry import resolve_features
-    from cdi.data.harmonise import harmonised_preprocess, probe_collection
+    from cdi.data.harmonise import probe_collection
+    from cdi.data.preprocess import harmonised_preprocess
     from cdi.models import load_model
     from cdi.engine.table import FeatureTable
     from cdi.toy.world import build_world
@@ -216,7 +217,8 @@ def guard(args) -> None:
     import torch
 
     from cdi.data.collection import ImageCollection
-    from cdi.data.harmonise import harmonised_preprocess, probe_collection
+    from cdi.data.harmonise import probe_collection
+    from cdi.data.preprocess import harmonised_preprocess
     from cdi.data.shift_guard import image_embeddings, shift_guard
     from cdi.toy.world import build_world
 

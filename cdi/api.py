@@ -163,7 +163,8 @@ def _audit_images(published, unpublished, model, config: AuditConfig, progress: 
     from cdi.data.duplicates import check_disjoint
     from cdi.data.shift_guard import image_embeddings
     from cdi.audit.analysis import harmonisation_record
-    from cdi.data.harmonise import harmonised_preprocess, probe_collection
+    from cdi.data.harmonise import probe_collection
+    from cdi.data.preprocess import harmonised_preprocess
     from cdi.features.extract import extract_features
     from cdi.features.registry import default_feature_set, directions_of, resolve_features
 

@@ -69,7 +69,8 @@ def run_audit(config: AuditConfig, *, progress: bool = True) -> AuditResult:
     """Run a whole audit and write its files into ``config.out``; see the module docstring."""
     from cdi.engine.batching import parse_batch_size, resolve_batch_size
     from cdi.models import load_model
-    from cdi.data.harmonise import harmonised_preprocess, probe_collection
+    from cdi.data.harmonise import probe_collection
+    from cdi.data.preprocess import harmonised_preprocess
     from cdi.data.shift_guard import image_embeddings
     from cdi.features.extract import extract_features
     from cdi.features.registry import default_feature_set, directions_of, resolve_features

@@ -367,14 +367,6 @@ def plan_harmonisation(
                              working_size=size, reasons=tuple(reasons), collections=summaries)
 
 
-def harmonised_preprocess(probes_p: Sequence[EncodingProbe], probes_u: Sequence[EncodingProbe], resolution: int,
-                          channels: int, *, enabled: bool = True):
-    """``(plan, preprocess)``: ``plan_harmonisation`` and the model's ``cdi.data.preprocess.Preprocess`` with it applied."""
-    from cdi.data.preprocess import Preprocess  # preprocess imports this module
-
-    plan = plan_harmonisation(probes_p, probes_u, resolution, enabled=enabled)
-    return plan, plan.apply(Preprocess(resolution, channels))
-
 
 def _common_subsampling(collections: Sequence[Sequence[EncodingProbe]]) -> str:
     """The coarsest majority subsampling of the collections' colour JPEGs (4:2:0 when none has any)."""

@@ -10,6 +10,7 @@ in worker processes is ``cdi.data.image_loader``.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -17,7 +18,8 @@ from PIL import Image, ImageOps
 
 from cdi.utils.errors import CDIError
 from cdi.data.image_files import EXIF_ORIENTATION, convert_mode
-from cdi.data.harmonise import SUBSAMPLINGS, already_encoded, reencode_jpeg
+from cdi.data.harmonise import SUBSAMPLINGS, EncodingProbe, already_encoded, plan_harmonisation, reencode_jpeg
+
 
 @dataclass(frozen=True)
 class Preprocess:
@@ -159,3 +161,10 @@ def _fit(image: Image.Image, res: int, crop: str, resample) -> tuple[Image.Image
     left = int(round((width - res) / 2.0))  # torchvision CenterCrop offsets
     top = int(round((height - res) / 2.0))
     return image.crop((left, top, left + res, top + res)), resampled
+
+
+def harmonised_preprocess(probes_p: Sequence[EncodingProbe], probes_u: Sequence[EncodingProbe], resolution: int,
+                          channels: int, *, enabled: bool = True):
+    """``(plan, preprocess)``: ``plan_harmonisation`` and the model's ``Preprocess`` with it applied."""
+    plan = plan_harmonisation(probes_p, probes_u, resolution, enabled=enabled)
+    return plan, plan.apply(Preprocess(resolution, channels))

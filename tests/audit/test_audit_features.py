@@ -108,7 +108,7 @@ def test_tables_that_do_not_belong_together_are_refused(folders, extracted, tmp_
     assert "both feature tables" in refused("--published-features", str(p_csv), "--unpublished-features", str(p_csv))
     assert "drop --model" in refused("--published-features", str(p_csv), "--unpublished-features", str(u_csv),
                                      "--model", str(model))
-    assert "go together" in refused("--published-features", str(p_csv))
+    assert "missing --unpublished-features" in refused("--published-features", str(p_csv))
     assert "--published, --unpublished and --model" in refused("--published", str(published))
     assert "exactly the images" in refused("--published-features", str(p_csv), "--unpublished-features", str(u_csv),
                                            "--published", str(unpublished), "--unpublished", str(published))
