@@ -109,7 +109,7 @@ def test_tables_that_do_not_belong_together_are_refused(folders, extracted, tmp_
     assert "drop --model" in refused("--published-features", str(p_csv), "--unpublished-features", str(u_csv),
                                      "--model", str(model))
     assert "missing --unpublished-features" in refused("--published-features", str(p_csv))
-    assert "--published, --unpublished and --model" in refused("--published", str(published))
+    assert "missing --unpublished, --model" in refused("--published", str(published))
     assert "exactly the images" in refused("--published-features", str(p_csv), "--unpublished-features", str(u_csv),
                                            "--published", str(unpublished), "--unpublished", str(published))
 
