@@ -236,5 +236,5 @@ def test_ray_options_are_checked_and_ray_is_optional(monkeypatch):
             "from typer.testing import CliRunner\n"
             "r = CliRunner().invoke(cdi.cli.main.app, ['extract', '--help'])\n"
             "assert r.exit_code == 0 and '--ray' in r.output, r.output\n")
-    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr

@@ -56,7 +56,7 @@ def open_in_chromium(page: Path, workdir: Path, *extra: str) -> dict:
         "--enable-logging=stderr", "--log-level=0", "--virtual-time-budget=5000",
         *extra, "--dump-dom", page.as_uri(),
     ]
-    run = subprocess.run(command, capture_output=True, text=True, timeout=180)
+    run = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0 and run.stdout, f"Chromium failed ({run.returncode}):\n{run.stderr[-3000:]}"
     log = json.loads(netlog.read_text())
     names = {number: name for name, number in log["constants"]["logEventTypes"].items()}
