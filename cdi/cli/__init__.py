@@ -1,5 +1,5 @@
-"""The ``cdi`` command line: ``main`` defines the commands (``app``, re-exported here), ``options`` the
-options several commands share. The top room: it may import every other."""
+"""The ``cdi`` command line: ``main`` holds ``app`` (re-exported here), ``commands/`` one module per command,
+``common`` and ``options`` what several commands share. The top room: it may import every other."""
 
 from cdi.cli.main import app
 

@@ -77,7 +77,7 @@ def test_audit_without_options_lists_everything_missing():
 
 
 def test_robustness_line_when_no_size_reaches_the_share():
-    from cdi.cli.main import robustness_line
+    from cdi.cli.common import robustness_line
     from cdi.audit.result import SampleSizeCurve
 
     curve = SampleSizeCurve(sizes=[30, 60, 150], median_p=[0.5, 0.3, 0.1], share_significant=[0.0, 0.1, 0.4],
@@ -151,7 +151,7 @@ def test_ray_help_and_error_name_the_extra(monkeypatch):
 def test_every_left_out_file_is_named_first_few_with_the_count(tmp_path, capsys):
     from types import SimpleNamespace
 
-    from cdi.cli.main import LEFT_OUT_NAMED, _print_left_out
+    from cdi.cli.common import LEFT_OUT_NAMED, _print_left_out
     from cdi.data.collection import ImageCollection
 
     folder = tmp_path / "P"
