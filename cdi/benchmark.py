@@ -174,7 +174,7 @@ class BenchmarkConfig:
     seed: int = 0
     batch_size: int | str = "auto"  # resolved to the number used before extraction
     device: str = "auto"
-    dtype: str = "float32"
+    dtype: str = "default"  # the release dtype on CUDA, float32 elsewhere (cdi.models.loading.resolve_dtype_for)
     revision: str | None = None
     variant: str | None = None
     allow_pickle: bool = False
