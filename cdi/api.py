@@ -33,7 +33,11 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from cdi.audit.run import AuditConfig, analyse_tables, build_result, extraction_record
+from cdi.audit.config import AuditConfig
+
+from cdi.audit.analysis import analyse_tables, build_result
+
+from cdi.audit.run import extraction_record
 from cdi.utils.errors import CDIError
 from cdi.audit.result import AuditResult
 

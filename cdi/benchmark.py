@@ -26,7 +26,7 @@ What a run does, in order:
    (near zero when the store already held the values).
 5. **Shift.** ``attacks.shift.measure_shift`` between all used members and
    non-members.
-6. **Audit.** ``cdi.audit.run.analyse_tables`` with P = test-split members and
+6. **Audit.** ``cdi.audit.analysis.analyse_tables`` with P = test-split members and
    U = test-split non-members on the CDI features, with the shift guard:
    the set-level answer beside the per-image attacks.
 7. **Mixing** (optional). For each fraction f of ``mix``, the non-members
@@ -369,7 +369,8 @@ def _evaluate_methods(methods, data: _Data, split, config: BenchmarkConfig, cdi_
 
 def _audit(data: _Data, split, config: BenchmarkConfig, cdi_families, families, adapter, paths) -> dict:
     """The CDI audit with P = test-split members, U = test-split non-members."""
-    from cdi.audit.run import AuditConfig, analyse_tables
+    from cdi.audit.config import AuditConfig
+    from cdi.audit.analysis import analyse_tables
     from cdi.engine.table import FeatureTable
     from cdi.features.registry import directions_of
 

@@ -53,14 +53,8 @@ from cdi.data.duplicates import NEAR_DUPLICATE_BITS, near_duplicates
 from cdi.utils.errors import CDIError
 from cdi.audit.result import FEATURES_FILE, REPORT_FILE, RESULT_FILE, AuditResult
 from cdi.engine.table import FeatureTable
-# The audit's options and its analysis from feature tables, re-exported: ``cdi.audit.run`` is the module
-# ``cdi audit`` runs, and its callers import these names from here.
-from cdi.audit.analysis import (  # noqa: F401
-    Analysis, analyse_tables, build_result, decide_verdict, harmonisation_record,
-)
-from cdi.audit.config import (  # noqa: F401
-    SCORERS, AuditConfig, check_seed, check_workers, check_writable, reproduce_command,
-)
+from cdi.audit.analysis import analyse_tables, build_result, harmonisation_record
+from cdi.audit.config import AuditConfig
 
 logger = logging.getLogger("cdi")
 

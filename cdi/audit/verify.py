@@ -154,13 +154,14 @@ def retest(folder: str | Path, *, curve: bool = True) -> tuple[AuditResult, Audi
     Reads ``result.json`` and ``features.csv``, splits the table into its
     published and unpublished rows (``cdi.audit.evidence.split_table``), rebuilds
     the audit's parameters from ``result.json`` and runs
-    ``cdi.audit.run.analyse_tables`` and ``build_result`` again. The recorded
+    ``cdi.audit.analysis.analyse_tables`` and ``build_result`` again. The recorded
     shift guard outcome enters the verdict unchanged (recomputing it needs
     the images). ``curve=False`` leaves out the sample-size curve (the
     slowest part: many resampled tests); the recomputed result then has
     none. Compare the two with ``retest_differences``.
     """
-    from cdi.audit.run import AuditConfig, analyse_tables, build_result, decide_verdict
+    from cdi.audit.config import AuditConfig
+    from cdi.audit.analysis import analyse_tables, build_result, decide_verdict
 
     recorded = AuditResult.load(folder)
     published, unpublished = split_table(read_evidence_table(folder))

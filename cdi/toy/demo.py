@@ -125,7 +125,9 @@ def run_demo(out: str | Path = "demo-out", *, null: bool = False, member_fractio
     """
     import torch
 
-    from cdi.audit.run import AuditConfig, run_audit
+    from cdi.audit.config import AuditConfig
+
+    from cdi.audit.run import run_audit
     from cdi.toy.world import build_world
 
     if audit_options.get("device", "auto") in ("auto", "cpu") and not torch.cuda.is_available():
@@ -196,7 +198,8 @@ def run_design_demo(out: str | Path, *, n: int = DEFAULT_DEMO_SIZE, kind: str = 
     training, which is why ``cdi demo`` without ``--design`` compares
     exchangeable collections too.
     """
-    from cdi.audit.run import AuditConfig, run_audit
+    from cdi.audit.config import AuditConfig
+    from cdi.audit.run import run_audit
     from cdi.audit.design import build_design, planned_analysis, write_design
     from cdi.utils.io import sha256_bytes
     from cdi.toy.world import build_world

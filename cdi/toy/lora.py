@@ -288,7 +288,8 @@ def run_lora_demo(out: str | Path = "demo-out", *, n: int = 150, null: bool = Fa
     ``OUT/lora-vs-base`` (``--reference-model base``), sharing one feature store ``OUT/features.sqlite``.
     Returns both ``AuditResult``s, plain first.
     """
-    from cdi.audit.run import AuditConfig, run_audit
+    from cdi.audit.config import AuditConfig
+    from cdi.audit.run import run_audit
 
     if strength not in LORA_STRENGTHS:
         raise CDIError(f"unknown LoRA strength {strength!r}; choose one of {', '.join(LORA_STRENGTHS)}")

@@ -14,7 +14,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from cdi.audit.run import AuditConfig, reproduce_command
+from cdi.audit.config import AuditConfig, reproduce_command
 from cdi.cli.main import app
 from cdi.utils.errors import CDIError
 from cdi.models.loading import resolve_dtype

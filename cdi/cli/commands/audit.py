@@ -52,7 +52,8 @@ def audit_command(
 ) -> None:
     """Audit: were the published images used to train the model? Writes result.json, features.csv and report.html."""
     with _user_errors():
-        from cdi.audit.run import AuditConfig, run_audit
+        from cdi.audit.config import AuditConfig
+        from cdi.audit.run import run_audit
 
         check_audit_sources(published, unpublished, model, published_features, unpublished_features, out)
 

@@ -41,7 +41,9 @@ def extract_command(
     """
     from pathlib import Path
 
-    from cdi.audit.run import check_seed, check_workers, check_writable, prepare_captions
+    from cdi.audit.config import check_seed, check_workers, check_writable
+
+    from cdi.audit.run import prepare_captions
     from cdi.models.captions import parse_captions_option
     from cdi.data.collection import DEFAULT_MAX_PIXELS, ImageCollection
     from cdi.engine.distributed import check_ray_options, ray_runner
