@@ -125,14 +125,17 @@ DEMO_SEED_SPREAD = {
 }
 
 
-def seed_dependence(families: Sequence[FeatureFamily]) -> dict:
+def seed_dependence(families: Sequence[FeatureFamily], this_audit: str | None = None) -> dict:
     """How the feature values of ``families`` depend on ``--seed``, for result.json and the report.
 
     ``families_drawing_noise`` lists the families whose values average
     random noise draws seeded by the seed (``FeatureFamily.draws_noise``);
     ``text`` says in words what that means for the verdict, with the spread
     measured on the toy demo (``DEMO_SEED_SPREAD``) when some family draws
-    noise; ``demo_measurement`` holds that measurement.
+    noise; ``demo_measurement`` holds that measurement. ``this_audit`` is the
+    sentence of the audit's own seed check (``cdi.audit.seed_check``), when
+    it ran: the text then quotes it instead of saying the spread was not
+    measured.
     """
     noisy = [f.name for f in families if f.draws_noise]
     free = [f.name for f in families if not f.draws_noise]
@@ -143,7 +146,9 @@ def seed_dependence(families: Sequence[FeatureFamily]) -> dict:
     m = DEMO_SEED_SPREAD
     text = (f"The features of {', '.join(noisy)} are computed from random noise draws seeded by the seed, so an "
             f"audit re-run with another seed computes other feature values and another verdict p-value"
-            f"{' (' + ', '.join(free) + ' draw no noise)' if free else ''}. How much it moves was not measured "
-            f"for this audit; on the toy demo's folders (150 + 150 images, default features) {m['seeds']} seeds "
+            f"{' (' + ', '.join(free) + ' draw no noise)' if free else ''}. "
+            + (this_audit + " For comparison, " if this_audit else "How much it moves was not measured for this "
+               "audit (`cdi audit --seed-check K` measures it); ")
+            + f"on the toy demo's folders (150 + 150 images, default features) {m['seeds']} seeds "
             f"gave verdict p-values from {m['p_min']:.1e} to {m['p_max']:.1e}, a factor of {m['max_over_min']:,.0f}.")
     return {"families_drawing_noise": noisy, "seed_free_families": free, "demo_measurement": dict(m), "text": text}

@@ -55,15 +55,11 @@ def analyse_tables(
     """
     from cdi.data.shift_guard import shift_guard
     from cdi.stats.sample_size import forward_sample_size, sample_size_curve
-    from cdi.stats.verdict import audit_test
 
     seconds: dict[str, float] = {}
     start = time.perf_counter()
-    test = audit_test(
-        published.values, unpublished.values, directions=directions, scorer=config.scorer,
-        folds=config.folds, permutations=config.permutations, alpha=config.alpha, seed=config.seed,
-        protocol=config.protocol, columns=published.columns, verdict=config.verdict,
-    )
+    test = verdict_test(published.values, unpublished.values, directions=directions, config=config,
+                        columns=published.columns)
     seconds["test_s"] = time.perf_counter() - start
     estimate = forward_sample_size(
         float(-special.ndtri_exp(min(test.ttest_log10_p * math.log(10.0), 0.0))), test.n_published,
@@ -105,6 +101,18 @@ def analyse_tables(
     verdict = decide_verdict(test.verdict, shift, ignore_shift=config.ignore_shift, encoding_blocks=blocks)
     return Analysis(verdict=verdict, test=test, curve=curve, shift=shift, seconds=seconds, estimate=estimate,
                     encoding=encoding, encoding_blocks=blocks)
+
+
+def verdict_test(published: np.ndarray, unpublished: np.ndarray, *, directions: Sequence[int] | None,
+                 config: AuditConfig, columns: Sequence[str]):
+    """The audit's verdict test (``cdi.stats.verdict.audit_test``) on two value arrays, with the audit's options."""
+    from cdi.stats.verdict import audit_test
+
+    return audit_test(
+        published, unpublished, directions=directions, scorer=config.scorer, folds=config.folds,
+        permutations=config.permutations, alpha=config.alpha, seed=config.seed, protocol=config.protocol,
+        columns=columns, verdict=config.verdict,
+    )
 
 
 def decide_verdict(test_verdict: str, shift: ShiftGuard | None, *, ignore_shift: bool,
@@ -166,8 +174,9 @@ def build_result(
     model: dict[str, Any],
     config: AuditConfig,
     timings: dict[str, Any],
+    seed_check: Any = None,
 ) -> AuditResult:
-    """Assemble the ``AuditResult`` of an analysis."""
+    """Assemble the ``AuditResult`` of an analysis (``seed_check``: a ``cdi.audit.seed_check.SeedCheck``, if run)."""
     from cdi.audit.figures import NOT_RUN_UNDER_POOLED, figure_labels
     from cdi.features.registry import seed_dependence
     from cdi.stats.feature_effects import feature_effects
@@ -225,7 +234,7 @@ def build_result(
                          for f in families],
             "columns": list(published.columns),
             "directions": None if directions is None else [int(d) for d in directions],
-            "seed_dependence": seed_dependence(families),
+            "seed_dependence": seed_dependence(families, None if seed_check is None else seed_check.text()),
         },
         parameters={k: v for k, v in asdict(config).items() if k not in ("force", "token")},
         seed=config.seed,
@@ -234,6 +243,7 @@ def build_result(
         timings={**timings, **analysis.seconds},
         feature_effects=feature_effects(published.values, unpublished.values, list(published.columns),
                                         directions, family_of),
+        seed_check=None if seed_check is None else seed_check.to_dict(),
     )
 
 

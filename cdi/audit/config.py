@@ -35,6 +35,7 @@ class AuditConfig:
     protocol: str = "pooled"
     verdict: str = "parametric"  # or "permutation": the exact permutation p-value is the verdict
     sample_size_resamples: int = 50
+    seed_check: int = 0  # other seeds whose noise draws re-run the verdict test (cdi.audit.seed_check)
     ignore_shift: bool = False
     no_harmonise: bool = False  # feed each collection's own encoding to the model (cdi.data.harmonise)
     shift_alpha: float = 0.05  # the guard errs towards "inconclusive": a missed shift could accuse wrongly
@@ -102,6 +103,7 @@ class AuditConfig:
         if self.sample_size_resamples < 0:
             raise CDIError("--sample-size-resamples must be 0 (off) or positive")
         check_seed(self.seed)
+        _validate_seed_check(self)
         check_workers(self.workers)
         if isinstance(self.max_pixels, bool) or not isinstance(self.max_pixels, int) or self.max_pixels < 1:
             raise CDIError(f"--max-pixels must be a positive whole number of pixels, got {self.max_pixels!r}")
@@ -213,6 +215,21 @@ def reproduce_command(config: AuditConfig) -> str:
         else:
             parts += [flag, str(value)]
     return " ".join(shlex.quote(p) for p in parts)
+
+
+def _validate_seed_check(config: "AuditConfig") -> None:
+    """``--seed-check K`` re-extracts features, so it needs the model, and no reference model (not built)."""
+    from cdi.audit.seed_check import check_seed_check
+
+    check_seed_check(config.seed_check)
+    if config.seed_check and config.from_features:
+        raise CDIError("--seed-check re-extracts the noise-drawing features with other seeds, which needs the "
+                       "images and the model; an audit from feature tables cannot run it: drop --seed-check, or "
+                       "audit from the images (--published, --unpublished, --model)")
+    if config.seed_check and config.reference_model:
+        raise CDIError("--seed-check with --reference-model is not supported yet (the reference's features would "
+                       "have to be re-extracted at every seed too): drop --seed-check, or re-run the audit with "
+                       "--seed S for the seeds you want to compare")
 
 
 def _validate_verdict_options(config: "AuditConfig") -> None:

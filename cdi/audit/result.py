@@ -161,6 +161,8 @@ class AuditResult:
     # per-feature standardised differences (95% intervals) and per-family contributions to the pooled test's
     # prior part (cdi.stats.feature_effects): what the report's signal chart draws; descriptive, not the verdict
     feature_effects: dict[str, Any] | None = None
+    # the verdict test re-run with other seeds' noise draws (cdi.audit.seed_check.SeedCheck); None: not run
+    seed_check: dict[str, Any] | None = None
 
     @property
     def verdict_text(self) -> str:

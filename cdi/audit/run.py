@@ -53,7 +53,8 @@ from cdi.data.duplicates import NEAR_DUPLICATE_BITS, near_duplicates
 from cdi.utils.errors import CDIError
 from cdi.audit.result import FEATURES_FILE, REPORT_FILE, RESULT_FILE, AuditResult
 from cdi.engine.table import FeatureTable
-from cdi.audit.analysis import analyse_tables, build_result, harmonisation_record
+from cdi.audit.analysis import analyse_tables, build_result, harmonisation_record, verdict_test
+from cdi.audit.seed_check import other_seeds, run_seed_check
 from cdi.audit.config import AuditConfig
 
 logger = logging.getLogger("cdi")
@@ -67,7 +68,7 @@ def run_audit(config: AuditConfig, *, progress: bool = True) -> AuditResult:
     from cdi.data.preprocess import harmonised_preprocess
     from cdi.data.shift_guard import image_embeddings
     from cdi.features.extract import extract_features
-    from cdi.features.registry import default_feature_set, directions_of, resolve_features
+    from cdi.features.registry import default_feature_set, directions_of, resolve_features, total_cost
 
     from cdi.engine.distributed import ray_runner
     from cdi.audit.evidence import write_evidence
@@ -153,7 +154,14 @@ def run_audit(config: AuditConfig, *, progress: bool = True) -> AuditResult:
             park(adapter)
             tables = calibrate(tables, reference_tables(reference, (published, unpublished), families,
                                                         extract_kwargs=extract_kwargs))
-    t_extracted = time.perf_counter()
+        t_extracted = time.perf_counter()
+        noisy = [f for f in families if f.draws_noise] if config.seed_check else []
+        redrawn = {other: [extract_features(adapter, collection, noisy, runner=runner,
+                                            **{**extract_kwargs, "seed": other})
+                           for collection in (published, unpublished)]
+                   for other in (other_seeds(config.seed, config.seed_check) if noisy else [])}
+        noisy_calls = total_cost(noisy, adapter) if noisy else None
+    t_redrawn = time.perf_counter()
 
     seen = preprocess if preprocess.harmonised else None  # the guard sees what the model saw
     emb_p, encoder = image_embeddings(published, encoder=config.shift_encoder, harmonisation=seen)
@@ -162,17 +170,28 @@ def run_audit(config: AuditConfig, *, progress: bool = True) -> AuditResult:
 
     analysis = analyse_tables(tables[0], tables[1], directions=directions, config=config,
                               shift_features=(emb_p, emb_u, encoder), encodings=(*probes, plan.enabled))
+    check = None
+    if redrawn:
+        def test(values_p, values_u):
+            outcome = verdict_test(values_p, values_u, directions=directions, config=config, columns=tables[0].columns)
+            return outcome.verdict_p, outcome.verdict
+
+        check = run_seed_check(tables, redrawn, seed=config.seed, families_redrawn=[f.name for f in noisy], test=test,
+                               first=(analysis.test.verdict_p, analysis.test.verdict),
+                               p_kind=analysis.test.verdict_choice,
+                               calls_per_image={"forward": noisy_calls.forward, "backward": noisy_calls.backward})
     timings = {
         "started_at": started,
         "load_s": t_loaded - t0,
         "extract_s": t_extracted - t_loaded,
-        "shift_embeddings_s": t_embedded - t_extracted,
+        "shift_embeddings_s": t_embedded - t_redrawn,
+        **({"seed_check_extract_s": t_redrawn - t_extracted} if redrawn else {}),
         "extraction": {name: {k: t.meta["extraction"][k] for k in ("computed", "from_store", "seconds")}
                        for name, t in zip(("published", "unpublished"), tables)},
     }
     model = {**adapter.describe(), "files": dict(getattr(adapter, "files", {}))}
     result = build_result(analysis, tables[0], tables[1], families=families, feature_spec=feature_spec,
-                          directions=directions, model=model, config=config, timings=timings)
+                          directions=directions, model=model, config=config, timings=timings, seed_check=check)
     # the batch size was chosen for the device that computed: the Ray workers' when --ray
     compute_device = adapter.device if runner is None else runner.compute_device
     result.extraction = extraction_record(config.batch_size, batch_size, compute_device, tables)

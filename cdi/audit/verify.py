@@ -770,6 +770,10 @@ def _scope(result: AuditResult, checks: dict[str, Check], *, curve: bool, recomp
     if result.captions and result.captions.get("source") not in (None, "files"):
         taken.append("the captions made by the captioning model (as recorded in features.csv)")
     checked += [checks[name].detail for name in ("design", "ledger") if name in ran]
+    if result.seed_check:
+        seeds = ", ".join(str(s) for s in result.seed_check.get("seeds", [])[1:])
+        taken.append(f"the seed check's p-values at seeds {seeds} (their features are not in features.csv; "
+                     "re-run the audit with --seed S to reproduce one)")
     taken.append("the environment, timings and command line recorded in result.json")
     return {"checked": checked, "recomputed": recomputed, "taken_as_recorded": taken}
 

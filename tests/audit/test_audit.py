@@ -180,6 +180,32 @@ def test_permutation_verdict_end_to_end(demo_used, tmp_path, store):
     assert 'id="permutation-interval">another seed: at most' in report
 
 
+def test_seed_check_end_to_end(demo_used, tmp_path, store):
+    """--seed-check 2 re-extracts only the noise-drawing family at seeds 1 and 2; the p recorded for seed 1 is the
+    p of the same audit run with --seed 1 (the check re-runs the audit's own test), and the report quotes it."""
+    demo_out, _ = demo_used
+    common = ["audit", "--published", *_demo_folders(demo_out), "--store", store, "--features",
+              "denoising_loss,pia", "--sample-size-resamples", "0", "--format", "json"]
+    result = runner.invoke(app, [*common, "--out", str(tmp_path / "check"), "--seed-check", "2"])
+    assert result.exit_code == 0, result.output
+    saved = AuditResult.load(tmp_path / "check")
+    check = saved.seed_check
+    assert check["seeds"] == [0, 1, 2] and check["families_redrawn"] == ["denoising_loss"]
+    assert check["p_values"][0] == saved.p_value and check["p_kind"] == "parametric"
+    assert check["extra_calls_per_image"] == {"forward": 10, "backward": 0}  # 5 repetitions, 2 seeds
+    assert check["max_over_min"] == pytest.approx(max(check["p_values"]) / min(check["p_values"]))
+    assert "--seed-check 2" in saved.command
+    assert "Seed check" in saved.features["seed_dependence"]["text"]
+    assert "not measured" not in saved.features["seed_dependence"]["text"]
+    assert 'id="verdict-seed-check"' in (tmp_path / "check" / "report.html").read_text()
+
+    result = runner.invoke(app, [*common, "--out", str(tmp_path / "seed1"), "--seed", "1"])
+    assert result.exit_code == 0, result.output
+    again = AuditResult.load(tmp_path / "seed1")
+    assert again.seed_check is None and "not measured" in again.features["seed_dependence"]["text"]
+    assert again.p_value == check["p_values"][1]
+
+
 def _demo_folders(demo_out: Path) -> list[str]:
     """``PUBLISHED --unpublished UNPUBLISHED --model MODEL`` of a demo run, from its result."""
     saved = AuditResult.load(demo_out)
@@ -196,6 +222,7 @@ def test_audit_refuses_bad_options_before_writing(world, tmp_path):
         (["--features", "nonsense"], "nonsense"),
         (["--verdict", "permutation", "--permutations", "0"], "--verdict permutation"),
         (["--protocol", "pooled", "--scorer", "xgboost"], "--scorer xgboost"),
+        (["--seed-check", "-1"], "--seed-check"),
     ]
     for extra, needle in cases:
         result = runner.invoke(app, ["audit", "--published", str(world.members_dir), "--unpublished",
