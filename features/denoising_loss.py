@@ -5,11 +5,12 @@ Feature: the mean over ``repetitions`` independent noises of
 CDI reference). The norm is the L2 norm over one sample's elements, not
 squared. Lower = member.
 
-Repetition 0 uses the image's one shared noise (``features.calls.IMAGE_NOISE``)
+Repetition 0 uses the image's shared noise at t (``features.calls.IMAGE_NOISE``)
 and repetitions 1..R-1 draws of their own: all R noises are still
 independent, and at t = 100 the first is the call Multiple Loss, Gradient
 Masking and Noise Optimisation make there anyway, so the engine makes it once
-(``features.calls``). Version 2: before, every repetition had its own draw.
+(``features.calls``). Version 3 (2: the image's one noise shared by all
+timesteps; 1: every repetition its own draw).
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ class DenoisingLoss(FeatureFamily):
     """Mean denoising error at one timestep over several noises (one column)."""
 
     name = "denoising_loss"
-    version = 2  # repetition 0 takes the image's shared noise (features.calls)
+    version = 3  # repetition 0 takes the image's shared noise at t (features.calls); 2: the one for all t
     config_class = DenoisingLossConfig
 
     def columns(self, adapter: DiffusionAdapter | None = None) -> list[str]:

@@ -1,7 +1,6 @@
 """Gradient Masking (CDI, Dubinski et al. 2025).
 
-One noise ``eps`` per image, shared by the timesteps t in {0, 100, ..., 900}.
-For each t:
+For each t in {0, 100, ..., 900}, with ``eps`` the image's shared noise at t:
 
 1. ``x_t = sqrt(abar[t]) x0 + sqrt(1 - abar[t]) eps`` and
    ``g = d/dx_t ||eps_theta(x_t, t, c) - eps||_2`` (one forward + backward);
@@ -37,12 +36,12 @@ sensitive. (Noising ``x~`` to t would make the target a mixture of ``eps`` and
 ``x0`` that the formula's ``eps - x0`` no longer describes.) 10 forward +
 backward and 10 forward calls per image; lower = member.
 
-The noise is the image's one shared noise (``features.calls.IMAGE_NOISE``):
+The noise at t is the image's shared noise at t (``features.calls.IMAGE_NOISE``):
 the first pass (forward + backward) at each t is then the call whose norm is
 Multiple Loss's feature_t, and at t = 100 also Noise Optimisation's starting
 point and a Denoising Loss repetition, so the engine makes it once for all of
-them (``features.calls``). Version 2: before, Gradient Masking drew its own
-noise; the reference defines it with one noise per image, which this still is.
+them (``features.calls``). Variant: the reference shares one noise among all
+timesteps; here each timestep has its own draw (``features.calls`` says why).
 """
 
 from __future__ import annotations
@@ -128,7 +127,7 @@ class GradientMasking(FeatureFamily):
     """Error of the model on the inputs its loss gradient points at, per timestep."""
 
     name = "gradient_masking"
-    version = 3  # 2: the image's shared noise (features.calls); 3: the mask's linear edge (mask_weights)
+    version = 4  # 2: the image's shared noise; 3: the mask's linear edge; 4: one draw per (image, t)
     config_class = GradientMaskingConfig
 
     def columns(self, adapter: DiffusionAdapter | None = None) -> list[str]:
@@ -152,7 +151,7 @@ class GradientMasking(FeatureFamily):
         """Both passes run on all B * T samples at once (in chunks of ``chunk_for(batch)``)."""
         cfg = self.config
         b, n_t = len(batch), len(cfg.timesteps)
-        eps = image_noise(batch).repeat_interleave(n_t, dim=0)  # image-major: i * T + k
+        eps = image_noise(batch, cfg.timesteps).flatten(0, 1)  # image-major: i * T + k
         x0 = batch.x0.repeat_interleave(n_t, dim=0)
         t = torch.tensor(cfg.timesteps, dtype=torch.long, device=x0.device).repeat(b)
         cond = batch.cond.repeat_interleave(n_t)

@@ -1,15 +1,17 @@
 """Multiple Loss (CDI, Dubinski et al. 2025).
 
-One noise ``eps`` per image, shared by every timestep; feature_t =
-``||eps_theta(x_t, t, c) - eps||_2`` with ``x_t = sqrt(abar[t]) x0 +
-sqrt(1 - abar[t]) eps`` for t in {0, 100, ..., 900}: one column per timestep.
-Lower = member.
+feature_t = ``||eps_theta(x_t, t, c) - eps_t||_2`` with ``x_t = sqrt(abar[t])
+x0 + sqrt(1 - abar[t]) eps_t`` for t in {0, 100, ..., 900}: one column per
+timestep. Lower = member.
 
-The noise is the image's one shared noise (``features.calls.IMAGE_NOISE``),
-the same that Gradient Masking and Noise Optimisation use, so each of these
-calls is the forward pass Gradient Masking makes anyway (the engine makes it
-once; ``features.calls``). Version 2: before, Multiple Loss drew its own
-noise; the reference defines it with one noise per image, which this still is.
+``eps_t`` is the image's shared noise at t (``features.calls.IMAGE_NOISE``),
+the same that Gradient Masking (and at t = 100 Noise Optimisation and
+Denoising Loss) use, so each of these calls is the forward pass Gradient
+Masking makes anyway (the engine makes it once; ``features.calls``).
+Variant: the reference shares *one* noise among all timesteps; here each
+timestep has its own draw, so the draw's luck does not move all ten columns
+together (``features.calls`` says why: the verdict's dependence on the seed).
+Version 3 (2: one shared noise for all timesteps; 1: a noise of its own).
 """
 
 from __future__ import annotations
@@ -45,10 +47,10 @@ class MultipleLossConfig:
 
 
 class MultipleLoss(FeatureFamily):
-    """Denoising error at several timesteps with one shared noise per image."""
+    """Denoising error at several timesteps, with the image's shared noise at each."""
 
     name = "multiple_loss"
-    version = 2  # the image's shared noise (features.calls) instead of its own
+    version = 3  # 3: one draw per (image, t); 2: one shared draw for all t (features.calls)
     config_class = MultipleLossConfig
 
     def columns(self, adapter: DiffusionAdapter | None = None) -> list[str]:

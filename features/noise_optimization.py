@@ -52,11 +52,11 @@ measures the optimised point rather than a re-noised one whose loss rises
 above the starting loss.
 
 Shared call: the first evaluation, at ``d = 0``, is the residual at ``x_t``
-with the image's one shared noise (``features.calls.IMAGE_NOISE``), the call
-Gradient Masking's gradient pass, Multiple Loss and Denoising Loss make at
-t = 100 too; the engine makes it once. Version 2: before, Noise Optimisation
-drew its own noise; the reference defines it with one noise per image, which
-this still is.
+with the image's shared noise at t = 100 (``features.calls.IMAGE_NOISE``),
+the call Gradient Masking's gradient pass, Multiple Loss and Denoising Loss
+make at t = 100 too; the engine makes it once. One noise per image, as in the
+reference. Version 3 (2: the image's one noise shared by all timesteps,
+``features.calls``; 1: a noise of its own).
 """
 
 from __future__ import annotations
@@ -278,7 +278,7 @@ class NoiseOptimization(FeatureFamily):
     """Per-image L-BFGS on the input perturbation: final loss and perturbation size."""
 
     name = "noise_optimization"
-    version = 2  # the image's shared noise (features.calls) instead of its own
+    version = 3  # 3: the image's shared noise at t (features.calls); 2: one shared noise for all t
     config_class = NoiseOptimizationConfig
 
     def columns(self, adapter: DiffusionAdapter | None = None) -> list[str]:
@@ -302,7 +302,7 @@ class NoiseOptimization(FeatureFamily):
         """Gradients are taken inside ``residual_norm_and_grad`` only."""
         cfg = self.config
         b = len(batch)
-        eps = image_noise(batch)
+        eps = image_noise(batch, [cfg.timestep])[:, 0]
         t = torch.full((b,), cfg.timestep, dtype=torch.long, device=batch.x0.device)
         x_t = adapter.add_noise(batch.x0, eps, t)
         norm0, grad0 = noised_residuals(adapter, batch, [cfg.timestep], grad=True, chunk=self.chunk_for(batch))

@@ -161,16 +161,16 @@ def _norm(x: np.ndarray, p: float = 2.0) -> float:
 def hand_denoising_loss(ad, batch, i, t=100, reps=5):
     x0, mu = batch.x0[i].double().numpy(), ad.mean_of(batch.captions[i])
     losses = []
-    for r in range(reps):  # repetition 0: the image's shared noise (features.calls)
-        eps = _noise(batch, i, "image") if r == 0 else _noise(batch, i, "denoising_loss", t, r)
+    for r in range(reps):  # repetition 0: the image's shared noise at t (features.calls)
+        eps = _noise(batch, i, "image", t) if r == 0 else _noise(batch, i, "denoising_loss", t, r)
         losses.append(_norm(_eps_hat(ad, _noised(ad, x0, eps, t), t, mu) - eps))
     return [sum(losses) / reps]
 
 
 def hand_multiple_loss(ad, batch, i):
     x0, mu = batch.x0[i].double().numpy(), ad.mean_of(batch.captions[i])
-    eps = _noise(batch, i, "image")
-    return [_norm(_eps_hat(ad, _noised(ad, x0, eps, t), t, mu) - eps) for t in range(0, 1000, 100)]
+    eps = {t: _noise(batch, i, "image", t) for t in range(0, 1000, 100)}  # one draw per (image, t)
+    return [_norm(_eps_hat(ad, _noised(ad, x0, eps[t], t), t, mu) - eps[t]) for t in range(0, 1000, 100)]
 
 
 def hand_secmi(ad, batch, i, t_sec=100, k=10):
@@ -201,10 +201,10 @@ def hand_pia(ad, batch, i, t=200, p=5.0):
 
 def hand_gradient_masking(ad, batch, i, fraction=0.2):
     x0, mu = batch.x0[i].double().numpy(), ad.mean_of(batch.captions[i])
-    eps = _noise(batch, i, "image")
     k = max(1, round(fraction * x0.size))
     out = []
     for t in range(0, 1000, 100):
+        eps = _noise(batch, i, "image", t)  # one draw per (image, t)
         # d/dx ||c (x - sqrt(a) mu) - eps|| = c r / ||r||, c > 0: |g| ranks like |r|.
         # The mask's edge is relative to the threshold, so |r| gives the same weights as |g|.
         r = np.abs(_eps_hat(ad, _noised(ad, x0, eps, t), t, mu) - eps)
@@ -294,7 +294,7 @@ def test_pian_normalises_e0_to_half_normal_mean(oracles):
 # --------------------------------------------------------------------------
 def torch_lbfgs_features(adapter, batch, i, cfg):
     """Reference: torch.optim.LBFGS on image i alone, then the two features."""
-    eps = image_noise(batch.x0.shape[1:], batch.seed, [batch.hashes[i]], "image", "shared")
+    eps = image_noise(batch.x0.shape[1:], batch.seed, [batch.hashes[i]], "image", cfg.timestep)
     t = torch.tensor([cfg.timestep])
     cond = batch.cond.index([i])
     x_t = adapter.add_noise(batch.x0[i : i + 1], eps, t)
@@ -364,7 +364,7 @@ def test_noise_optimization_reference_variant_is_scipy_per_image(tiny_unet):
     alone = family.extract(tiny_unet, sub_batch(batch, [1]))[0].double().numpy()
     np.testing.assert_allclose(alone, got[1], rtol=1e-4)
     i, t = 0, torch.tensor([100])
-    eps = image_noise(batch.x0.shape[1:], batch.seed, [batch.hashes[i]], "image", "shared")
+    eps = image_noise(batch.x0.shape[1:], batch.seed, [batch.hashes[i]], "image", 100)
     x_t = tiny_unet.add_noise(batch.x0[i : i + 1], eps, t)
     cond = batch.cond.index([i])
 
