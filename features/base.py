@@ -73,6 +73,21 @@ def derive_seed(seed: int, image_hash: str, family: str, timestep: int | str, re
     return int.from_bytes(hashlib.sha256(key).digest()[:8], "little") & ((1 << 63) - 1)
 
 
+def draw_seed(seed: int, draw: int) -> int:
+    """The seed of noise draw ``draw`` of a run with ``seed``: ``seed`` itself for draw 0, a hash for the others.
+
+    An audit with ``--noise-draws R`` extracts the noise-drawing families R
+    times, at ``draw_seed(seed, 0..R-1)`` (``cdi.stats.draws``). The draws
+    beyond the first come from a hash of (seed, draw), never from
+    neighbouring seeds, so the draws of ``--seed 1`` and ``--seed 2`` share
+    nothing and a re-run with another seed is a fresh set of draws.
+    """
+    if int(draw) == 0:
+        return int(seed)
+    key = f"{int(seed)}|noise-draw|{int(draw)}".encode()
+    return int.from_bytes(hashlib.sha256(key).digest()[:8], "little") & ((1 << 63) - 1)
+
+
 def image_noise(
     shape: Sequence[int],
     seed: int,
