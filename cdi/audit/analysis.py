@@ -44,6 +44,7 @@ def analyse_tables(
     config: AuditConfig,
     shift_features: tuple[np.ndarray, np.ndarray, str] | None = None,
     encodings: tuple[Sequence, Sequence, bool] | None = None,
+    draws: Sequence[tuple[np.ndarray, np.ndarray]] = (),
 ) -> Analysis:
     """Tests, sample-size curve, shift guard and verdict from feature tables alone.
 
@@ -51,7 +52,10 @@ def analyse_tables(
     for the shift guard; None skips the guard (recorded as not run).
     ``encodings`` is ``(probes of P, probes of U, harmonised)``
     (``cdi.data.harmonise.EncodingProbe``) for the guard's encoding test
-    (``cdi.data.shift_guard.encoding_guard``); None skips it.
+    (``cdi.data.shift_guard.encoding_guard``); None skips it. ``draws``: the
+    (published, unpublished) arrays of the further noise draws
+    (``cdi.audit.noise_draws.draw_values``), which the verdict test and the
+    sample-size curve average over.
     """
     from cdi.data.shift_guard import shift_guard
     from cdi.stats.sample_size import forward_sample_size, sample_size_curve
@@ -59,7 +63,7 @@ def analyse_tables(
     seconds: dict[str, float] = {}
     start = time.perf_counter()
     test = verdict_test(published.values, unpublished.values, directions=directions, config=config,
-                        columns=published.columns)
+                        columns=published.columns, draws=draws)
     seconds["test_s"] = time.perf_counter() - start
     estimate = forward_sample_size(
         float(-special.ndtri_exp(min(test.ttest_log10_p * math.log(10.0), 0.0))), test.n_published,
@@ -72,7 +76,7 @@ def analyse_tables(
             published.values, unpublished.values, directions=directions, alpha=config.alpha,
             resamples=config.sample_size_resamples, seed=config.seed, scorer=config.scorer,
             folds=config.folds, columns=published.columns,
-            protocol="sequential" if config.protocol == "sequential" else "pooled",
+            protocol="sequential" if config.protocol == "sequential" else "pooled", draws=draws,
         )
         curve = SampleSizeCurve(
             sizes=list(raw.sizes), median_p=list(raw.median_p), share_significant=list(raw.share_significant),
@@ -104,14 +108,14 @@ def analyse_tables(
 
 
 def verdict_test(published: np.ndarray, unpublished: np.ndarray, *, directions: Sequence[int] | None,
-                 config: AuditConfig, columns: Sequence[str]):
-    """The audit's verdict test (``cdi.stats.verdict.audit_test``) on two value arrays, with the audit's options."""
+                 config: AuditConfig, columns: Sequence[str], draws: Sequence[tuple[np.ndarray, np.ndarray]] = ()):
+    """The audit's verdict test (``cdi.stats.verdict.audit_test``) on two value arrays (and further noise draws)."""
     from cdi.stats.verdict import audit_test
 
     return audit_test(
         published, unpublished, directions=directions, scorer=config.scorer, folds=config.folds,
         permutations=config.permutations, alpha=config.alpha, seed=config.seed, protocol=config.protocol,
-        columns=columns, verdict=config.verdict,
+        columns=columns, verdict=config.verdict, draws=draws,
     )
 
 
@@ -175,8 +179,16 @@ def build_result(
     config: AuditConfig,
     timings: dict[str, Any],
     seed_check: Any = None,
+    draws: int = 1,
+    draw_calls: Any = None,
 ) -> AuditResult:
-    """Assemble the ``AuditResult`` of an analysis (``seed_check``: a ``cdi.audit.seed_check.SeedCheck``, if run)."""
+    """Assemble the ``AuditResult`` of an analysis.
+
+    ``seed_check``: a ``cdi.audit.seed_check.SeedCheck``, if one ran;
+    ``draws``: the noise draws the verdict averaged over
+    (``cdi.audit.noise_draws``); ``draw_calls``: the ``Cost`` per image of
+    one extraction of the noise-drawing families (None: not known here).
+    """
     from cdi.audit.figures import NOT_RUN_UNDER_POOLED, figure_labels
     from cdi.features.registry import seed_dependence
     from cdi.stats.feature_effects import feature_effects
@@ -235,6 +247,7 @@ def build_result(
             "columns": list(published.columns),
             "directions": None if directions is None else [int(d) for d in directions],
             "seed_dependence": seed_dependence(families, None if seed_check is None else seed_check.text()),
+            "noise_draws": noise_draws_record(draws, config.seed, families, draw_calls),
         },
         parameters={k: v for k, v in asdict(config).items() if k not in ("force", "token")},
         seed=config.seed,
@@ -245,6 +258,25 @@ def build_result(
                                         directions, family_of),
         seed_check=None if seed_check is None else seed_check.to_dict(),
     )
+
+
+def noise_draws_record(draws: int, seed: int, families, draw_calls=None) -> dict:
+    """What ``result.json`` says of the noise draws the verdict averaged over (``cdi.audit.noise_draws``)."""
+    from cdi.features.base import draw_seed
+
+    noisy = [f.name for f in families if f.draws_noise]
+    record = {"draws": int(draws), "seeds": [draw_seed(seed, r) for r in range(int(draws))] if noisy else [],
+              "families": noisy}
+    if draw_calls is not None and draws > 1:
+        record["extra_calls_per_image"] = {"forward": draw_calls.forward * (draws - 1),
+                                           "backward": draw_calls.backward * (draws - 1)}
+    record["text"] = (
+        "No feature family draws noise." if not noisy else
+        f"The noise-drawing features ({', '.join(noisy)}) were extracted {draws} times, with independent noise "
+        f"draws (seeds {', '.join(str(s) for s in record['seeds'])}); the verdict averages the pooled statistic "
+        f"over the draws and standardises it by its null spread." if draws > 1 else
+        f"The noise-drawing features ({', '.join(noisy)}) were extracted once, with the noise of seed {seed}.")
+    return record
 
 
 def _protocol_description(name: str) -> str:

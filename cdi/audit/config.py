@@ -36,6 +36,7 @@ class AuditConfig:
     verdict: str = "parametric"  # or "permutation": the exact permutation p-value is the verdict
     sample_size_resamples: int = 50
     seed_check: int = 0  # other seeds whose noise draws re-run the verdict test (cdi.audit.seed_check)
+    noise_draws: int | None = None  # None: DEFAULT_NOISE_DRAWS with a model, 1 from feature tables (cdi.audit.noise_draws)
     ignore_shift: bool = False
     no_harmonise: bool = False  # feed each collection's own encoding to the model (cdi.data.harmonise)
     shift_alpha: float = 0.05  # the guard errs towards "inconclusive": a missed shift could accuse wrongly
@@ -73,6 +74,15 @@ class AuditConfig:
     design: str | None = None  # design.json of `cdi design`: P, U and the analysis are checked against it
     allow_deviations: bool = False  # with design: list missing or extra images instead of stopping
     ledger: str | None = None  # the audit ledger file (default: beside the store, else in the parent of out)
+
+    @property
+    def draws(self) -> int:
+        """The noise draws this audit extracts and tests (``noise_draws`` resolved)."""
+        from cdi.audit.noise_draws import DEFAULT_NOISE_DRAWS
+
+        if self.noise_draws is not None:
+            return int(self.noise_draws)
+        return 1 if self.from_features else DEFAULT_NOISE_DRAWS
 
     @property
     def from_features(self) -> bool:
@@ -218,18 +228,20 @@ def reproduce_command(config: AuditConfig) -> str:
 
 
 def _validate_seed_check(config: "AuditConfig") -> None:
-    """``--seed-check K`` re-extracts features, so it needs the model, and no reference model (not built)."""
+    """``--seed-check K`` and ``--noise-draws R`` > 1 re-extract features, so they need the model."""
+    from cdi.audit.noise_draws import check_noise_draws
     from cdi.audit.seed_check import check_seed_check
 
     check_seed_check(config.seed_check)
+    check_noise_draws(config.noise_draws)
+    if config.from_features and config.draws > 1:
+        raise CDIError("--noise-draws above 1 re-extracts the noise-drawing features, which needs the images and "
+                       "the model; the `cdi extract` tables hold one draw: drop --noise-draws, or audit from the "
+                       "images (--published, --unpublished, --model)")
     if config.seed_check and config.from_features:
         raise CDIError("--seed-check re-extracts the noise-drawing features with other seeds, which needs the "
                        "images and the model; an audit from feature tables cannot run it: drop --seed-check, or "
                        "audit from the images (--published, --unpublished, --model)")
-    if config.seed_check and config.reference_model:
-        raise CDIError("--seed-check with --reference-model is not supported yet (the reference's features would "
-                       "have to be re-extracted at every seed too): drop --seed-check, or re-run the audit with "
-                       "--seed S for the seeds you want to compare")
 
 
 def _validate_verdict_options(config: "AuditConfig") -> None:

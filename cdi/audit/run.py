@@ -54,6 +54,7 @@ from cdi.utils.errors import CDIError
 from cdi.audit.result import FEATURES_FILE, REPORT_FILE, RESULT_FILE, AuditResult
 from cdi.engine.table import FeatureTable
 from cdi.audit.analysis import analyse_tables, build_result, harmonisation_record, verdict_test
+from cdi.audit.noise_draws import draw_values, with_draw_columns
 from cdi.audit.seed_check import other_seeds, run_seed_check
 from cdi.audit.config import AuditConfig
 
@@ -68,6 +69,7 @@ def run_audit(config: AuditConfig, *, progress: bool = True) -> AuditResult:
     from cdi.data.preprocess import harmonised_preprocess
     from cdi.data.shift_guard import image_embeddings
     from cdi.features.extract import extract_features
+    from cdi.features.base import draw_seed
     from cdi.features.registry import default_feature_set, directions_of, resolve_features, total_cost
 
     from cdi.engine.distributed import ray_runner
@@ -133,11 +135,19 @@ def run_audit(config: AuditConfig, *, progress: bool = True) -> AuditResult:
                                                  enabled=not config.no_harmonise)
         t_loaded = time.perf_counter()
 
-        if runner is None:  # the text encoders visit the device once for both collections (flow models)
+        # Every extraction of the audit, (seed of the draw, families): its own first, then its further noise
+        # draws (cdi.audit.noise_draws), then the seed check's draws at the other seeds (cdi.audit.seed_check).
+        noisy = [f for f in families if f.draws_noise]
+        draws = config.draws if noisy else 1
+        check_seeds = other_seeds(config.seed, config.seed_check) if noisy else []
+        jobs = [(config.seed, families)] + [(draw_seed(config.seed, r), noisy) for r in range(1, draws)]
+        jobs += [(draw_seed(s, r), noisy) for s in check_seeds for r in range(draws)]
+        if runner is None:  # the text encoders visit the device once for every extraction (flow models)
             from cdi.features.extract import captions_to_encode
 
-            adapter.prepare_captions(captions_to_encode(adapter, published.records + unpublished.records,
-                                                        families, config.seed))
+            records = published.records + unpublished.records
+            adapter.prepare_captions([c for job_seed, job_families in jobs
+                                      for c in captions_to_encode(adapter, records, job_families, job_seed)])
         caption = published.records[0].caption
         if runner is None:
             batch_size = resolve_batch_size(config.batch_size, adapter, families, caption)
@@ -146,22 +156,22 @@ def run_audit(config: AuditConfig, *, progress: bool = True) -> AuditResult:
             batch_size = runner.auto_batch_size(adapter, families, caption) if batch_size == "auto" else batch_size
         extract_kwargs = dict(seed=config.seed, batch_size=batch_size, store=config.store,
                               num_workers=config.workers, progress=progress, preprocess=preprocess)
-        tables = [extract_features(adapter, collection, families, runner=runner, **extract_kwargs)
-                  for collection in (published, unpublished)]
+        extracted = {job_seed: [extract_features(adapter, collection, job_families, runner=runner,
+                                                 **{**extract_kwargs, "seed": job_seed})
+                                for collection in (published, unpublished)]
+                     for job_seed, job_families in jobs}
         if reference is not None:  # the reference runs in this process (not on the Ray workers)
             from cdi.audit.reference import calibrate, park, reference_tables
 
             park(adapter)
-            tables = calibrate(tables, reference_tables(reference, (published, unpublished), families,
-                                                        extract_kwargs=extract_kwargs))
-        t_extracted = time.perf_counter()
-        noisy = [f for f in families if f.draws_noise] if config.seed_check else []
-        redrawn = {other: [extract_features(adapter, collection, noisy, runner=runner,
-                                            **{**extract_kwargs, "seed": other})
-                           for collection in (published, unpublished)]
-                   for other in (other_seeds(config.seed, config.seed_check) if noisy else [])}
+            for job_seed, job_families in jobs:
+                extracted[job_seed] = calibrate(extracted[job_seed], reference_tables(
+                    reference, (published, unpublished), job_families,
+                    extract_kwargs={**extract_kwargs, "seed": job_seed}))
+        tables = extracted[config.seed]
+        own_draws = [extracted[draw_seed(config.seed, r)] for r in range(1, draws)]
         noisy_calls = total_cost(noisy, adapter) if noisy else None
-    t_redrawn = time.perf_counter()
+    t_extracted = time.perf_counter()
 
     seen = preprocess if preprocess.harmonised else None  # the guard sees what the model saw
     emb_p, encoder = image_embeddings(published, encoder=config.shift_encoder, harmonisation=seen)
@@ -169,13 +179,16 @@ def run_audit(config: AuditConfig, *, progress: bool = True) -> AuditResult:
     t_embedded = time.perf_counter()
 
     analysis = analyse_tables(tables[0], tables[1], directions=directions, config=config,
-                              shift_features=(emb_p, emb_u, encoder), encodings=(*probes, plan.enabled))
+                              shift_features=(emb_p, emb_u, encoder), encodings=(*probes, plan.enabled),
+                              draws=draw_values(tables, own_draws))
     check = None
-    if redrawn:
-        def test(values_p, values_u):
-            outcome = verdict_test(values_p, values_u, directions=directions, config=config, columns=tables[0].columns)
+    if check_seeds:
+        def test(arrays):
+            outcome = verdict_test(*arrays[0], directions=directions, config=config, columns=tables[0].columns,
+                                   draws=arrays[1:])
             return outcome.verdict_p, outcome.verdict
 
+        redrawn = {s: [extracted[draw_seed(s, r)] for r in range(draws)] for s in check_seeds}
         check = run_seed_check(tables, redrawn, seed=config.seed, families_redrawn=[f.name for f in noisy], test=test,
                                first=(analysis.test.verdict_p, analysis.test.verdict),
                                p_kind=analysis.test.verdict_choice,
@@ -184,14 +197,14 @@ def run_audit(config: AuditConfig, *, progress: bool = True) -> AuditResult:
         "started_at": started,
         "load_s": t_loaded - t0,
         "extract_s": t_extracted - t_loaded,
-        "shift_embeddings_s": t_embedded - t_redrawn,
-        **({"seed_check_extract_s": t_redrawn - t_extracted} if redrawn else {}),
+        "shift_embeddings_s": t_embedded - t_extracted,
         "extraction": {name: {k: t.meta["extraction"][k] for k in ("computed", "from_store", "seconds")}
                        for name, t in zip(("published", "unpublished"), tables)},
     }
     model = {**adapter.describe(), "files": dict(getattr(adapter, "files", {}))}
     result = build_result(analysis, tables[0], tables[1], families=families, feature_spec=feature_spec,
-                          directions=directions, model=model, config=config, timings=timings, seed_check=check)
+                          directions=directions, model=model, config=config, timings=timings, seed_check=check,
+                          draws=draws, draw_calls=noisy_calls)
     # the batch size was chosen for the device that computed: the Ray workers' when --ray
     compute_device = adapter.device if runner is None else runner.compute_device
     result.extraction = extraction_record(config.batch_size, batch_size, compute_device, tables)
@@ -203,7 +216,8 @@ def run_audit(config: AuditConfig, *, progress: bool = True) -> AuditResult:
         result.reference_model = reference.describe()
         result.question = "used_beyond_reference"
     result.timings["total_s"] = time.perf_counter() - t0
-    write_evidence(config.out, result, tables)
+    write_evidence(config.out, result, [with_draw_columns(table, [d[i] for d in own_draws])
+                                        for i, table in enumerate(tables)])
     return result
 
 

@@ -29,6 +29,7 @@ import numpy as np
 
 from cdi.utils.errors import CDIError
 from cdi.engine.table import FeatureTable
+from cdi.audit.noise_draws import redrawn_tables
 
 #: Most extra seeds one audit may run (each costs one more extraction of the noise-drawing families).
 MAX_SEED_CHECK = 20
@@ -100,47 +101,35 @@ def other_seeds(seed: int, count: int) -> list[int]:
     return [(int(seed) + j) % (2**63) for j in range(1, int(count) + 1)]
 
 
-def redrawn_tables(tables: Sequence[FeatureTable], redrawn: Sequence[FeatureTable]) -> list[np.ndarray]:
-    """The value arrays of ``tables`` with the columns of ``redrawn`` (same images, same order) replaced."""
-    out = []
-    for table, new in zip(tables, redrawn):
-        if list(new.hashes) != list(table.hashes):
-            raise RuntimeError("seed check: the re-extracted table lists other images than the audit's table")
-        values = np.array(table.values, dtype=np.float64, copy=True)
-        index = {c: k for k, c in enumerate(table.columns)}
-        for k, column in enumerate(new.columns):
-            values[:, index[column]] = new.values[:, k]
-        out.append(values)
-    return out
-
-
 def run_seed_check(
     tables: Sequence[FeatureTable],
-    redrawn: dict[int, Sequence[FeatureTable]],
+    redrawn: dict[int, Sequence[Sequence[FeatureTable]]],
     *,
     seed: int,
     families_redrawn: Sequence[str],
-    test: Callable[[np.ndarray, np.ndarray], tuple[float, str]],
+    test: Callable[[list[tuple[np.ndarray, np.ndarray]]], tuple[float, str]],
     first: tuple[float, str],
     p_kind: str,
     calls_per_image: dict[str, int],
 ) -> SeedCheck:
-    """The verdict test on the audit's tables with the columns of ``redrawn[s]`` swapped in, for every seed ``s``.
+    """The verdict test on the audit's tables with the columns of other seeds' draws swapped in.
 
     ``tables`` are the audit's (published, unpublished) tables at ``seed``;
-    ``redrawn`` maps each other seed to the (published, unpublished) tables
-    of the noise-drawing families ``families_redrawn`` extracted at that
-    seed; ``test(P, U)`` returns (verdict p, decision word) of the audit's
-    own test; ``first`` is that pair at ``seed``; ``calls_per_image`` the
-    network calls of one extraction of the redrawn families (multiplied by
-    the number of other seeds).
+    ``redrawn`` maps each other seed to its noise draws, each the
+    (published, unpublished) tables of the noise-drawing families
+    ``families_redrawn`` (as many draws as the audit makes,
+    ``cdi.audit.noise_draws``); ``test(arrays)`` returns (verdict p,
+    decision word) of the audit's own test on one (published, unpublished)
+    array pair per draw; ``first`` is that pair at ``seed``;
+    ``calls_per_image`` the network calls of one extraction of the redrawn
+    families (multiplied by the extractions the check made).
     """
     p_values, verdicts = [float(first[0])], [str(first[1])]
-    for other, new in redrawn.items():
-        published, unpublished = redrawn_tables(tables, new)
-        p, word = test(published, unpublished)
+    for draws in redrawn.values():
+        p, word = test([tuple(redrawn_tables(tables, draw)) for draw in draws])
         p_values.append(float(p))
         verdicts.append(str(word))
-    extra = {k: int(v) * len(redrawn) for k, v in calls_per_image.items()}
+    extractions = sum(len(draws) for draws in redrawn.values())
+    extra = {k: int(v) * extractions for k, v in calls_per_image.items()}
     return SeedCheck(seeds=[int(seed), *(int(s) for s in redrawn)], p_values=p_values, verdicts=verdicts,
                      p_kind=p_kind, families_redrawn=list(families_redrawn), extra_calls_per_image=extra)

@@ -163,15 +163,20 @@ def retest(folder: str | Path, *, curve: bool = True) -> tuple[AuditResult, Audi
     from cdi.audit.config import AuditConfig
     from cdi.audit.analysis import analyse_tables, build_result, decide_verdict
 
+    from cdi.audit.noise_draws import draw_values, split_draw_columns
+
     recorded = AuditResult.load(folder)
-    published, unpublished = split_table(read_evidence_table(folder))
+    table, draw_tables = split_draw_columns(read_evidence_table(folder))
+    published, unpublished = split_table(table)
+    draws = [split_table(t) for t in draw_tables]
     known = {f.name for f in fields(AuditConfig)}
     params = {k: v for k, v in recorded.parameters.items() if k in known}
     config = AuditConfig(**params)
     if recorded.sample_size_curve is None or not curve:
         config.sample_size_resamples = 0
     directions = recorded.features.get("directions")
-    analysis = analyse_tables(published, unpublished, directions=directions, config=config)
+    analysis = analyse_tables(published, unpublished, directions=directions, config=config,
+                              draws=draw_values((published, unpublished), draws))
     analysis.shift = recorded.shift_guard
     encoding = (recorded.harmonisation or {}).get("encoding_guard") or {}
     analysis.encoding_blocks = bool(encoding.get("blocks_verdict"))
@@ -180,7 +185,7 @@ def retest(folder: str | Path, *, curve: bool = True) -> tuple[AuditResult, Audi
     families = [_RecordedFamily(f) for f in recorded.features.get("families", [])]
     recomputed = build_result(analysis, published, unpublished, families=families,
                               feature_spec=recorded.features.get("set", ""), directions=directions,
-                              model=recorded.model, config=config, timings={})
+                              model=recorded.model, config=config, timings={}, draws=1 + len(draws))
     # The question the audit answered is set by the run that chose it (a reference-model audit), not by the
     # test: taken from the record, so the verdict text is compared on the same question.
     recomputed.question, recomputed.reference_model = recorded.question, recorded.reference_model
@@ -318,7 +323,10 @@ def verify_audit(
     checks.append(Check("design", *verify_design(result)))  # cdi.audit.design: file, commitment, split, lists
     checks.append(Check("ledger", *verify_ledger(result)))  # cdi.audit.ledger: this audit's line, the chain
     if recompute:
-        checks.append(recompute_check(result, result_sha, table, folders, adapter, recompute,
+        from cdi.audit.noise_draws import split_draw_columns
+
+        first_draw = None if table is None else split_draw_columns(table)[0]  # --recompute re-extracts draw 1
+        checks.append(recompute_check(result, result_sha, first_draw, folders, adapter, recompute,
                                       reference_model=reference_model, device=device, progress=progress))
     if images:
         checks.append(shift_guard_check(result, folders))
@@ -770,6 +778,10 @@ def _scope(result: AuditResult, checks: dict[str, Check], *, curve: bool, recomp
     if result.captions and result.captions.get("source") not in (None, "files"):
         taken.append("the captions made by the captioning model (as recorded in features.csv)")
     checked += [checks[name].detail for name in ("design", "ledger") if name in ran]
+    draws = int((result.features.get("noise_draws") or {}).get("draws", 1))
+    if draws > 1:
+        taken.append(f"the feature values of noise draws 2 to {draws} ({FEATURES_FILE}'s @draw columns; --recompute "
+                     "re-extracts the first draw's)")
     if result.seed_check:
         seeds = ", ".join(str(s) for s in result.seed_check.get("seeds", [])[1:])
         taken.append(f"the seed check's p-values at seeds {seeds} (their features are not in features.csv; "

@@ -81,6 +81,7 @@ def sample_size_curve(
     power: float = 0.9,
     columns: Sequence[str] | None = None,
     protocol: str = "pooled",
+    draws: Sequence[tuple[np.ndarray, np.ndarray]] = (),
 ) -> SampleSizeCurve:
     """Robustness of the verdict to leaving images out.
 
@@ -92,7 +93,8 @@ def sample_size_curve(
 
     This is not the number of images another audit would need: the subsets
     are drawn from the same images, so at the full size every subset is the
-    audit itself. ``forward_sample_size`` estimates that number.
+    audit itself. ``forward_sample_size`` estimates that number. ``draws``:
+    the audit's further noise draws (``audit_test``), subset like the first.
 
     The default grid is geometric from the smallest size the blocks allow to
     the full size (8 points).
@@ -105,6 +107,7 @@ def sample_size_curve(
     X, y, columns = check_features(X_published, X_unpublished, columns)
     directions = check_directions(directions, X.shape[1])
     P, U = X[y == 1], X[y == 0]
+    extra = [(np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)) for a, b in draws]
     ratio = len(U) / len(P)
     need = minimum_images(folds) if protocol == "sequential" else minimum_images(2)
     smallest = max(need, int(math.ceil(need / ratio)))
@@ -131,7 +134,8 @@ def sample_size_curve(
             ui = rng.choice(len(U), size=mu, replace=False)
             res = audit_test(P[pi], U[ui], directions=directions, scorer=scorer, folds=folds,
                              permutations=0, alpha=alpha, seed=int(rng.integers(2**31)),
-                             protocol=protocol, penalty=penalty, columns=columns)
+                             protocol=protocol, penalty=penalty, columns=columns,
+                             draws=[(a[pi], b[ui]) for a, b in extra])
             ps.append(res.verdict_p)
         ps = np.asarray(ps)
         u_sizes.append(mu)

@@ -144,6 +144,7 @@ from threadpoolctl import threadpool_limits
 from cdi.stats.blocks import MIN_PER_BLOCK, normal_scores, welch_t, z_from_t
 from cdi.utils.errors import CDIError
 from cdi.stats.feature_checks import check_directions, check_features
+from cdi.stats.draws import DrawAveragedStatistic
 from cdi.stats.pooled import PooledStatistic
 from cdi.stats.scoring import CrossFit, ScoringResult
 
@@ -164,9 +165,10 @@ VERDICTS = ("parametric", "permutation")
 
 #: How each protocol's p-values depend on ``seed`` (recorded in the result).
 SEED_DEPENDENCE = {
-    "pooled": ("The test itself draws nothing at random for its parametric p-value: it is a function of the "
-               "feature table, which depends on the seed wherever a feature family draws noise (result.json's "
-               "features.seed_dependence says which, and how much that moved the p-value on the demo). The "
+    "pooled": ("The test itself draws nothing seeded by the seed for its parametric p-value (with several noise "
+               "draws, their null correlation comes from a fixed set of relabellings, the same in every audit): "
+               "it is a function of the feature tables, which depend on the seed wherever a feature family draws "
+               "noise (result.json's features.seed_dependence says which, and how much that moved the p-value). The "
                "permutation p-value also depends on the seed through the Monte Carlo draw of its permutations: "
                "permutation_p_interval holds the 99% interval within which another seed's permutation p-value "
                "would fall for these features."),
@@ -454,6 +456,7 @@ def audit_test(
     penalty: float | None = None,
     columns: Sequence[str] | None = None,
     verdict: str = "parametric",
+    draws: Sequence[tuple[np.ndarray, np.ndarray]] = (),
 ) -> TestResult:
     """Test whether the published images score higher than the unpublished ones.
 
@@ -499,6 +502,13 @@ def audit_test(
         Which p-value the verdict rests on: the protocol's parametric
         p-value (crossfit: always the permutation p-value) or the exact
         permutation p-value.
+    draws : sequence of (published, unpublished) arrays, optional
+        The feature rows of further noise draws of the same images and
+        columns (``--noise-draws``; the seed-free columns repeat the first
+        draw's). Pooled protocol: the verdict averages the pooled statistic
+        over the draws and standardises it by its null sd
+        (``cdi.stats.draws``). Sequential and crossfit protocols: they test
+        the draws' mean table.
     """
     permutations = default_permutations(permutations, protocol)
     _validate_common(alpha, permutations)
@@ -515,12 +525,15 @@ def audit_test(
         raise CDIError(f"the pooled protocol learns no scorer, so scorer {scorer!r} has no effect; "
                        "use protocol 'sequential' for a learned scorer")
     X, y, columns = check_features(X_published, X_unpublished, columns)
+    Xs = [X] + [_draw_rows(P, U, X, columns) for P, U in draws]
+    if protocol != "pooled" and len(Xs) > 1:  # the learned protocols score one table: the draws' mean
+        X = np.mean(Xs, axis=0)
     if protocol == "pooled":
         # BLAS single-threaded, as in cdi.stats.scoring: the matrices are thin, and OpenBLAS threads that
         # spin-wait on a busy machine made one factorisation of a 600 x 36 matrix 50 to 200 times slower
         # (0.16-0.7 s against 0.003 s measured here).
         with threadpool_limits(limits=1, user_api="blas"):
-            return _pooled_test(X, y, check_directions(directions, X.shape[1]), columns,
+            return _pooled_test(Xs, y, check_directions(directions, X.shape[1]), columns,
                                 permutations=permutations, alpha=alpha, seed=seed, verdict=verdict)
     crossfit = CrossFit(X, y, scorer=scorer, folds=folds, seed=seed, directions=directions,
                         protocol=protocol, penalty=penalty, columns=columns)
@@ -670,18 +683,33 @@ def direction_rule(rejected: bool, parts: dict | None, alpha: float) -> tuple[st
                     f"published images look more like training data, carry {share:.0%} of the evidence")
 
 
-def _pooled_test(X: np.ndarray, y: np.ndarray, directions: np.ndarray | None, columns: list[str], *,
+def _draw_rows(P: np.ndarray, U: np.ndarray, X: np.ndarray, columns: list[str]) -> np.ndarray:
+    """The stacked rows of one extra noise draw, checked against the first draw's ``X``."""
+    rows, _, _ = check_features(P, U, columns)
+    if rows.shape != X.shape:
+        raise CDIError(f"a noise draw's feature table has shape {rows.shape}, the first draw's {X.shape}: every "
+                       "draw must hold the same images and columns")
+    return rows
+
+
+def _pooled_test(Xs: list[np.ndarray], y: np.ndarray, directions: np.ndarray | None, columns: list[str], *,
                  permutations: int, alpha: float, seed: int, verdict: str) -> TestResult:
-    """``audit_test`` under ``protocol="pooled"`` (``cdi.stats.pooled``)."""
+    """``audit_test`` under ``protocol="pooled"`` (``cdi.stats.pooled``; several noise draws: ``cdi.stats.draws``)."""
     short = [name for name, c in (("published", int(y.sum())), ("unpublished", int((1 - y).sum())))
              if c < MIN_PER_BLOCK]
     if short:
         raise CDIError(f"too few {' and '.join(short)} images: the audit needs at least {MIN_PER_BLOCK} of each")
-    pooled = PooledStatistic(X, y, directions)
-    parts = pooled.observe()
-    parts_dict = asdict(parts)
-    parts_dict["prior_p_against"] = (None if parts.prior_t is None
-                                     else float(stats.t.cdf(parts.prior_t, pooled.nu)))
+    if len(Xs) == 1:
+        pooled = PooledStatistic(Xs[0], y, directions)
+        parts = pooled.observe()
+        parts_dict = asdict(parts)
+        parts_dict["prior_p_against"] = (None if parts.prior_t is None
+                                         else float(stats.t.cdf(parts.prior_t, pooled.nu)))
+        parts_dict["noise_draws"] = 1
+    else:
+        pooled = DrawAveragedStatistic(Xs, y, directions)
+        parts, extras = pooled.observe()
+        parts_dict = {**asdict(parts), **extras}
     perm_p, count = None, None
     if permutations:
         # one matrix product per chunk: large chunks (up to ~8 MB of labels) amortise the per-call overhead

@@ -23,6 +23,7 @@ def demo_command(
     store: str = typer.Option(None, "--store", help="Feature store to reuse between demo runs."),
     fmt: str = format_option(),
     scenario: str = choice("pretrained", "--scenario", ("pretrained", "lora"), "pretrained (a model trained on P) or lora (a LoRA on a base model, audited without and with the base as reference)."),
+    noise_draws: int = typer.Option(None, "--noise-draws", help="Noise draws of the audit (see `cdi audit --help`; default 2)."),
     design: bool = typer.Option(False, "--design", help="The flow of a pre-registered randomised design: `cdi design` splits 2n toy non-members into publish/withhold (OUT/design.json), then `cdi audit --design` (the model saw neither half: expect not_detected)."),
 ) -> None:
     """Build (or load) the embedded toy world and audit it."""
@@ -30,18 +31,19 @@ def demo_command(
         from cdi.toy.demo import DEFAULT_DEMO_SIZE, run_demo
 
         quiet_library_progress()
+        draws = {} if noise_draws is None else {"noise_draws": noise_draws}
         if scenario == "lora":
             from pathlib import Path
 
             results = run_demo(out, null=null, n=n or DEFAULT_DEMO_SIZE, seed=seed, permutations=permutations,
-                               progress=True, scenario="lora", web=web)
+                               progress=True, scenario="lora", web=web, **draws)
             for result, folder in zip(results, ("lora", "lora-vs-base")):
                 _print_result(result, fmt, str(Path(out) / folder))
             return
         result = run_demo(out, null=null, member_fraction=member_fraction, n=n or DEFAULT_DEMO_SIZE, kind=kind,
                           strength=strength, seed=seed, permutations=permutations, store=store,
                           progress=True, scenario=scenario, design=design, web=web,
-                          no_harmonise=no_harmonise)  # progress on stderr
+                          no_harmonise=no_harmonise, **draws)  # progress on stderr
         _print_result(result, fmt, out)
 
 
