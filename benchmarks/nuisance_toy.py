@@ -1,6 +1,7 @@
 """How often the verdict says `used` when the collections differ by something other than training (issue 21).
 
     OMP_NUM_THREADS=1 python benchmarks/nuisance_toy.py --sizes 100,300 --draws 200
+    (with the audit's default two noise draws: --draw-tables tests/data/toy_sd_light_draw1_features.csv)
 
 On the stored light-toy features (``tests/data/toy_sd_light_features.csv``),
 P and U are both drawn from the 899 non-members and P's rows are shifted
@@ -31,10 +32,20 @@ def main() -> None:
     parser.add_argument("--draws", type=int, default=200)
     parser.add_argument("--alpha", type=float, default=0.01)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--draw-tables", default="",
+                        help="comma-separated further noise draws of --table (benchmarks/toy_features.py --draw R)")
     args = parser.parse_args()
     table = FeatureTable.from_csv(args.table)
     directions = directions_of(resolve_features("cdi+clid+sima"))
-    pool = table.values[[p.startswith("nonmembers/") for p in table.paths]]
+    rows = [p.startswith("nonmembers/") for p in table.paths]
+    pool = table.values[rows]
+    draw_pools = []
+    for path in [p for p in args.draw_tables.split(",") if p]:
+        extra = FeatureTable.from_csv(path)
+        values = table.values.astype(float).copy()
+        for k, column in enumerate(extra.columns):
+            values[:, table.columns.index(column)] = extra.values[:, k]
+        draw_pools.append(values[rows])
     floats = lambda text: [float(v) for v in text.split(",")]  # noqa: E731
     cells = [("against", s, f) for s in floats(args.strengths) for f in floats(args.fractions)]
     cells += [("orthogonal", s, 1.0) for s in floats(args.orthogonal_strengths)]
@@ -42,7 +53,7 @@ def main() -> None:
     for n in [int(v) for v in args.sizes.split(",")]:
         for kind, strength, fraction in cells:
             r = nuisance_rates(pool, directions, n=n, strength=strength, kind=kind, fraction=fraction,
-                               draws=args.draws, alpha=args.alpha, seed=args.seed)
+                               draws=args.draws, alpha=args.alpha, seed=args.seed, draw_pools=draw_pools)
             print(f"{kind:>10} {n:>4} {strength:>5} {fraction:>5} {r.rejected / r.draws:>9.3f} {r.used / r.draws:>6.3f} "
                   f"{r.high / r.draws:>6.3f} {r.inconclusive / r.draws:>8.3f}{'' if r.ok else '  OVER'}", flush=True)
 

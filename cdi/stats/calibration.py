@@ -174,6 +174,7 @@ def nuisance_rates(
     alpha: float = 0.01,
     seed: int = 0,
     interval: float = 0.99,
+    draw_pools: Sequence[np.ndarray] = (),
 ) -> NuisanceRates:
     """Null audits whose published rows are shifted in feature space by something other than training.
 
@@ -192,10 +193,13 @@ def nuisance_rates(
     those where the combined pooled test alone rejects at ``alpha``. Since
     no draw is a training effect, ``used`` should stay within the central
     ``interval`` of Binomial(draws, alpha) (``NuisanceRates.ok``).
+    ``draw_pools``: the same rows' further noise draws (``audit_test``'s
+    ``draws``), shifted like the first: the shift is a property of the images.
     """
     if kind not in ("against", "orthogonal"):
         raise CDIError(f"kind must be 'against' or 'orthogonal', got {kind!r}")
     pool = np.asarray(pool, dtype=np.float64)
+    extra = [np.asarray(d, dtype=np.float64) for d in draw_pools]
     directions = np.asarray(directions, dtype=np.float64)
     if 2 * n > len(pool):
         raise CDIError(f"the pool has {len(pool)} rows; two collections of {n} need {2 * n}")
@@ -206,16 +210,18 @@ def nuisance_rates(
     used = inconclusive = rejected = 0
     for _ in range(int(draws)):
         rows = rng.permutation(len(pool))[:2 * n]
-        P, U = pool[rows[:n]].copy(), pool[rows[n:]]
+        shift = np.zeros(len(directions))
         if kind == "against":
             cols = rng.choice(known, max(1, int(round(fraction * len(known)))), replace=False)
-            P[:, cols] -= strength * sd[cols] * directions[cols]
+            shift[cols] = -strength * sd[cols] * directions[cols]
         else:
             unit = directions / np.linalg.norm(directions)
             v = rng.standard_normal(len(directions))
             v -= (v @ unit) * unit
-            P += strength * math.sqrt(len(directions)) * sd * v / np.linalg.norm(v)
-        res = audit_test(P, U, directions=directions, permutations=0, alpha=alpha)
+            shift = strength * math.sqrt(len(directions)) * sd * v / np.linalg.norm(v)
+        P, U = pool[rows[:n]] + shift, pool[rows[n:]]
+        res = audit_test(P, U, directions=directions, permutations=0, alpha=alpha,
+                         draws=[(d[rows[:n]] + shift, d[rows[n:]]) for d in extra])
         used += res.verdict == "used"
         inconclusive += res.verdict == "inconclusive"
         rejected += bool(res.rejected)

@@ -181,8 +181,9 @@ def test_permutation_verdict_end_to_end(demo_used, tmp_path, store):
 
 
 def test_seed_check_end_to_end(demo_used, tmp_path, store):
-    """--seed-check 2 re-extracts only the noise-drawing family at seeds 1 and 2; the p recorded for seed 1 is the
-    p of the same audit run with --seed 1 (the check re-runs the audit's own test), and the report quotes it."""
+    """--seed-check 2 re-extracts only the noise-drawing family at seeds 1 and 2 (two noise draws each, the default);
+    the p recorded for seed 1 is the p of the same audit run with --seed 1 (the check re-runs the audit's own test),
+    and the report quotes it. features.csv holds the second draw's column, and verify re-tests from it exactly."""
     demo_out, _ = demo_used
     common = ["audit", "--published", *_demo_folders(demo_out), "--store", store, "--features",
               "denoising_loss,pia", "--sample-size-resamples", "0", "--format", "json"]
@@ -192,7 +193,16 @@ def test_seed_check_end_to_end(demo_used, tmp_path, store):
     check = saved.seed_check
     assert check["seeds"] == [0, 1, 2] and check["families_redrawn"] == ["denoising_loss"]
     assert check["p_values"][0] == saved.p_value and check["p_kind"] == "parametric"
-    assert check["extra_calls_per_image"] == {"forward": 10, "backward": 0}  # 5 repetitions, 2 seeds
+    assert check["extra_calls_per_image"] == {"forward": 20, "backward": 0}  # 5 repetitions, 2 seeds, 2 draws
+    draws = saved.features["noise_draws"]
+    assert draws["draws"] == 2 and draws["families"] == ["denoising_loss"] and draws["seeds"][0] == 0
+    assert draws["extra_calls_per_image"] == {"forward": 5, "backward": 0}
+    assert len(saved.protocol["pooled"]["draw_z"]) == 2
+    header = (tmp_path / "check" / "features.csv").read_text().splitlines()[0]
+    assert "denoising_loss@draw1" in header and "pia@draw1" not in header
+    from cdi.audit.verify import retest, retest_differences
+
+    assert retest_differences(*retest(tmp_path / "check", curve=False), curve=False) == []
     assert check["max_over_min"] == pytest.approx(max(check["p_values"]) / min(check["p_values"]))
     assert "--seed-check 2" in saved.command
     assert "Seed check" in saved.features["seed_dependence"]["text"]
