@@ -87,7 +87,7 @@ def test_audit_of_a_lora_against_its_base(tiny_model_dirs, tmp_path):
     assert saved.features["columns"] == ["denoising_loss_minus_ref"]
     assert "--lora" in saved.command and "--reference-model" in saved.command
     header = (out / "features.csv").read_text().splitlines()[0]
-    assert header.endswith("denoising_loss_minus_ref")
+    assert header.endswith("denoising_loss_minus_ref,denoising_loss_minus_ref@draw1")  # the 2nd noise draw too
     # cdi verify --model re-loads the base with the recorded LoRA and scale: the fingerprint matches
     verified = CliRunner().invoke(app, ["verify", str(out), "--model", base, "--reference-model", base])
     assert verified.exit_code == 0 and "[PASSED ] reference: fingerprint" in verified.output, verified.output
