@@ -80,14 +80,16 @@ def test_published_rows_shifted_against_the_members_are_not_used(nonmember_pool,
     """Issue 21: null rows, the published ones shifted `strength` SD against the member direction on a `fraction`
     of the columns (0.5 SD on 60%: the issue's bar, `used` in 96 of 100 draws before the direction rule). `used` must
     stay within the 99% interval of Binomial(100, 0.01), i.e. at most 4 of 100 draws; the combined test alone rejects
-    in most of them (checked: the experiment has the power to fail). Weaker shifts on few columns are where the rule
+    in far more of them (checked: the experiment has the power to fail). Weaker shifts on few columns are where the rule
     is weakest: docs/notes/issue-21-verdict.md has the whole grid (benchmarks/nuisance_toy.py)."""
     from cdi.stats.calibration import nuisance_rates
 
     pool, directions = nonmember_pool
     rates = nuisance_rates(pool, directions, n=150, strength=strength, fraction=fraction, draws=100, alpha=0.01,
                            seed=21)
-    assert rates.rejected >= 60, rates  # the nuisance is strong enough to fool the combined test
+    # the nuisance fools the combined test in > 3x the allowed `used` count: 20 and 32 of 100 with one noise draw per
+    # (image, t) (97 and 79 with one per image: the SD-unit shift is a larger Mahalanobis step on correlated columns)
+    assert rates.rejected >= 15, rates
     assert rates.ok and rates.high == 4, rates
 
 
@@ -109,7 +111,8 @@ def test_calibration_check_fails_a_protocol_that_rejects_at_twice_alpha(nonmembe
     uniform except where the verdict is decided) -- so that it rejects at twice the nominal rate.
 
     "halved" fails the KS check and the count at 0.05; "tail" leaves KS blind (D = 0.05) and fails on the
-    count at 0.05 (20 and 23 rejections of 200 against the 99% interval [3, 19]). The power of one such
+    count at 0.05 (19 and 21 rejections of 200, pooled and permutation, against the 99% interval [3, 19]: the
+    doubled rate's expected count sits at the interval's top, so which count crosses it is luck). The power of one such
     calibration against tail-only doubling is about 0.53 at 200 audits and 0.81 at 300 (binomial, at
     alpha 0.05); the four calibrations above are independent draws, each a further chance to catch it.
     """
@@ -132,6 +135,7 @@ def test_calibration_check_fails_a_protocol_that_rejects_at_twice_alpha(nonmembe
     result = null_calibration(pool, sizes=((50, 50), (80, 60)), audits=200, permutations=100,
                               directions=directions, seed=2)
     assert not result.calibrated
-    assert [c.ok for c in result.checks if c.alpha == 0.05] == [False, False], result.summary()
+    # at least one count at 0.05 fails (both did on the one-noise-per-image table, 20 and 23; now 19 and 21)
+    assert not all(c.ok for c in result.checks if c.alpha == 0.05), result.summary()
     if broken == "halved":
         assert max(result.ks_pvalues.values()) < 1e-10, result.summary()
