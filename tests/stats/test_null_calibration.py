@@ -139,3 +139,32 @@ def test_calibration_check_fails_a_protocol_that_rejects_at_twice_alpha(nonmembe
     assert not all(c.ok for c in result.checks if c.alpha == 0.05), result.summary()
     if broken == "halved":
         assert max(result.ks_pvalues.values()) < 1e-10, result.summary()
+
+
+def test_draw_averaged_verdict_is_calibrated_on_toy_features(nonmember_pool):
+    """The audit's default verdict averages two noise draws (cdi.stats.draws): 200 null audits at 100 + 100 on the
+    light table and its stored second draw (benchmarks/toy_features.py --draw 1) reject at 0.05 inside the 99%
+    binomial interval, and the p-values look uniform."""
+    from scipy import stats
+
+    from cdi.stats.verdict import audit_test
+
+    pool, directions = nonmember_pool
+    table = FeatureTable.from_csv(TABLE)
+    extra = FeatureTable.from_csv(TABLE.with_name("toy_sd_light_draw1_features.csv"))
+    assert extra.hashes == table.hashes
+    second = table.values.astype(float).copy()
+    for k, column in enumerate(extra.columns):
+        second[:, table.columns.index(column)] = extra.values[:, k]
+    second = second[[i for i, p in enumerate(table.paths) if p.startswith("nonmembers/")]]
+    rng = np.random.default_rng(31)
+    ps = []
+    for _ in range(200):
+        rows = rng.permutation(len(pool))[:200]
+        p, u = rows[:100], rows[100:]
+        ps.append(audit_test(pool[p], pool[u], directions=directions, permutations=0,
+                             draws=[(second[p], second[u])]).verdict_p)
+    ps = np.array(ps)
+    low, high = stats.binom.ppf([0.005, 0.995], 200, 0.05) / 200
+    assert low <= np.mean(ps < 0.05) <= high
+    assert stats.kstest(ps, "uniform").pvalue > 0.001
