@@ -780,8 +780,9 @@ def _scope(result: AuditResult, checks: dict[str, Check], *, curve: bool, recomp
     checked += [checks[name].detail for name in ("design", "ledger") if name in ran]
     draws = int((result.features.get("noise_draws") or {}).get("draws", 1))
     if draws > 1:
-        taken.append(f"the feature values of noise draws 2 to {draws} ({FEATURES_FILE}'s @draw columns; --recompute "
-                     "re-extracts the first draw's)")
+        which = "noise draw 2" if draws == 2 else f"noise draws 2 to {draws}"
+        taken.append(f"the feature values of {which} ({FEATURES_FILE}'s @draw columns; --recompute re-extracts the "
+                     "first draw's)")
     if result.seed_check:
         seeds = ", ".join(str(s) for s in result.seed_check.get("seeds", [])[1:])
         taken.append(f"the seed check's p-values at seeds {seeds} (their features are not in features.csv; "
