@@ -31,6 +31,11 @@ tests whose null distributions are known exactly for Gaussian rows:
    ``z1`` and ``z2`` are independent standard normals under H0, so ``Z`` is
    standard normal and ``p = 1 - Phi(Z)``.
 
+With several noise draws of the features (``cdi.stats.draws``) the prior's
+column weights (``prior_weights``: direction times a label-free weight) and
+part 2's directions (``rest_basis``) come from the draws' reliability
+instead; everything else is as above.
+
 Without directions there is no part 1: the test is Hotelling's ``T2`` on the
 ``r`` label-free principal components (``F(r, nu - r + 1)``), two-sided.
 
@@ -80,6 +85,15 @@ class PooledParts:
     rest_share: float | None = None
 
 
+def normal_scores(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Rank-based normal scores of every column over all rows, centred, and which columns are constant (scored 0)."""
+    X = np.asarray(X, dtype=np.float64)
+    constant = X.max(axis=0) == X.min(axis=0)
+    Z = special.ndtri(stats.rankdata(X, axis=0) / (len(X) + 1.0))
+    Z[:, constant] = 0.0
+    return Z - Z.mean(axis=0), constant
+
+
 def _z_from_log_p(log_p: np.ndarray) -> np.ndarray:
     """``Phi^-1(1 - p)`` from ``log p``, precise far into the tail."""
     return -special.ndtri_exp(np.minimum(log_p, 0.0))
@@ -96,45 +110,61 @@ class PooledStatistic:
         1 published, 0 unpublished.
     directions : ndarray (d,) of {-1, 0, +1} or None
         Member direction per column; enables part 1.
+    prior_weights : ndarray (d,) of non-negative floats, optional
+        The prior's weight of each column (times its direction; a zero weight
+        leaves the column out); default equal weights. Must not depend on ``y``.
+    rest_basis : ndarray (d, k), optional
+        Part 2's directions as column combinations, used in order instead of
+        the principal components. Must not depend on ``y``.
     """
 
-    def __init__(self, X: np.ndarray, y: np.ndarray, directions: np.ndarray | None) -> None:
-        X = np.asarray(X, dtype=np.float64)
+    def __init__(self, X: np.ndarray, y: np.ndarray, directions: np.ndarray | None, *,
+                 prior_weights: np.ndarray | None = None, rest_basis: np.ndarray | None = None) -> None:
         self.labels = np.asarray(y).astype(np.int8)
         n = len(self.labels)
         self.n1 = int(self.labels.sum())
         self.n0 = n - self.n1
         self.k = self.n1 * self.n0 / n
         self.nu = n - 2
-        self.constant = X.max(axis=0) == X.min(axis=0)
-        Z = special.ndtri(stats.rankdata(X, axis=0) / (n + 1.0))
-        Z[:, self.constant] = 0.0
-        Z -= Z.mean(axis=0)
+        Z, self.constant = normal_scores(X)
         self.normal_scored = Z
         self.prior_weights = None
         if directions is not None:
             use = (directions != 0) & ~self.constant
+            if prior_weights is not None:
+                use &= np.asarray(prior_weights) > 0
             if use.any():
-                self.prior_weights = np.where(use, directions, 0.0) / use.sum()
+                scale = np.ones(len(use)) if prior_weights is None else np.asarray(prior_weights, dtype=np.float64)
+                weights = np.where(use, np.sign(directions) * scale, 0.0)
+                self.prior_weights = weights / np.abs(weights).sum()
         self.prior = None if self.prior_weights is None else Z @ self.prior_weights
         if self.prior is not None and not np.any(self.prior != 0):
             self.prior, self.prior_weights = None, None
-        self.Q = self._basis(Z)
+        self.Q = self._basis(Z, rest_basis)
         self.d = self.Q.shape[1]
 
-    def _basis(self, Z: np.ndarray) -> np.ndarray:
-        """Orthonormal, centred columns: ``a`` first (if any), then the top principal components."""
-        cov = Z.T @ Z
-        values, vectors = np.linalg.eigh(cov)
-        order = np.argsort(values)[::-1]
-        values, vectors = values[order], vectors[:, order]
-        rank = int(np.sum(values > 1e-9 * max(values[0], 1e-300)))
+    def _basis(self, Z: np.ndarray, rest_basis: np.ndarray | None) -> np.ndarray:
+        """Orthonormal, centred columns: ``a`` first (if any), then part 2's directions.
+
+        Part 2's directions are the top principal components of ``Z`` or, when
+        ``rest_basis`` (d, k) is given, those column combinations, in order;
+        either way at most ``nu // DF_SHARE`` of them.
+        """
         limit = max(1, self.nu // DF_SHARE)
-        pcs = Z @ vectors[:, :min(rank, limit)]
-        parts = ([self.prior[:, None]] if self.prior is not None else []) + [pcs]
+        if rest_basis is None:
+            values, vectors = np.linalg.eigh(Z.T @ Z)
+            order = np.argsort(values)[::-1]
+            values, vectors = values[order], vectors[:, order]
+            rank = int(np.sum(values > 1e-9 * max(values[0], 1e-300)))
+            rest = Z @ vectors[:, :min(rank, limit)]
+        else:
+            rest = Z @ np.asarray(rest_basis, dtype=np.float64)[:, :limit]
+        parts = ([self.prior[:, None]] if self.prior is not None else []) + [rest]
+        if sum(p.shape[1] for p in parts) == 0:
+            return np.zeros((len(Z), 0))
         Q, R = np.linalg.qr(np.concatenate(parts, axis=1))
         Q = Q * np.where(np.diag(R) < 0, -1.0, 1.0)  # Q[:, 0] points along a, not against it
-        keep = np.abs(np.diag(R)) > 1e-9 * np.abs(R[0, 0])
+        keep = np.abs(np.diag(R)) > 1e-9 * max(np.abs(R[0, 0]), 1e-300)
         keep[0] = True
         return Q[:, keep]
 
