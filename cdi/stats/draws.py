@@ -27,6 +27,36 @@ exact permutation p-value counts relabellings whose ``mean_r Z_r`` reaches
 the observed one. With one draw everything reduces to the pooled test
 exactly.
 
+Reliability (session 6). Averaging the statistic still left a seed sd of
+about 0.30 in Z at R = 2 on the demo (48 draws, 24 disjoint pairs), 94x
+between the p-values of ``--seed 1..5``: the verdict weighs columns that are
+mostly noise draw (one draw's variance is 41-95% noise for Denoising Loss,
+Multiple Loss, Noise Optimisation, Gradient Masking and CLiD columns on the
+toy; SecMI, PIA and SimA draw nothing) as much as the seed-free ones, and
+part 2 whitens directions that are mostly noise. The R draws measure that
+noise without any label (``reliability``): one draw's noise covariance ``N``
+from the draws' deviations from their mean, its total covariance ``T``, and
+the images' part ``T - N``. With R >= 2 the statistic therefore
+
+* weighs each column of the prior part by its reliability ``rho_j = 1 -
+  N_jj / T_jj`` squared (``RELIABILITY_POWER``) instead of equally, so a
+  column that is half noise counts a quarter; and
+* restricts part 2 to the directions in which at least half of one draw's
+  variance is the images' (``RELIABLE_SHARE``; ``(T - N) v = lambda T v``,
+  ``lambda >= 0.5``), ordered as principal components within them.
+
+Both are computed from all images and all draws without the labels, so
+they are the same for every relabelling: the permutation p-value stays
+exact, and the t and F parts keep their null distributions given them (the
+same argument as for part 2's principal components). Measured on the demo
+(48 draws): seed sd of Z 0.30 -> 0.14 at R = 2, mean Z 5.99 -> 6.26; the
+audit's ``--seed 1..5`` p-values 94x -> 6x apart. Calibration and power on
+the stored light-toy tables: docs/notes/issue-21-seed.md (Session 6). A
+reliability power of 4 or a share of 0.8 were steadier still on the demo
+(sd 0.09-0.12); 2 and 0.5 keep more of part 2 for worlds where the member
+effect is not along the prior (issue 21, item 2). With one draw (``cdi
+extract`` tables) nothing measures the noise: the pooled test as it is.
+
 The parts. The prior part's and the rest's contributions are the draws'
 mean contributions divided by the same ``sqrt(Var)`` (they add up to
 ``Z``); each part's own z is the draws' mean z divided by that part's own
@@ -42,7 +72,7 @@ from typing import Sequence
 import numpy as np
 from scipy import special
 
-from cdi.stats.pooled import PooledParts, PooledStatistic, _z_from_log_p
+from cdi.stats.pooled import PooledParts, PooledStatistic, _z_from_log_p, normal_scores
 
 #: Relabellings that estimate the null correlation of the draws' statistics (sd of a correlation ~ (1 - rho^2)/sqrt(2000)).
 NULL_PERMUTATIONS = 2000
@@ -50,9 +80,50 @@ NULL_PERMUTATIONS = 2000
 NULL_SEED = 0x5EED_D4A3
 
 
+#: Part 2 keeps the directions in which at least this share of one draw's variance is the images, not the noise draw.
+RELIABLE_SHARE = 0.5
+#: The prior part weighs each column by its reliability to this power.
+RELIABILITY_POWER = 2
+
+
+def reliability(Xs: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray, int]:
+    """Label-free reliability of the columns and the directions part 2 keeps, from R >= 2 draws of the same images.
+
+    With ``z_r`` the normal scores of draw r (n, d) and ``m`` their mean over
+    draws, one draw's noise covariance is ``N = sum_r (z_r - m)^T (z_r - m) /
+    (n (R - 1))`` and its total covariance ``T = sum_r z_r^T z_r / (n R)``; the
+    images' part is ``S = T - N``. A column's reliability is ``1 - N_jj / T_jj``
+    (clipped to [0, 1]; 0 for a constant column). The reliable subspace is
+    spanned by the solutions of ``S v = lambda T v`` with ``lambda >=
+    RELIABLE_SHARE`` (at least that share of one draw's variance along ``v`` is
+    the images'); its basis is returned as principal components within it
+    (largest variance ``v^T T v / v^T v`` first), so that with identical draws
+    (no noise: everything reliable) it is ``T``'s principal components, part
+    2's directions without draws. Returns the column reliabilities (d,), the
+    basis (d, k) and k. Every piece uses all images and no label.
+    """
+    scores = np.stack([normal_scores(X)[0] for X in Xs])
+    R, n, d = scores.shape
+    deviation = scores - scores.mean(axis=0)
+    N = np.einsum("rni,rnj->ij", deviation, deviation) / (n * (R - 1))
+    T = np.einsum("rni,rnj->ij", scores, scores) / (n * R)
+    diag = np.diag(T)
+    columns = np.where(diag > 1e-12, np.clip(1.0 - np.diag(N) / np.maximum(diag, 1e-300), 0.0, 1.0), 0.0)
+    values, vectors = np.linalg.eigh(T)  # whiten T on its range, then diagonalise S there
+    rank = values > 1e-9 * max(values.max(), 1e-300)
+    W = vectors[:, rank] / np.sqrt(values[rank])
+    share, rotation = np.linalg.eigh(W.T @ (T - N) @ W)
+    V = W @ rotation[:, share >= RELIABLE_SHARE]  # V^T T V = I
+    # v = V c has variance c^T c and squared length c^T (V^T V) c: the largest variance per length first
+    lengths, c = np.linalg.eigh(V.T @ V)
+    basis = V @ c[:, np.argsort(lengths)]
+    basis /= np.maximum(np.linalg.norm(basis, axis=0), 1e-300)
+    return columns, basis, basis.shape[1]
+
+
 def _null_sd(rows: np.ndarray) -> float:
     """``sqrt(mean_{r,s} corr(rows_r, rows_s))``: the null sd of the mean of R unit-variance statistics."""
-    if rows.shape[0] == 1:
+    if rows.shape[0] == 1 or np.any(rows.std(axis=1) == 0):  # one draw, or a statistic constant over relabellings
         return 1.0
     corr = np.corrcoef(rows)
     return float(math.sqrt(max(float(np.mean(corr)), 1e-12)))
@@ -71,8 +142,20 @@ class DrawAveragedStatistic:
         Member direction per column, as for ``PooledStatistic``.
     """
 
-    def __init__(self, Xs: Sequence[np.ndarray], y: np.ndarray, directions: np.ndarray | None) -> None:
-        self.draws = [PooledStatistic(X, y, directions) for X in Xs]
+    def __init__(self, Xs: Sequence[np.ndarray], y: np.ndarray, directions: np.ndarray | None, *,
+                 reliability_weighted: bool = True) -> None:
+        self.column_reliability, self.reliable_directions = None, None
+        shared: dict = {}
+        if len(Xs) > 1 and reliability_weighted:
+            columns, basis, kept = reliability(Xs)
+            self.column_reliability, self.reliable_directions = columns, kept
+            weights = columns ** RELIABILITY_POWER
+            has_prior = directions is not None and bool(np.any(np.asarray(directions) != 0))
+            if has_prior and np.any(weights[np.asarray(directions) != 0] > 0):
+                shared["prior_weights"] = weights  # (no known column reliable at all: equal weights, as without draws)
+            if has_prior or kept:  # (nothing reliable and no prior: part 2 on the principal components, as without draws)
+                shared["rest_basis"] = basis
+        self.draws = [PooledStatistic(X, y, directions, **shared) for X in Xs]
         first = self.draws[0]
         self.labels, self.nu, self.n1, self.n0 = first.labels, first.nu, first.n1, first.n0
         self.constant = np.all([d.constant for d in self.draws], axis=0)
@@ -140,6 +223,11 @@ class DrawAveragedStatistic:
             "prior_null_sd": self.prior_null_sd,
             "rest_null_sd": self.rest_null_sd,
             "null_permutations": NULL_PERMUTATIONS,
+            "reliability_weighted": self.column_reliability is not None,
+            "column_reliability": None if self.column_reliability is None else [float(v) for v in self.column_reliability],
+            "reliable_directions": self.reliable_directions,
+            "reliable_share": RELIABLE_SHARE,
+            "reliability_power": RELIABILITY_POWER,
             # one-sided p that the prior part points *against* membership, at the prior part's null scale
             "prior_p_against": None if prior_z is None else float(special.ndtr(prior_z)),
         }

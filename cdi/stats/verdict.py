@@ -710,6 +710,8 @@ def _pooled_test(Xs: list[np.ndarray], y: np.ndarray, directions: np.ndarray | N
         pooled = DrawAveragedStatistic(Xs, y, directions)
         parts, extras = pooled.observe()
         parts_dict = {**asdict(parts), **extras}
+        if extras["column_reliability"] is not None:
+            parts_dict["column_reliability"] = dict(zip(columns, extras["column_reliability"]))
     perm_p, count = None, None
     if permutations:
         # one matrix product per chunk: large chunks (up to ~8 MB of labels) amortise the per-call overhead
@@ -717,7 +719,10 @@ def _pooled_test(Xs: list[np.ndarray], y: np.ndarray, directions: np.ndarray | N
         count = _permutation_count(pooled.permuted_labels, pooled.z, parts.z, int(permutations), seed, chunk)
         perm_p = permutation_pvalue(count, int(permutations))
     if pooled.prior is not None:
-        score, kind = pooled.prior, "prior weight per normal-scored column (fixed, label-free)"
+        score, kind = pooled.prior, ("prior weight per normal-scored column (label-free: its direction times its "
+                                     "reliability across the noise draws, squared)"
+                                     if parts_dict.get("reliability_weighted") else
+                                     "prior weight per normal-scored column (fixed, label-free)")
         weights = pooled.prior_weights
     else:  # the in-sample discriminant direction (descriptive only)
         g = pooled.Q.T @ y.astype(np.float64)
