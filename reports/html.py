@@ -426,28 +426,45 @@ def number_rows(result: AuditResult) -> list[dict[str, Any]]:
     pooled = proto.get("pooled") if isinstance(proto.get("pooled"), Mapping) else None
     if protocol == "pooled" and pooled is not None:
         df = pooled.get("rest_df") or [None, None]
+        draws = int(pooled.get("noise_draws") or 1)
+        weighted = bool(pooled.get("reliability_weighted"))
+        over = f"; the mean over the {draws} noise draws of each draw's value" if draws > 1 else ""
         if pooled.get("prior_t") is not None:
+            prior_words = ("a weighted mean of the normal-scored measurements, each weighted by its reliability "
+                           "across the noise draws squared and turned so that higher means more like a training "
+                           "image" if weighted else "the mean of the normal-scored measurements, each turned so "
+                           "that higher means more like a training image")
             rows.append(_row("part 1: Student's t (known member directions)", format_fixed(pooled["prior_t"], 2),
                              f"one-sided two-sample t-test with {format_fixed(result.df, 0)} degrees of freedom: do "
-                             "the published images score higher on the prior score (the mean of the normal-scored "
-                             "measurements, each turned so that higher means more like a training image)?",
+                             f"the published images score higher on the prior score ({prior_words})?{over}",
                              "protocol.pooled.prior_t", "fixed2"))
             rows.append(_row("part 1: p-value", _p_markup(None, pooled.get("prior_log_p")),
-                             "one-sided p-value of that t-test", "protocol.pooled.prior_log_p", "lnp"))
+                             "one-sided p-value of that t-test" + (
+                                 " (of the draws' mean normal score, divided by its null standard deviation)"
+                                 if draws > 1 else ""), "protocol.pooled.prior_log_p", "lnp"))
         if pooled.get("rest_F") is not None:
+            rest_words = (f"the {pooled.get('reliable_directions')} directions in which the images, not the noise "
+                          "draw, carry at least half of the variance" if weighted else
+                          "leading principal components of the normal-scored measurements")
             rows.append(_row("part 2: Rao's F (other directions)", format_fixed(pooled["rest_F"], 2),
                              f"F-test with {df[0]} and {df[1]} degrees of freedom: do the collections differ in "
-                             "directions other than the known ones (leading principal components of the "
-                             "normal-scored measurements) beyond what part 1 shows?",
+                             f"directions other than the known ones ({rest_words}) beyond what part 1 shows?{over}",
                              "protocol.pooled.rest_F", "fixed2"))
             rows.append(_row("part 2: p-value", _p_markup(None, pooled.get("rest_log_p")),
-                             "upper-tail p-value of that F-test", "protocol.pooled.rest_log_p", "lnp"))
+                             "upper-tail p-value of that F-test" + (
+                                 " (of the draws' mean normal score, divided by its null standard deviation)"
+                                 if draws > 1 else ""), "protocol.pooled.rest_log_p", "lnp"))
         both = pooled.get("prior_t") is not None and pooled.get("rest_F") is not None
+        per_draw = ("the parts' p-values turned into normal scores z = Φ⁻¹(1 − p) and added with fixed weights, "
+                    "Z = (2 z₁ + z₂) / √5" if both else "the part's p-value turned into a normal score "
+                    "Z = Φ⁻¹(1 − p)")
+        if draws > 1:
+            per_draw = (f"in each of the {draws} noise draws, {per_draw}; the draws' mean divided by its null "
+                        f"standard deviation ({format_fixed(pooled.get('null_sd'), 3)}, from "
+                        f"{int(pooled.get('null_permutations') or 0):,} fixed relabellings)")
         rows.append(_row("combined Z (weighted Stouffer)" if both else "Z of the test's one part",
                          format_fixed(result.statistic, 2),
-                         ("the parts' p-values turned into normal scores z = Φ⁻¹(1 − p) and added with fixed weights, "
-                          "Z = (2 z₁ + z₂) / √5" if both else "the part's p-value turned into a normal score "
-                          "Z = Φ⁻¹(1 − p)") + "; standard normal if the published images were not used",
+                         per_draw + "; standard normal if the published images were not used",
                          "statistic", "fixed2"))
         rows.append(_row("pooled test p-value (parametric)", format_p(result.p_value_ttest, proto.get("ttest_log10_p")),
                          "1 − Φ(Z): the probability of a combined Z this large if the published images "

@@ -32,6 +32,7 @@ class Analysis:
     estimate: dict[str, Any] | None = None  # cdi.stats.sample_size.ForwardSampleSize.to_dict()
     encoding: Any = None  # cdi.data.shift_guard.EncodingGuardResult, when the files were probed
     encoding_blocks: bool = False  # an encoding difference nobody harmonised (EncodingGuardResult.blocks_verdict)
+    draws: Sequence[tuple[np.ndarray, np.ndarray]] = ()  # the further noise draws' (published, unpublished) arrays
 
 
 
@@ -104,7 +105,7 @@ def analyse_tables(
     blocks = encoding is not None and encoding.blocks_verdict
     verdict = decide_verdict(test.verdict, shift, ignore_shift=config.ignore_shift, encoding_blocks=blocks)
     return Analysis(verdict=verdict, test=test, curve=curve, shift=shift, seconds=seconds, estimate=estimate,
-                    encoding=encoding, encoding_blocks=blocks)
+                    encoding=encoding, encoding_blocks=blocks, draws=list(draws))
 
 
 def verdict_test(published: np.ndarray, unpublished: np.ndarray, *, directions: Sequence[int] | None,
@@ -247,7 +248,8 @@ def build_result(
             "columns": list(published.columns),
             "directions": None if directions is None else [int(d) for d in directions],
             "seed_dependence": seed_dependence(families, None if seed_check is None else seed_check.text()),
-            "noise_draws": noise_draws_record(draws, config.seed, families, draw_calls),
+            "noise_draws": noise_draws_record(draws, config.seed, families, draw_calls,
+                                              reliable=(test.pooled or {}).get("reliable_directions")),
         },
         parameters={k: v for k, v in asdict(config).items() if k not in ("force", "token")},
         seed=config.seed,
@@ -255,13 +257,16 @@ def build_result(
         environment=environment_report(),
         timings={**timings, **analysis.seconds},
         feature_effects=feature_effects(published.values, unpublished.values, list(published.columns),
-                                        directions, family_of),
+                                        directions, family_of, draws=analysis.draws),
         seed_check=None if seed_check is None else seed_check.to_dict(),
     )
 
 
-def noise_draws_record(draws: int, seed: int, families, draw_calls=None) -> dict:
-    """What ``result.json`` says of the noise draws the verdict averaged over (``cdi.audit.noise_draws``)."""
+def noise_draws_record(draws: int, seed: int, families, draw_calls=None, reliable: int | None = None) -> dict:
+    """What ``result.json`` says of the noise draws the verdict averaged over (``cdi.audit.noise_draws``).
+
+    ``reliable``: how many directions part 2 kept as reliable (``cdi.stats.draws``; None: not weighted).
+    """
     from cdi.features.base import draw_seed
 
     noisy = [f.name for f in families if f.draws_noise]
@@ -274,7 +279,11 @@ def noise_draws_record(draws: int, seed: int, families, draw_calls=None) -> dict
         "No feature family draws noise." if not noisy else
         f"The noise-drawing features ({', '.join(noisy)}) were extracted {draws} times, with independent noise "
         f"draws (seeds {', '.join(str(s) for s in record['seeds'])}); the verdict averages the pooled statistic "
-        f"over the draws and standardises it by its null spread." if draws > 1 else
+        f"over the draws and standardises it by its null spread"
+        + ("." if reliable is None else
+           f", and, measuring from the draws how much of each measurement is noise draw rather than image (no "
+           f"label used), weighs each column of part 1 by its reliability squared and keeps in part 2 the {reliable} "
+           f"direction(s) in which the images carry at least half of a draw's variance.") if draws > 1 else
         f"The noise-drawing features ({', '.join(noisy)}) were extracted once, with the noise of seed {seed}.")
     return record
 

@@ -22,6 +22,10 @@ Two descriptive summaries of a feature table, written into ``result.json``
    the total and multiplied by ``t1``, is its signed contribution to
    ``t1`` (contributions add up to ``t1``).
 
+With several noise draws both are the means over the draws, with the
+verdict's reliability weights (``cdi.stats.draws``): the families'
+contributions add up to the draws' mean ``t1``.
+
 Neither summary enters the verdict: the verdict's test is in ``cdi.stats``.
 """
 
@@ -33,10 +37,25 @@ from typing import Any
 
 import numpy as np
 
+from cdi.stats.draws import DrawAveragedStatistic
 from cdi.stats.pooled import PooledStatistic
 
 #: Two-sided 95% normal quantile.
 Z95 = 1.959963984540054
+
+
+def _mean_difference(stat: PooledStatistic, y: np.ndarray) -> np.ndarray:
+    """Published minus unpublished mean of every normal-scored column."""
+    return stat.normal_scored[y == 1].mean(axis=0) - stat.normal_scored[y == 0].mean(axis=0)
+
+
+def _standardised_difference(stat: PooledStatistic, y: np.ndarray) -> np.ndarray:
+    """Cohen's d of every normal-scored column (0 for a constant column), not yet oriented."""
+    published, unpublished = stat.normal_scored[y == 1], stat.normal_scored[y == 0]
+    n1, n0 = len(published), len(unpublished)
+    var = ((n1 - 1) * published.var(axis=0, ddof=1) + (n0 - 1) * unpublished.var(axis=0, ddof=1)) / (n1 + n0 - 2)
+    sd = np.sqrt(var)
+    return np.where(sd > 0, _mean_difference(stat, y) / np.where(sd > 0, sd, 1.0), 0.0)
 
 
 def feature_effects(
@@ -45,6 +64,7 @@ def feature_effects(
     columns: Sequence[str],
     directions: Sequence[int] | None,
     family_of: Mapping[str, str],
+    draws: Sequence[tuple[np.ndarray, np.ndarray]] = (),
 ) -> dict[str, Any]:
     """Per-feature standardised differences and per-family contributions to the prior part (see the module).
 
@@ -58,6 +78,10 @@ def feature_effects(
         Member direction of every column (as in ``cdi.stats.audit_test``).
     family_of : mapping
         Column -> feature family name.
+    draws : sequence of (published, unpublished) arrays, optional
+        The further noise draws the verdict averaged over (``audit_test``'s
+        ``draws``): every number is then the mean over the draws, and the
+        prior's weights are the verdict's (``cdi.stats.draws``).
 
     Returns
     -------
@@ -66,44 +90,40 @@ def feature_effects(
         "prior_families": [{family, contribution, share}] or None, "prior_t": float or None}``;
         JSON-able. ``share`` is the contribution over ``t1`` (None unless ``t1 > 0``).
     """
-    X = np.concatenate([np.asarray(X_published, float), np.asarray(X_unpublished, float)])
     y = np.r_[np.ones(len(X_published)), np.zeros(len(X_unpublished))]
     dirs = None if directions is None else np.asarray(directions, dtype=float)
-    stat = PooledStatistic(X, y, dirs)
-    Z = stat.normal_scored
-    n1, n0 = stat.n1, stat.n0
-    published, unpublished = Z[y == 1], Z[y == 0]
-    diff = published.mean(axis=0) - unpublished.mean(axis=0)
-    var = ((n1 - 1) * published.var(axis=0, ddof=1) + (n0 - 1) * unpublished.var(axis=0, ddof=1)) / (n1 + n0 - 2)
-    sd = np.sqrt(var)
+    Xs = [np.concatenate([np.asarray(P, float), np.asarray(U, float)])
+          for P, U in [(X_published, X_unpublished), *draws]]
+    stats = [PooledStatistic(Xs[0], y, dirs)] if len(Xs) == 1 else DrawAveragedStatistic(Xs, y, dirs).draws
     orient = np.ones(len(columns)) if dirs is None else np.where(dirs == 0, 1.0, dirs)
+    n1, n0 = stats[0].n1, stats[0].n0
+    d = np.mean([orient * _standardised_difference(stat, y) for stat in stats], axis=0)
     rows = []
     for j, column in enumerate(columns):
-        if sd[j] <= 0:  # a constant column carries nothing
-            d = 0.0
-        else:
-            d = float(orient[j] * diff[j] / sd[j])
-        se = math.sqrt(1.0 / n1 + 1.0 / n0 + d * d / (2.0 * (n1 + n0)))
+        se = math.sqrt(1.0 / n1 + 1.0 / n0 + d[j] * d[j] / (2.0 * (n1 + n0)))
         rows.append({
             "column": column, "family": family_of.get(column, column),
             "direction": 0 if dirs is None else int(dirs[j]),
-            "d": d, "low": d - Z95 * se, "high": d + Z95 * se,
+            "d": float(d[j]), "low": float(d[j] - Z95 * se), "high": float(d[j] + Z95 * se),
         })
     families, prior_t = None, None
-    if stat.prior_weights is not None:
-        prior_t = stat.observe().prior_t
-        parts = stat.prior_weights * diff  # exact split of the prior score's mean difference
-        total = float(parts.sum())
+    if stats[0].prior_weights is not None:
         by_family: dict[str, float] = {}
-        for column, part in zip(columns, parts):
-            if part != 0.0:
-                name = family_of.get(column, column)
-                by_family[name] = by_family.get(name, 0.0) + float(part)
-        families = []
-        for name, part in by_family.items():
-            contribution = prior_t * part / total if total != 0 else 0.0
-            families.append({"family": name, "contribution": contribution,
-                             "share": contribution / prior_t if prior_t and prior_t > 0 else None})
+        ts = []
+        for stat in stats:  # each draw's t splits exactly; their mean is the mean of the splits
+            t = stat.observe().prior_t
+            parts = stat.prior_weights * _mean_difference(stat, y)  # the prior score's mean difference, by column
+            total = float(parts.sum())
+            ts.append(t)
+            for column, part in zip(columns, parts):
+                if part != 0.0:
+                    name = family_of.get(column, column)
+                    share = t * float(part) / total if total != 0 else 0.0
+                    by_family[name] = by_family.get(name, 0.0) + share / len(stats)
+        prior_t = float(np.mean(ts))
+        families = [{"family": name, "contribution": contribution,
+                     "share": contribution / prior_t if prior_t > 0 else None}
+                    for name, contribution in by_family.items()]
         families.sort(key=lambda f: -f["contribution"])
     return {
         "transform": "rank-based normal scores over all images (the pooled test's label-free transform)",

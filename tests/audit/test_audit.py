@@ -197,7 +197,16 @@ def test_seed_check_end_to_end(demo_used, tmp_path, store):
     draws = saved.features["noise_draws"]
     assert draws["draws"] == 2 and draws["families"] == ["denoising_loss"] and draws["seeds"][0] == 0
     assert draws["extra_calls_per_image"] == {"forward": 5, "backward": 0}
-    assert len(saved.protocol["pooled"]["draw_z"]) == 2
+    pooled = saved.protocol["pooled"]
+    assert len(pooled["draw_z"]) == 2 and pooled["reliability_weighted"]
+    # PIA draws no noise: exactly reliable; the prior's weights are the reliabilities squared (normalised)
+    assert pooled["column_reliability"]["pia"] == 1.0 and 0.0 <= pooled["column_reliability"]["denoising_loss"] <= 1.0
+    weights = {w.column: w.weight for w in saved.feature_weights}
+    squared = {c: pooled["column_reliability"][c] ** 2 for c in ("denoising_loss", "pia")}
+    assert abs(weights["denoising_loss"] / weights["pia"]) == pytest.approx(squared["denoising_loss"] / squared["pia"])
+    report = (tmp_path / "check" / "report.html").read_text()
+    assert "reliability across the noise draws" in report and "mean over the 2 noise draws" in report
+    assert f"keeps in part 2 the {pooled['reliable_directions']} direction" in draws["text"]
     header = (tmp_path / "check" / "features.csv").read_text().splitlines()[0]
     assert "denoising_loss@draw1" in header and "pia@draw1" not in header
     from cdi.audit.verify import retest, retest_differences
