@@ -111,16 +111,16 @@ def total_cost(families: Sequence[FeatureFamily], adapter: DiffusionAdapter) -> 
     return Cost(total.forward - saved.forward, total.backward - saved.backward)
 
 
-#: The verdict p-value over feature seeds on the toy demo's own folders, as measured (issue 21, session 5):
+#: The verdict p-value over feature seeds on the toy demo's own folders, as measured (issue 21, session 6):
 #: ``cdi demo --out demo-out``, then ``cdi audit`` on its ``data/published`` and ``data/unpublished`` with the
 #: demo's model, ``--seed 1 --seed-check 4`` (default features, default 2 noise draws; result.json ``seed_check``).
 DEMO_SEED_SPREAD = {
-    "what": "verdict p-value of cdi demo's folders (toy SD, 150 + 150 images, cdi+clid+sima, 2 noise draws) over "
-            "feature seeds 1 to 5",
+    "what": "verdict p-value of cdi demo's folders (toy SD, 150 + 150 images, cdi+clid+sima, 2 noise draws, "
+            "reliability-weighted) over feature seeds 1 to 5",
     "seeds": 5,
-    "p_min": 4.7e-11,
-    "p_max": 4.4e-9,
-    "max_over_min": 94,
+    "p_min": 6.2e-11,
+    "p_max": 3.7e-10,
+    "max_over_min": 6.0,
     "command": "cdi audit --published demo-out/data/published --unpublished demo-out/data/unpublished "
                "--model ~/.cache/cdi/toy/sd-overtrained-seed0/model --out seed-check --seed 1 --seed-check 4",
 }

@@ -9,9 +9,11 @@ and on the toy most of those directions are mostly noise draw, so however
 many draws are averaged they stay noise-dominated and part 2 behaves like a
 fresh draw of its null distribution at every seed (seed sd of its z 0.55 to
 0.75 with 1 to 4 averaged draws). Averaging the *statistic* over draws
-averages those fresh draws too. Measured on the toy demo (150 + 150, 20
-seeds, noise drawn per image and timestep): seed sd of the verdict's Z 0.36
-with one draw, 0.20 with two, 0.13 with three (docs/notes).
+averages those fresh draws too. Measured on the toy demo (150 + 150, noise
+drawn per image and timestep) on 48 independent draws in session 6: seed sd
+of the verdict's Z 0.36 with one draw, 0.30 with two, 0.25 with three, about
+1/sqrt(R) (session 5's rougher estimate from 20 seeds, 0.15-0.20 at two, was
+too optimistic).
 
 The statistic. ``Z_r`` is the pooled statistic (``cdi.stats.pooled``) on the
 table of draw r (the seed-free columns are the same in every table). Under H0
