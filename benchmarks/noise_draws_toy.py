@@ -27,6 +27,7 @@ from scipy import stats as sps
 
 from cdi.engine.table import FeatureTable
 from cdi.features.registry import columns_of, directions_of, resolve_features
+from cdi.stats.draws import DrawAveragedStatistic
 from cdi.stats.verdict import audit_test
 
 
@@ -51,7 +52,15 @@ def main() -> None:
     parser.add_argument("--alpha", type=float, default=0.01)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--features", default="cdi+clid+sima")
+    parser.add_argument("--plain", action="store_true",
+                        help="the draws' statistic without reliability weighting (session 5's), for comparison")
     args = parser.parse_args()
+    if args.plain:
+        import functools
+
+        import cdi.stats.verdict
+
+        cdi.stats.verdict.DrawAveragedStatistic = functools.partial(DrawAveragedStatistic, reliability_weighted=False)
     tables = [FeatureTable.from_csv(p) for p in args.tables]
     first = tables[0]
     known = dict(zip(columns_of(resolve_features(args.features)), directions_of(resolve_features(args.features))))

@@ -31,6 +31,13 @@ Two questions, two modes.
    noise draws per image would leave (``--repeats``: the tables of every
    R-subset of the seeds averaged column by column, ``emulated``; the
    seed-free columns are identical in every table).
+
+       python benchmarks/seed_spread.py draws seeds/ --draws 2,3
+
+   emulates audits with ``--noise-draws R`` from disjoint groups of R seed
+   tables and compares the draws' statistic with and without its
+   reliability weighting (``cdi.stats.draws``; docs/notes/issue-21-seed.md,
+   Session 6).
 """
 
 from __future__ import annotations
@@ -192,8 +199,37 @@ def families(folder: str, repeats: list[int], repeat_families: list[str] = ()) -
                               **emulated(log_ps, s_count, r)}), flush=True)
 
 
+def draws(folder: str, counts: list[int]) -> None:
+    """Mode 2c: the verdict of audits with R noise draws (``--noise-draws R``), each audit a disjoint group of R
+    seed tables (independent draws, as ``draw_seed`` gives them), with and without the reliability weighting
+    (``cdi.stats.draws``): the seed sd and mean of Z, max/min of p over all groups and over the first 10, and over
+    every set of 5 groups (the issue's bar: ``--seed 1..5`` within a factor of 10) the median max/min and the share
+    of sets within 10."""
+    from cdi.stats.draws import DrawAveragedStatistic
+
+    paths = sorted(Path(folder).glob("seed*.npz"), key=lambda p: int(p.stem[4:]))
+    tables = [np.load(p) for p in paths]
+    directions = tables[0]["directions"].astype(float)
+    n_p = tables[0]["published"].shape[0]
+    both = [np.vstack([t["published"], t["unpublished"]]) for t in tables]
+    y = np.r_[np.ones(n_p), np.zeros(len(both[0]) - n_p)]
+    for r in counts:
+        groups = [both[k:k + r] for k in range(0, len(both) - r + 1, r)]
+        for weighted in (False, True):
+            parts = [DrawAveragedStatistic(g, y, directions, reliability_weighted=weighted).observe()[0]
+                     for g in groups]
+            log_p = np.array([o.log_p for o in parts])
+            fives = [math.exp(np.ptp(log_p[list(c)])) for c in itertools.combinations(range(len(log_p)), 5)]
+            print(json.dumps({"draws": r, "reliability_weighted": weighted, "audits": len(groups),
+                              **spread(list(log_p)), "z_mean": float(np.mean([o.z for o in parts])),
+                              "first_10_max_over_min": float(math.exp(np.ptp(log_p[:10]))),
+                              "five_audits_median_max_over_min": float(np.median(fives)) if fives else None,
+                              "five_audits_share_within_10": float(np.mean(np.array(fives) <= 10)) if fives else None}),
+                  flush=True)
+
+
 def main() -> None:
-    if len(sys.argv) >= 2 and sys.argv[1] not in ("extract", "families", "-h", "--help"):
+    if len(sys.argv) >= 2 and sys.argv[1] not in ("extract", "families", "draws", "-h", "--help"):
         fixed_features(sys.argv[1])
         return
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -208,9 +244,14 @@ def main() -> None:
     fa.add_argument("folder")
     fa.add_argument("--repeats", default="2,4,8", help="averaged draws per image to emulate")
     fa.add_argument("--repeat-families", default="", help="also emulate the repeats for these families alone")
+    dr = sub.add_parser("draws", help="audits with R noise draws each, emulated from disjoint groups of seed tables")
+    dr.add_argument("folder")
+    dr.add_argument("--draws", default="2,3", help="noise draws per audit")
     args = parser.parse_args()
     if args.mode == "extract":
         extract(args.folder, _seeds(args.seeds), args.out, args.batch_size, args.threads)
+    elif args.mode == "draws":
+        draws(args.folder, [int(r) for r in args.draws.split(",") if r])
     else:
         families(args.folder, [int(r) for r in args.repeats.split(",") if r],
                  [f for f in args.repeat_families.split(",") if f])
