@@ -31,6 +31,15 @@ from cdi.stats.draws import DrawAveragedStatistic
 from cdi.stats.verdict import audit_test
 
 
+def use_plain_draws() -> None:
+    """Make ``audit_test`` average the draws without the reliability weighting (session 5's statistic), to compare."""
+    import functools
+
+    import cdi.stats.verdict
+
+    cdi.stats.verdict.DrawAveragedStatistic = functools.partial(DrawAveragedStatistic, reliability_weighted=False)
+
+
 def merged(first: FeatureTable, extra: FeatureTable) -> np.ndarray:
     """``first``'s values with ``extra``'s columns (same rows) swapped in."""
     if list(extra.hashes) != list(first.hashes):
@@ -56,11 +65,7 @@ def main() -> None:
                         help="the draws' statistic without reliability weighting (session 5's), for comparison")
     args = parser.parse_args()
     if args.plain:
-        import functools
-
-        import cdi.stats.verdict
-
-        cdi.stats.verdict.DrawAveragedStatistic = functools.partial(DrawAveragedStatistic, reliability_weighted=False)
+        use_plain_draws()
     tables = [FeatureTable.from_csv(p) for p in args.tables]
     first = tables[0]
     known = dict(zip(columns_of(resolve_features(args.features)), directions_of(resolve_features(args.features))))

@@ -34,7 +34,13 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--draw-tables", default="",
                         help="comma-separated further noise draws of --table (benchmarks/toy_features.py --draw R)")
+    parser.add_argument("--plain", action="store_true",
+                        help="average the draws without the reliability weighting (session 5's statistic), to compare")
     args = parser.parse_args()
+    if args.plain:
+        from noise_draws_toy import use_plain_draws  # this folder is on the path when the script runs
+
+        use_plain_draws()
     table = FeatureTable.from_csv(args.table)
     directions = directions_of(resolve_features("cdi+clid+sima"))
     rows = [p.startswith("nonmembers/") for p in table.paths]
