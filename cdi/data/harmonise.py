@@ -7,8 +7,8 @@ blur differently from clean pixels, so the two collections differ for the
 model even when it never saw either: a false ``used`` that grows with the
 collection size. This module finds how each image is encoded and, when the
 two collections differ, chooses one processing that both pass through
-(``cdi.data.preprocess.Preprocess``'s ``jpeg_quality``, ``jpeg_subsampling`` and
-``working_size``).
+(``cdi.data.preprocess.Preprocess``'s ``jpeg_quality``, ``jpeg_tables``,
+``jpeg_subsampling`` and ``working_size``).
 
 Probing (``probe_file``, ``probe_collection``)
 ----------------------------------------------
@@ -38,9 +38,22 @@ collections together hold more than one signature, both are re-encoded:
   is re-encoded at a quality above what the other already lost;
 * **subsampling**: 4:2:0 if either collection's lossy images are mostly
   4:2:0, else 4:2:2 if either's are mostly 4:2:2, else 4:4:4;
-* an image whose file already *is* that encoding (libjpeg's standard
-  tables at that quality, that subsampling) and needs no resampling is not
-  re-encoded: a second generation would add loss to it alone.
+* **the lower collection's own tables** (``jpeg_tables``): when every image
+  of the collection(s) at that lower quality is a colour JPEG with one and
+  the same set of quantisation tables, not libjpeg's at the estimated
+  quality, and one subsampling (one export setting, the usual web case),
+  the re-encoding uses exactly those tables and that subsampling instead
+  of libjpeg's standard tables at the estimated quality. Those files are then left as they are (below) and the
+  other collection goes through the identical generation, whoever wrote
+  the tables (Photoshop, camera, another encoder); with libjpeg's
+  standard tables the quality would only approximate foreign tables, and
+  the copies would get a second generation the originals do not have.
+  Mixed tables (or libjpeg's own): libjpeg's standard tables at the
+  quality, with the subsampling above;
+* an image whose file already *is* that encoding (those tables, or
+  libjpeg's standard tables at that quality; that subsampling) and needs no
+  resampling is not re-encoded: a second generation would add loss to it
+  alone.
 
 Sizes: if the smaller of the two collections' median native short sides is
 below the model's resolution and the medians differ by more than
@@ -52,7 +65,8 @@ collections' last JPEG generation has its blocks on the same grid the model
 sees.
 
 ``reencode_jpeg`` is the one JPEG round trip both collections go through
-(Pillow's libjpeg, ``optimize=False``, no progressive).
+(Pillow's libjpeg, ``optimize=False``, no progressive; with ``tables``,
+Pillow's ``qtables=`` and no quality, which would rescale them).
 """
 
 from __future__ import annotations
@@ -136,6 +150,20 @@ def estimate_quality(tables: dict[int, Sequence[int]]) -> tuple[int, bool]:
     return best, exact
 
 
+def jpeg_tables(tables) -> tuple[tuple[int, ...], ...]:
+    """Quantisation tables (Pillow's ``Image.quantization`` dict, or a sequence of tables) as a tuple of tuples.
+
+    In table-id order: the order Pillow's ``qtables=`` assigns ids 0, 1, ...
+    on saving. Hashable and comparable, for the plan, ``Preprocess`` and the
+    store key (JSON turns it into lists).
+    """
+    values = [tables[k] for k in sorted(tables)] if isinstance(tables, dict) else list(tables)
+    result = tuple(tuple(int(v) for v in table) for table in values)
+    if not 1 <= len(result) <= 4 or any(len(t) != 64 or not all(1 <= v <= 65535 for v in t) for t in result):
+        raise CDIError("JPEG quantisation tables must be 1 to 4 tables of 64 entries 1..65535")
+    return result
+
+
 @dataclass(frozen=True)
 class EncodingProbe:
     """How one image file is encoded (from its header).
@@ -145,7 +173,10 @@ class EncodingProbe:
     quality the header does not tell (``quality_known`` False);
     ``standard_tables`` whether a JPEG's tables are exactly libjpeg's at
     that quality; ``subsampling`` ``"4:4:4"``/``"4:2:2"``/``"4:2:0"`` for
-    colour JPEGs, else None; ``width``/``height`` the stored size.
+    colour JPEGs, else None; ``width``/``height`` the stored size;
+    ``tables`` a JPEG's quantisation tables as stored (``Image.quantization``
+    in table-id order, 64 entries each, natural order), else None: the plan
+    re-encodes with them when a whole collection shares one set.
     """
 
     format: str
@@ -157,6 +188,7 @@ class EncodingProbe:
     palette: bool
     width: int
     height: int
+    tables: tuple[tuple[int, ...], ...] | None = None
 
     @property
     def signature(self) -> tuple[bool, int, str | None]:
@@ -174,10 +206,12 @@ def probe_image(image: Image.Image) -> EncodingProbe:
     width, height = image.size
     palette = image.mode in ("P", "PA")
     if fmt in _JPEG_FORMATS:
-        quality, exact = estimate_quality(getattr(image, "quantization", None) or {})
+        tables = getattr(image, "quantization", None) or {}
+        quality, exact = estimate_quality(tables)
         sampling = JpegImagePlugin.get_sampling(image)
         subsampling = SUBSAMPLINGS[sampling] if sampling in (0, 1, 2) else None
-        return EncodingProbe("JPEG", True, quality, True, exact, subsampling, False, width, height)
+        return EncodingProbe("JPEG", True, quality, True, exact, subsampling, False, width, height,
+                             jpeg_tables(tables))
     if fmt == "WEBP":
         lossless = _webp_lossless(image)
         return EncodingProbe("WEBP", not lossless, 100 if lossless else UNKNOWN_LOSSY_QUALITY, lossless, False,
@@ -274,8 +308,10 @@ def _median(values: Sequence[float]) -> float:
 class HarmonisationPlan:
     """What both collections go through before the model, and why (see the module docstring).
 
-    ``jpeg_quality`` None: no re-encoding; ``working_size`` None: straight to
-    the model's resolution. ``enabled`` False when the user turned
+    ``jpeg_quality`` None: no re-encoding; ``jpeg_tables`` None: libjpeg's
+    standard tables at ``jpeg_quality``, else exactly these tables (the lower
+    collection's own; ``jpeg_quality`` is then their estimated quality, for
+    the record); ``working_size`` None: straight to the model's resolution. ``enabled`` False when the user turned
     harmonisation off (``--no-harmonise``); the plan then records what
     *would* have been done (``wanted``) and changes nothing.
     """
@@ -286,6 +322,7 @@ class HarmonisationPlan:
     working_size: int | None
     reasons: tuple[str, ...]
     collections: dict[str, dict[str, Any]] = field(default_factory=dict)
+    jpeg_tables: tuple[tuple[int, ...], ...] | None = None
 
     @property
     def changes_input(self) -> bool:
@@ -297,6 +334,13 @@ class HarmonisationPlan:
         """Whether the encodings differ so that harmonising was (or would have been) called for."""
         return self.jpeg_quality is not None or self.working_size is not None
 
+    @property
+    def jpeg_tables_of(self) -> str | None:
+        """Whose tables ``jpeg_tables`` are: the collection(s) at the lower median quality, in words (None without)."""
+        if self.jpeg_tables is None or not self.collections:
+            return None
+        return " and ".join(_lower_collections(self.collections))
+
     def apply(self, preprocess):
         """``preprocess`` (a ``cdi.data.preprocess.Preprocess``) with this plan's settings, or unchanged when off."""
         from dataclasses import replace
@@ -304,7 +348,7 @@ class HarmonisationPlan:
         if not self.changes_input:
             return preprocess
         return replace(preprocess, jpeg_quality=self.jpeg_quality, jpeg_subsampling=self.jpeg_subsampling,
-                       working_size=self.working_size)
+                       jpeg_tables=self.jpeg_tables, working_size=self.working_size)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -313,6 +357,8 @@ class HarmonisationPlan:
             "wanted": self.wanted,
             "jpeg_quality": self.jpeg_quality,
             "jpeg_subsampling": self.jpeg_subsampling,
+            "jpeg_tables": None if self.jpeg_tables is None else [list(t) for t in self.jpeg_tables],
+            "jpeg_tables_of": self.jpeg_tables_of,
             "working_size": self.working_size,
             "reasons": list(self.reasons),
             "collections": self.collections,
@@ -341,15 +387,23 @@ def plan_harmonisation(
     """
     summaries = {"published": summarise(published), "unpublished": summarise(unpublished)}
     reasons: list[str] = []
-    quality = subsampling = None
+    quality = subsampling = tables = None
     signatures = {p.signature for p in (*published, *unpublished)}
     if len(signatures) > 1:
         medians = {name: s["median_quality"] for name, s in summaries.items()}
         quality = int(np.floor(min(medians.values())))
-        subsampling = _common_subsampling([published, unpublished])
+        owners = _lower_collections(summaries)
+        probes = {"published": published, "unpublished": unpublished}
+        tables, subsampling = _one_export_setting([p for name in owners for p in probes[name]])
+        if tables is None or _standard_at(tables, quality):  # libjpeg's tables at the quality: the same encoding
+            tables, subsampling = None, _common_subsampling([published, unpublished])
+            how = f"JPEG at quality {quality}"
+        else:
+            how = (f"JPEG with the {' and '.join(owners)} collection's own quantisation tables (not libjpeg's), "
+                   f"estimated quality {quality}")
         reasons.append(
             "the encodings differ (" + "; ".join(f"{name}: {_encoding_words(s)}" for name, s in summaries.items())
-            + f"): both are re-encoded as JPEG at quality {quality}, chroma {subsampling}")
+            + f"): both are re-encoded as {how}, chroma {subsampling}")
     size = None
     shorts = {name: s["short_side"]["median"] for name, s in summaries.items()}
     small, large = min(shorts.values()), max(shorts.values())
@@ -364,8 +418,31 @@ def plan_harmonisation(
     elif not enabled:
         reasons.append(off_reason)
     return HarmonisationPlan(enabled=enabled, jpeg_quality=quality, jpeg_subsampling=subsampling,
-                             working_size=size, reasons=tuple(reasons), collections=summaries)
+                             working_size=size, reasons=tuple(reasons), collections=summaries, jpeg_tables=tables)
 
+
+def _lower_collections(summaries: dict[str, dict[str, Any]]) -> list[str]:
+    """The names of the collections (``summarise`` results by name) at the lower median quality: both on a tie."""
+    lowest = min(s["median_quality"] for s in summaries.values())
+    return [name for name, s in summaries.items() if s["median_quality"] == lowest]
+
+
+def _one_export_setting(probes: Sequence[EncodingProbe]) -> tuple[tuple[tuple[int, ...], ...] | None, str | None]:
+    """``(tables, subsampling)`` when every probe is a colour JPEG with the same tables and subsampling, else
+    ``(None, None)``: those images came out of one export setting, which the other collection can be put through."""
+    settings = {(p.tables, p.subsampling) for p in probes}
+    if len(settings) != 1:
+        return None, None
+    tables, subsampling = settings.pop()
+    if tables is None or subsampling is None:  # not a JPEG, or greyscale
+        return None, None
+    return tables, subsampling
+
+
+def _standard_at(tables: tuple[tuple[int, ...], ...], quality: int) -> bool:
+    """Whether ``tables`` are libjpeg's standard tables at ``quality`` (luminance, chrominance when present)."""
+    standard = _STANDARD[min(max(int(quality), 1), 100)]
+    return len(tables) <= 2 and all(np.array_equal(t, s) for t, s in zip(tables, standard))
 
 
 def _common_subsampling(collections: Sequence[Sequence[EncodingProbe]]) -> str:
@@ -389,30 +466,40 @@ def _encoding_words(summary: dict[str, Any]) -> str:
 
 
 # ------------------------------------------------------------------ encoding
-def reencode_jpeg(image: Image.Image, quality: int, subsampling: str) -> Image.Image:
+def reencode_jpeg(image: Image.Image, quality: int, subsampling: str,
+                  tables: Sequence[Sequence[int]] | None = None) -> Image.Image:
     """One JPEG generation: encode ``image`` (RGB or L) with Pillow's libjpeg and decode it again.
 
-    Standard tables at ``quality``, chroma ``subsampling`` (ignored for
-    greyscale), baseline, no optimisation of the Huffman tables (which does
-    not change pixels anyway).
+    Standard tables at ``quality``, or exactly ``tables`` when given
+    (Pillow's ``qtables=``, table ids in order; no quality is passed with
+    them, since Pillow would scale them by it); chroma ``subsampling``
+    (ignored for greyscale), baseline, no optimisation of the Huffman tables
+    (which does not change pixels anyway).
     """
     if subsampling not in SUBSAMPLINGS:
         raise CDIError(f"JPEG subsampling must be one of {', '.join(SUBSAMPLINGS)}, got {subsampling!r}")
     buffer = io.BytesIO()
-    image.save(buffer, format="JPEG", quality=int(quality), subsampling=subsampling)
+    if tables is None:
+        image.save(buffer, format="JPEG", quality=int(quality), subsampling=subsampling)
+    else:
+        image.save(buffer, format="JPEG", qtables=[list(t) for t in tables], subsampling=subsampling)
     buffer.seek(0)
     with Image.open(buffer) as decoded:
         decoded.load()
         return decoded.copy()
 
 
-def already_encoded(image: Image.Image, quality: int, subsampling: str) -> bool:
-    """Whether a decoded file is itself a JPEG with libjpeg's tables at ``quality`` and that subsampling."""
+def already_encoded(image: Image.Image, quality: int, subsampling: str,
+                    tables: Sequence[Sequence[int]] | None = None) -> bool:
+    """Whether a decoded file is itself a JPEG with libjpeg's tables at ``quality`` (or exactly ``tables``, when
+    given) and that subsampling."""
     if (image.format or "").upper() not in _JPEG_FORMATS:
         return False
-    tables = getattr(image, "quantization", None) or {}
-    standard = _STANDARD[min(max(int(quality), 1), 100)]
-    if 0 not in tables or not all(np.array_equal(np.asarray(tables[k]), standard[k]) for k in (0, 1) if k in tables):
+    own = getattr(image, "quantization", None) or {}
+    if 0 not in own:
+        return False
+    own = jpeg_tables(own)
+    if not (own == jpeg_tables(tables) if tables is not None else _standard_at(own, quality)):
         return False
     sampling = JpegImagePlugin.get_sampling(image)
     if sampling == -1:  # greyscale (one component): no chroma to subsample

@@ -18,7 +18,14 @@ from PIL import Image, ImageOps
 
 from cdi.utils.errors import CDIError
 from cdi.data.image_files import EXIF_ORIENTATION, convert_mode
-from cdi.data.harmonise import SUBSAMPLINGS, EncodingProbe, already_encoded, plan_harmonisation, reencode_jpeg
+from cdi.data.harmonise import (
+    SUBSAMPLINGS,
+    EncodingProbe,
+    already_encoded,
+    jpeg_tables,
+    plan_harmonisation,
+    reencode_jpeg,
+)
 
 
 @dataclass(frozen=True)
@@ -48,6 +55,13 @@ class Preprocess:
     jpeg_subsampling : str or None
         Chroma subsampling of that JPEG, ``"4:4:4"``, ``"4:2:2"`` or
         ``"4:2:0"`` (with ``jpeg_quality`` only).
+    jpeg_tables : tuple of tuples of int, or None
+        That JPEG's quantisation tables (64 entries each, table-id order),
+        used exactly instead of libjpeg's standard tables at
+        ``jpeg_quality`` (which then only records their estimated quality):
+        the published collection's own tables, so that its copies are left
+        as they are and the originals get the identical generation (with
+        ``jpeg_quality`` only; lists, as JSON gives them back, are accepted).
     working_size : int or None
         Harmonisation: the side (shorter side for ``crop="center"``) every
         image is brought to first; then re-encoded, then resized to
@@ -61,6 +75,7 @@ class Preprocess:
     jpeg_quality: int | None = None
     jpeg_subsampling: str | None = None
     working_size: int | None = None
+    jpeg_tables: tuple[tuple[int, ...], ...] | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.resolution, bool) or not isinstance(self.resolution, int) or self.resolution < 1:
@@ -81,6 +96,10 @@ class Preprocess:
         if self.working_size is not None and (isinstance(self.working_size, bool) or not isinstance(
                 self.working_size, int) or self.working_size < 1):
             raise CDIError(f"the working size must be a positive whole number, got {self.working_size!r}")
+        if self.jpeg_tables is not None:
+            if self.jpeg_quality is None:
+                raise CDIError("harmonising JPEG tables go with a JPEG quality and subsampling")
+            object.__setattr__(self, "jpeg_tables", jpeg_tables(self.jpeg_tables))  # hashable, as the key records it
 
     @property
     def harmonised(self) -> bool:
@@ -96,7 +115,7 @@ class Preprocess:
         changes it.
         """
         values = asdict(self)
-        for name in ("jpeg_quality", "jpeg_subsampling", "working_size"):
+        for name in ("jpeg_quality", "jpeg_subsampling", "working_size", "jpeg_tables"):
             if values[name] is None:
                 del values[name]
         return values
@@ -118,12 +137,14 @@ def preprocess_image(image: Image.Image, pre: Preprocess) -> torch.Tensor:
 
     With harmonisation (``pre.working_size``, ``pre.jpeg_quality``): resize
     and crop to the working size (default ``pre.resolution``), re-encode as
-    one JPEG generation (``cdi.data.harmonise.reencode_jpeg``; skipped for a file
+    one JPEG generation (``cdi.data.harmonise.reencode_jpeg``, with
+    ``pre.jpeg_tables`` when set; skipped for a file
     that already is that JPEG and was not resampled), then resize the
     square to ``pre.resolution``.
     """
     image.load()  # the EXIF block of some formats (PNG) follows the pixel data
-    encoded = pre.jpeg_quality is not None and already_encoded(image, pre.jpeg_quality, pre.jpeg_subsampling)
+    encoded = pre.jpeg_quality is not None and already_encoded(image, pre.jpeg_quality, pre.jpeg_subsampling,
+                                                               pre.jpeg_tables)
     if image.getexif().get(EXIF_ORIENTATION, 1) != 1:
         image = ImageOps.exif_transpose(image)
     image = convert_mode(image, "RGB" if pre.channels == 3 else "L")
@@ -132,7 +153,7 @@ def preprocess_image(image: Image.Image, pre: Preprocess) -> torch.Tensor:
     first = pre.working_size or res
     image, resampled = _fit(image, first, pre.crop, resample)
     if pre.jpeg_quality is not None and (resampled or not encoded):
-        image = reencode_jpeg(image, pre.jpeg_quality, pre.jpeg_subsampling)
+        image = reencode_jpeg(image, pre.jpeg_quality, pre.jpeg_subsampling, pre.jpeg_tables)
     if first != res:
         image = image.resize((res, res), resample)
     array = np.asarray(image, dtype=np.uint8)  # (H, W) or (H, W, 3)

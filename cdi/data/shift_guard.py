@@ -129,6 +129,7 @@ def _batches(images, resolution: int, batch_size: int, num_workers: int | None, 
             pre = Preprocess(resolution, channels=3, crop=harmonisation.crop, resample="bicubic",
                              jpeg_quality=harmonisation.jpeg_quality,
                              jpeg_subsampling=harmonisation.jpeg_subsampling,
+                             jpeg_tables=harmonisation.jpeg_tables,
                              working_size=harmonisation.working_size or harmonisation.resolution)
         for pixels, _ in image_batches(images, pre, batch_size=batch_size, num_workers=num_workers):
             yield as_unit_tensor(pixels)

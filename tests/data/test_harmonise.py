@@ -127,6 +127,62 @@ def test_harmonised_preprocessing_reencodes_originals_and_leaves_matching_jpegs(
     assert not np.array_equal(pixels(other, pre), pixels(other, Preprocess(32)))
 
 
+# Foreign tables (one export setting that is not libjpeg's, as Photoshop's): flat-ish tables no libjpeg quality has.
+FOREIGN = ([3 + i // 8 for i in range(64)], [5 + i // 4 for i in range(64)])
+
+
+def test_one_set_of_foreign_tables_is_what_the_plan_reencodes_with():
+    plan = plan_harmonisation(probes(5, "JPEG", qtables=FOREIGN, subsampling="4:4:4"), probes(5), 32)
+    assert plan.jpeg_tables == tuple(tuple(t) for t in FOREIGN) and plan.jpeg_subsampling == "4:4:4"
+    assert plan.jpeg_quality == probe_bytes(encoded(smooth_image(0), "JPEG", qtables=FOREIGN)).quality  # estimate
+    assert "published collection's own quantisation tables (not libjpeg's)" in plan.reasons[0]
+    record = plan.to_dict()
+    assert record["jpeg_tables"] == [list(t) for t in FOREIGN] and record["jpeg_tables_of"] == "published"
+    json.dumps(record)
+    pre = plan.apply(Preprocess(32))
+    assert pre.jpeg_tables == plan.jpeg_tables and pre.record()["jpeg_tables"] == plan.jpeg_tables  # in the store key
+    assert pre.record() != Preprocess(32, jpeg_quality=plan.jpeg_quality, jpeg_subsampling="4:4:4").record()
+    assert Preprocess(**json.loads(json.dumps(pre.record()))) == pre  # as a feature table's provenance gives it back
+    # libjpeg's own tables, or two export settings: libjpeg's tables at the estimated quality, as before
+    assert plan_harmonisation(probes(5, "JPEG", quality=85), probes(5), 32).jpeg_tables is None
+    mixed = plan_harmonisation(probes(3, "JPEG", qtables=FOREIGN, subsampling="4:4:4")
+                               + probes(2, "JPEG", seed=7, quality="web_high"), probes(5), 32)
+    assert mixed.jpeg_tables is None and "at quality" in mixed.reasons[0] and mixed.to_dict()["jpeg_tables"] is None
+    assert mixed.jpeg_subsampling == "4:4:4" and mixed.apply(Preprocess(32)).jpeg_tables is None
+    with pytest.raises(CDIError):
+        Preprocess(32, jpeg_tables=FOREIGN)  # tables without a quality and subsampling
+
+
+def test_foreign_tables_reencode_originals_exactly_and_leave_the_copies_as_they_are():
+    image = smooth_image(5)
+    web = encoded(image, "JPEG", qtables=FOREIGN, subsampling="4:4:4")
+    plan = plan_harmonisation([probe_bytes(web)], [probe_bytes(encoded(smooth_image(6)))], 32)
+    pre = plan.apply(Preprocess(32))
+    assert np.array_equal(pixels(web, pre), pixels(web, Preprocess(32)))  # already those tables: one generation
+    original = encoded(image)
+    by_hand = encoded(image, "JPEG", qtables=FOREIGN, subsampling="4:4:4")  # saved with those tables directly
+    assert np.array_equal(pixels(original, pre), pixels(by_hand, Preprocess(32)))
+    assert np.array_equal(pixels(original, pre), pixels(web, pre))  # one identical generation for both
+    assert np.array_equal(np.asarray(reencode_jpeg(image, plan.jpeg_quality, "4:4:4", FOREIGN)),
+                          np.asarray(Image.open(io.BytesIO(by_hand)).convert("RGB")))
+    # the same tables at another subsampling, or libjpeg's tables at the estimated quality: re-encoded
+    for other in (encoded(image, "JPEG", qtables=FOREIGN, subsampling="4:2:0"),
+                  encoded(image, "JPEG", quality=plan.jpeg_quality, subsampling="4:4:4")):
+        assert not np.array_equal(pixels(other, pre), pixels(other, Preprocess(32)))
+
+
+def test_the_report_names_the_foreign_tables():
+    from types import SimpleNamespace
+
+    from cdi.reports.html import _environment
+
+    plan = plan_harmonisation(probes(3, "JPEG", qtables=FOREIGN, subsampling="4:4:4"), probes(3), 32)
+    record = {**plan.to_dict(), "encoding_guard": None, "risk": None}
+    html = _environment().get_template("harmonisation.html.j2").render(r=SimpleNamespace(harmonisation=record))
+    assert (f"JPEG with the published collection's own quantisation tables (not libjpeg's; estimated quality "
+            f"{plan.jpeg_quality}) with 4:4:4") in html
+
+
 def test_working_size_is_passed_through_before_the_model_resolution():
     image = smooth_image(4, (40, 40))
     pre = Preprocess(32, working_size=20)
