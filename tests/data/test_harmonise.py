@@ -284,8 +284,10 @@ def test_audit_records_harmonisation_and_no_harmonise_says_what_it_risks(tmp_pat
 #     python benchmarks/web_copies.py extract --quality web_high --out tests/data/toy_sd_light_webhigh_features.csv
 #
 # web: libjpeg quality-85 copies (left as they are), originals re-encoded once at quality 85, 4:2:0;
-# webhigh: copies with Pillow's Photoshop-like "web_high" tables (4:4:4, estimated quality 85), so both the
-# copies and the originals get one more generation at quality 85, 4:4:4 (the copies are compressed twice).
+# webhigh: copies with Pillow's Photoshop-like "web_high" tables (4:4:4, estimated quality 85): the copies are
+# left as they are and the originals are re-encoded once with the copies' own tables at 4:4:4 (regenerated in
+# session 6, when the plan learnt to use a collection's own tables; before, both got one more generation at
+# libjpeg quality 85 and the copies were compressed twice).
 
 DATA = Path(__file__).parent
 
