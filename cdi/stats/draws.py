@@ -88,7 +88,7 @@ RELIABLE_SHARE = 0.5
 RELIABILITY_POWER = 2
 
 
-def reliability(Xs: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray, int]:
+def reliability(Xs: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     """Label-free reliability of the columns and the directions part 2 keeps, from R >= 2 draws of the same images.
 
     With ``z_r`` the normal scores of draw r (n, d) and ``m`` their mean over
@@ -101,8 +101,8 @@ def reliability(Xs: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray, int]:
     the images'); its basis is returned as principal components within it
     (largest variance ``v^T T v / v^T v`` first), so that with identical draws
     (no noise: everything reliable) it is ``T``'s principal components, part
-    2's directions without draws. Returns the column reliabilities (d,), the
-    basis (d, k) and k. Every piece uses all images and no label.
+    2's directions without draws. Returns the column reliabilities (d,) and the
+    basis (d, k). Every piece uses all images and no label.
     """
     scores = np.stack([normal_scores(X)[0] for X in Xs])
     R, n, d = scores.shape
@@ -120,7 +120,30 @@ def reliability(Xs: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray, int]:
     lengths, c = np.linalg.eigh(V.T @ V)
     basis = V @ c[:, np.argsort(lengths)]
     basis /= np.maximum(np.linalg.norm(basis, axis=0), 1e-300)
-    return columns, basis, basis.shape[1]
+    return columns, basis
+
+
+def draw_statistics(Xs: Sequence[np.ndarray], y: np.ndarray, directions: np.ndarray | None, *,
+                    reliability_weighted: bool = True
+                    ) -> tuple[list[PooledStatistic], np.ndarray | None, np.ndarray | None]:
+    """The pooled statistic of every draw, with the prior's weights and part 2's directions shared by all draws.
+
+    With R >= 2 draws and ``reliability_weighted``, those come from
+    ``reliability`` (see the module docstring); otherwise each draw is the
+    plain pooled statistic. Returns the statistics, the columns'
+    reliabilities and the reliable directions (both None when not weighted).
+    """
+    if len(Xs) == 1 or not reliability_weighted:
+        return [PooledStatistic(X, y, directions) for X in Xs], None, None
+    columns, basis = reliability(Xs)
+    weights = columns ** RELIABILITY_POWER
+    shared: dict = {}
+    has_prior = directions is not None and bool(np.any(np.asarray(directions) != 0))
+    if has_prior and np.any(weights[np.asarray(directions) != 0] > 0):
+        shared["prior_weights"] = weights  # (no known column reliable at all: equal weights, as without draws)
+    if has_prior or basis.shape[1]:  # (nothing reliable and no prior: part 2 on the principal components)
+        shared["rest_basis"] = basis
+    return [PooledStatistic(X, y, directions, **shared) for X in Xs], columns, basis
 
 
 def _null_sd(rows: np.ndarray) -> float:
@@ -146,18 +169,9 @@ class DrawAveragedStatistic:
 
     def __init__(self, Xs: Sequence[np.ndarray], y: np.ndarray, directions: np.ndarray | None, *,
                  reliability_weighted: bool = True) -> None:
-        self.column_reliability, self.reliable_directions = None, None
-        shared: dict = {}
-        if len(Xs) > 1 and reliability_weighted:
-            columns, basis, kept = reliability(Xs)
-            self.column_reliability, self.reliable_directions = columns, kept
-            weights = columns ** RELIABILITY_POWER
-            has_prior = directions is not None and bool(np.any(np.asarray(directions) != 0))
-            if has_prior and np.any(weights[np.asarray(directions) != 0] > 0):
-                shared["prior_weights"] = weights  # (no known column reliable at all: equal weights, as without draws)
-            if has_prior or kept:  # (nothing reliable and no prior: part 2 on the principal components, as without draws)
-                shared["rest_basis"] = basis
-        self.draws = [PooledStatistic(X, y, directions, **shared) for X in Xs]
+        self.draws, self.column_reliability, basis = draw_statistics(Xs, y, directions,
+                                                                      reliability_weighted=reliability_weighted)
+        self.reliable_directions = None if basis is None else basis.shape[1]
         first = self.draws[0]
         self.labels, self.nu, self.n1, self.n0 = first.labels, first.nu, first.n1, first.n0
         self.constant = np.all([d.constant for d in self.draws], axis=0)

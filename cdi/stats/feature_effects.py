@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from cdi.stats.draws import DrawAveragedStatistic
+from cdi.stats.draws import draw_statistics
 from cdi.stats.pooled import PooledStatistic
 
 #: Two-sided 95% normal quantile.
@@ -94,7 +94,7 @@ def feature_effects(
     dirs = None if directions is None else np.asarray(directions, dtype=float)
     Xs = [np.concatenate([np.asarray(P, float), np.asarray(U, float)])
           for P, U in [(X_published, X_unpublished), *draws]]
-    stats = [PooledStatistic(Xs[0], y, dirs)] if len(Xs) == 1 else DrawAveragedStatistic(Xs, y, dirs).draws
+    stats = draw_statistics(Xs, y, dirs)[0]  # the verdict's statistics, without its null-sd relabellings
     orient = np.ones(len(columns)) if dirs is None else np.where(dirs == 0, 1.0, dirs)
     n1, n0 = stats[0].n1, stats[0].n0
     d = np.mean([orient * _standardised_difference(stat, y) for stat in stats], axis=0)
