@@ -424,19 +424,18 @@ def number_rows(result: AuditResult) -> list[dict[str, Any]]:
                      "the largest probability of a false accusation accepted before the audit was run",
                      "alpha", "scalar"))
     pooled = proto.get("pooled") if isinstance(proto.get("pooled"), Mapping) else None
+    draws = int(pooled.get("noise_draws") or 1) if protocol == "pooled" and pooled is not None else 1
     if protocol == "pooled" and pooled is not None:
         df = pooled.get("rest_df") or [None, None]
-        draws = int(pooled.get("noise_draws") or 1)
         weighted = bool(pooled.get("reliability_weighted"))
-        over = f"; the mean over the {draws} noise draws of each draw's value" if draws > 1 else ""
+        over = f" The value is the mean over the {draws} noise draws of each draw's value." if draws > 1 else ""
         if pooled.get("prior_t") is not None:
-            prior_words = ("a weighted mean of the normal-scored measurements, each weighted by its reliability "
-                           "across the noise draws squared and turned so that higher means more like a training "
-                           "image" if weighted else "the mean of the normal-scored measurements, each turned so "
-                           "that higher means more like a training image")
+            weighting = (", weighted by the square of its reliability across the noise draws" if weighted else "")
             rows.append(_row("part 1: Student's t (known member directions)", format_fixed(pooled["prior_t"], 2),
                              f"one-sided two-sample t-test with {format_fixed(result.df, 0)} degrees of freedom: do "
-                             f"the published images score higher on the prior score ({prior_words})?{over}",
+                             "the published images score higher on the prior score (the mean of the normal-scored "
+                             "measurements, each turned so that higher means more like a training image"
+                             f"{weighting})?{over}",
                              "protocol.pooled.prior_t", "fixed2"))
             rows.append(_row("part 1: p-value", _p_markup(None, pooled.get("prior_log_p")),
                              "one-sided p-value of that t-test" + (
@@ -495,12 +494,13 @@ def number_rows(result: AuditResult) -> list[dict[str, Any]]:
                          "p_value_ttest", "p"))
     rows.append(_permutation_row(result))
     score = _score_words(result)
+    per_image = f"; each image's score is the mean over its {draws} noise draws" if draws > 1 else ""
     rows.append(_row("effect size (Hedges' g)", format_fixed(result.effect_size, 2),
                      f"difference of the mean {score} of the two collections in units of their spread "
-                     "(0.2 small, 0.5 medium, 0.8 large)", "effect_size", "fixed2"))
+                     f"(0.2 small, 0.5 medium, 0.8 large){per_image}", "effect_size", "fixed2"))
     rows.append(_row("AUC", format_fixed(result.auc, 3),
                      f"chance that a random published image has a higher {score[:-1]} than a random unpublished "
-                     "one (0.5 = no difference)", "auc", "fixed3"))
+                     f"one (0.5 = no difference){per_image}", "auc", "fixed3"))
     for collection, n in (("published", result.n_published), ("unpublished", result.n_unpublished)):
         tested = sum(s.collection == collection and s.in_test for s in result.scores)
         rows.append(_row(f"{collection} images", str(n),

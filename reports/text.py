@@ -261,8 +261,9 @@ GLOSSARY: list[tuple[str, str]] = [
      "values."),
     ("Known member directions",
      "For each measurement, the direction in which training moves it (for example, a smaller denoising error "
-     "means more like a training image). The prior score is the average of the normal-scored measurements, "
-     "each turned so that higher means more like a training image."),
+     "means more like a training image). The prior score is an average of the normal-scored measurements, "
+     "each turned so that higher means more like a training image: with equal weights, or, when the audit drew "
+     "the noise more than once, each weighted by the square of its reliability across the noise draws."),
     ("Student's t-test",
      "The classical test of whether one group's average is higher than another's: the difference of the "
      "averages divided by its standard error, compared with the t distribution."),

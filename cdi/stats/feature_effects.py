@@ -24,7 +24,9 @@ Two descriptive summaries of a feature table, written into ``result.json``
 
 With several noise draws both are the means over the draws, with the
 verdict's reliability weights (``cdi.stats.draws``): the families'
-contributions add up to the draws' mean ``t1``.
+contributions add up to the draws' mean ``t1``, and each feature's
+interval is the one-draw interval at the mean ``d`` (averaging draws only
+removes noise, so it is at least as wide as the mean's).
 
 Neither summary enters the verdict: the verdict's test is in ``cdi.stats``.
 """
